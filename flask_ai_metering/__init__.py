@@ -1,0 +1,33 @@
+"""Meter AI calls in Flask: usage per billable, quotas that hold, credits and overage billing."""
+
+from __future__ import annotations
+
+from . import signals
+from .decorators import quota_required
+from .errors import AiLimitExceeded
+from .errors import AiMeteringError
+from .errors import ConfigurationError
+from .errors import CreditsInsufficient
+from .errors import FeatureNotAllowed
+from .errors import IdempotencyConflict
+from .errors import InvalidUsage
+from .extension import AiMetering
+from .quota import LimitCheck
+from .results import MeterResult
+from .usage import Usage
+
+__all__ = [
+    "AiLimitExceeded",
+    "AiMetering",
+    "AiMeteringError",
+    "ConfigurationError",
+    "CreditsInsufficient",
+    "FeatureNotAllowed",
+    "IdempotencyConflict",
+    "InvalidUsage",
+    "LimitCheck",
+    "MeterResult",
+    "Usage",
+    "quota_required",
+    "signals",
+]

@@ -1,0 +1,70 @@
+"""Billing drivers: where priced overage goes to be invoiced.
+
+``AI_METERING_BILLING_DRIVER`` is ``"null"`` (the default: overage is recorded
+and reported, never sent anywhere), ``"stripe"``, or a dotted path to a class
+implementing :class:`BillingDriver`.
+"""
+
+from __future__ import annotations
+
+import typing as t
+
+from ..errors import ConfigurationError
+
+if t.TYPE_CHECKING:
+    from ..config import Settings
+    from ..storage import Store
+
+
+class BillingDriver(t.Protocol):
+    """The interface a billing driver implements.
+
+    A driver is built once per app with ``driver_class(store, settings)``.
+    """
+
+    name: str
+
+    def sync_overages(self, *, limit: int | None = None, progress: t.Any = None) -> t.Any:
+        """Send pending overages to the payment provider, each exactly once."""
+
+    def sync_after_commit(self, overage_ids: t.Sequence[int]) -> None:
+        """Called after a commit that priced overage when the sync strategy is ``immediate``."""
+
+
+class NullBillingDriver:
+    """Keeps overage in the ledger and sends it nowhere."""
+
+    name = "null"
+
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+
+    def sync_overages(self, *, limit: int | None = None, progress: t.Any = None) -> t.Any:
+        return None
+
+    def sync_after_commit(self, overage_ids: t.Sequence[int]) -> None:
+        return None
+
+
+def load_driver(spec: t.Any, store: Store, settings: Settings) -> BillingDriver:
+    """Build the driver named by ``AI_METERING_BILLING_DRIVER``."""
+    from ..config import ConfigVars
+    from ..config import import_string
+
+    if spec in (None, "", "null"):
+        return NullBillingDriver(store, settings)
+    if spec == "stripe":
+        from .stripe import StripeBillingDriver
+
+        return StripeBillingDriver(store, settings)
+    cls = import_string(spec, ConfigVars.BILLING_DRIVER)
+    if not callable(cls):
+        raise ConfigurationError(f"{ConfigVars.BILLING_DRIVER} must name a class, got {spec!r}")
+    driver = cls(store, settings)
+    for method in ("sync_overages", "sync_after_commit"):
+        if not callable(getattr(driver, method, None)):
+            raise ConfigurationError(
+                f"{ConfigVars.BILLING_DRIVER} {spec!r} must define {method}(); see flask_ai_metering.billing.BillingDriver"
+            )
+    return t.cast(BillingDriver, driver)

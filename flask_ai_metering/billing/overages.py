@@ -1,0 +1,64 @@
+"""Postpaid overage: tokens beyond a plan's included amount, priced per 1k tokens.
+
+Computed inside the commit transaction from the counter row the commit has just
+updated (and so locked): concurrent commits are serialised on that row, each sees
+the total before and after its own tokens, and together they price every token
+past the limit exactly once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import typing as t
+from decimal import Decimal
+
+import sqlalchemy as sa
+
+from ..models import Overage
+from ..money import round_money
+
+if t.TYPE_CHECKING:
+    from ..policy import Policy
+    from ..quota import CounterState
+
+overages = Overage.__table__
+
+
+def overage_tokens(limit: int, used_after: int, added: int) -> int:
+    """How many of the ``added`` tokens fall past ``limit``."""
+    before = used_after - added
+    return max(0, used_after - limit) - max(0, before - limit)
+
+
+def record_overage(
+    conn: sa.Connection,
+    policy: Policy,
+    state: CounterState,
+    added_tokens: int,
+    usage_id: int,
+    at: dt.datetime,
+    currency: str,
+) -> dict[str, t.Any] | None:
+    """Write the overage of one commit, or return None when it has none."""
+    if policy.token_limit is None or policy.overage_price_per_1k_tokens is None:
+        return None
+    tokens = overage_tokens(policy.token_limit, state.used_tokens, added_tokens)
+    if tokens <= 0:
+        return None
+    amount = round_money(Decimal(tokens) * policy.overage_price_per_1k_tokens / 1000)
+    result = conn.execute(
+        sa.insert(overages).values(
+            billable_type=policy.billable[0],
+            billable_id=policy.billable[1],
+            usage_id=usage_id,
+            tokens=tokens,
+            amount=amount,
+            currency=currency,
+            period_start=policy.period.start,
+            period_end=policy.period.end,
+            status="pending",
+            created_at=at,
+        )
+    )
+    overage_id = int(result.inserted_primary_key[0])  # type: ignore[index]
+    return {"overage_id": overage_id, "tokens": tokens, "amount": amount, "currency": currency}

@@ -1,0 +1,242 @@
+"""``flask ai-metering …``: thin click wrappers over plain functions.
+
+Data goes to stdout, logs and progress to stderr, so ``--format json`` output
+parses; progress bars show only on a terminal. Bad arguments exit 2 with a
+message and change nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import sys
+import typing as t
+
+import click
+from flask import current_app
+from flask.cli import AppGroup
+
+cli = AppGroup("ai-metering", help="AI usage metering, quotas and billing.")
+
+
+def _meter() -> t.Any:
+    return current_app.extensions["ai_metering"]
+
+
+def parse_billable(value: str) -> tuple[str, str]:
+    kind, sep, ident = value.partition(":")
+    if not sep or not kind or not ident:
+        raise click.BadParameter(f"expected TYPE:ID (e.g. Team:42), got {value!r}")
+    return kind, ident
+
+
+class _Billable(click.ParamType):
+    name = "TYPE:ID"
+
+    def convert(self, value: t.Any, param: t.Any, ctx: t.Any) -> tuple[str, str]:
+        try:
+            return parse_billable(value)
+        except click.BadParameter as exc:
+            self.fail(exc.message, param, ctx)
+
+
+BILLABLE = _Billable()
+
+
+class Progress:
+    """A progress bar on stderr when it is a terminal; silent in pipes and tests."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self._bar: t.Any = None
+        self._stack = contextlib.ExitStack()
+
+    def start(self, total: int) -> None:
+        if sys.stderr.isatty() and total:
+            self._bar = self._stack.enter_context(
+                click.progressbar(length=total, label=self.label, file=sys.stderr)
+            )
+
+    def update(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+
+def _status(message: str, **style: t.Any) -> None:
+    click.secho(message, err=True, **style)
+
+
+@cli.command("expire-reservations")
+def expire_reservations_command() -> None:
+    """Release reservations whose calls never committed (safe to run from cron)."""
+    released = _meter().expire_reservations()
+    _status(f"Released {released} expired reservation(s).", fg="green")
+
+
+@cli.command("reconcile")
+@click.option("--fix", is_flag=True, help="Repair the drift found (counters are set from the ledger).")
+def reconcile_command(fix: bool) -> None:
+    """Check counters against the ledger and reservations; exit 1 on drift (unless --fix)."""
+    from .reconcile import reconcile
+
+    problems = reconcile(_meter().runtime(), fix=fix)
+    for problem in problems:
+        click.echo(problem)
+    if problems and not fix:
+        raise SystemExit(1)
+    _status("Fixed." if problems else "No drift.", fg="green")
+
+
+@cli.command("plans")
+def plans_command() -> None:
+    """List the plans with their limits and subscriber counts."""
+    from .reports import plans_table
+
+    click.echo(plans_table(_meter().runtime()))
+
+
+@cli.command("migrate-plan")
+@click.argument("billable", type=BILLABLE)
+@click.argument("plan_slug")
+@click.option("--from-plan", help="Only move the billable if it is on this plan now.")
+def migrate_plan_command(billable: tuple[str, str], plan_slug: str, from_plan: str | None) -> None:
+    """Move BILLABLE (TYPE:ID) to the plan PLAN_SLUG from now on (fires plan_changed)."""
+    from .errors import InvalidUsage
+
+    try:
+        _meter().subscribe(billable, plan_slug, from_plan=from_plan)
+    except InvalidUsage as exc:
+        raise click.UsageError(str(exc)) from None
+    _status(f"{billable[0]}:{billable[1]} is on plan {plan_slug!r}.", fg="green")
+
+
+@cli.command("report")
+@click.option("--month", metavar="YYYY-MM", help="The month to report (default: this month).")
+@click.option("--billable", type=BILLABLE, help="Only this billable (TYPE:ID).")
+@click.option("--tenant", help="Only this tenant id.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+def report_command(month: str | None, billable: tuple[str, str] | None, tenant: str | None, fmt: str) -> None:
+    """Tokens, cost and calls for a month, by billable, provider, model and feature."""
+    from .reports import build_report
+    from .reports import parse_month
+    from .reports import render
+
+    try:
+        start = parse_month(month)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--month") from None
+    click.echo(render(build_report(_meter().runtime(), start, billable=billable, tenant=tenant), fmt))
+
+
+@cli.command("validate")
+def validate_command() -> None:
+    """Check configuration, database and data integrity; exit 1 with one line per problem."""
+    from .health import validate
+
+    problems = validate(current_app, _meter().runtime())
+    for problem in problems:
+        click.echo(problem)
+    if problems:
+        raise SystemExit(1)
+    _status("Everything checks out.", fg="green")
+
+
+@cli.command("cleanup")
+@click.option("--days", type=click.IntRange(min=1), help="Keep this many days (default AI_METERING_PRUNE_AFTER_DAYS).")
+@click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
+def cleanup_command(days: int | None, dry_run: bool) -> None:
+    """Prune old usage, finished reservations and expired idempotency claims (never rollups)."""
+    from .maintenance import cleanup
+
+    with Progress("Pruning usage") as progress:
+        counts = cleanup(_meter().runtime(), days=days, dry_run=dry_run, progress=progress)
+    verb = "Would delete" if dry_run else "Deleted"
+    for table, count in counts.items():
+        click.echo(f"{verb} {count} {table}")
+
+
+@cli.command("aggregate")
+@click.option("--period", type=click.Choice(["day", "week", "month"]), default="day", show_default=True)
+def aggregate_command(period: str) -> None:
+    """Fill the daily rollup tables from the ledger (incremental, safe to re-run)."""
+    from .rollups import aggregate
+
+    with Progress("Aggregating usage") as progress:
+        rows = aggregate(_meter().runtime(), period=period, progress=progress)
+    _status(f"Aggregated {rows} rollup row(s).", fg="green")
+
+
+@cli.command("sync-stripe-overages")
+@click.option("--limit", type=click.IntRange(min=1), help="Sync at most this many overages.")
+def sync_overages_command(limit: int | None) -> None:
+    """Send pending overages to the billing driver, each exactly once."""
+    with Progress("Syncing overages") as progress:
+        report = _meter().runtime().billing.sync_overages(limit=limit, progress=progress)
+    _status(str(report) if report is not None else "The null billing driver syncs nothing.", fg="green")
+
+
+@cli.command("forget")
+@click.argument("billable", type=BILLABLE)
+@click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
+def forget_command(billable: tuple[str, str], dry_run: bool) -> None:
+    """Delete a billable's usage and claims; keep financial records, anonymized."""
+    from .privacy import forget
+
+    for table, count in forget(_meter().runtime(), billable, dry_run=dry_run).items():
+        click.echo(f"{'Would change' if dry_run else 'Changed'} {count} {table}")
+
+
+@cli.command("anonymize")
+@click.option("--before", required=True, metavar="YYYY-MM-DD", help="Anonymize usage that happened before this day.")
+@click.option("--dry-run", is_flag=True, help="Say what would change; change nothing.")
+def anonymize_command(before: str, dry_run: bool) -> None:
+    """Clear user, tenant and meta on usage older than --before."""
+    from .privacy import anonymize
+
+    try:
+        day = dt.date.fromisoformat(before)
+    except ValueError:
+        raise click.BadParameter(f"expected YYYY-MM-DD, got {before!r}", param_hint="--before") from None
+    count = anonymize(_meter().runtime(), dt.datetime.combine(day, dt.time(), dt.timezone.utc), dry_run=dry_run)
+    click.echo(f"{'Would anonymize' if dry_run else 'Anonymized'} {count} usage row(s)")
+
+
+@cli.group("db")
+def db_group() -> None:
+    """Run flask_ai_metering's own migrations (separate from the app's)."""
+
+
+@db_group.command("upgrade")
+@click.argument("revision", default="head")
+def db_upgrade(revision: str) -> None:
+    """Upgrade the metering tables to REVISION (default: head)."""
+    from . import migrations
+
+    migrations.upgrade(_meter().runtime().store.engine, revision)
+    _status(f"Metering schema at {migrations.current(_meter().runtime().store.engine)}.", fg="green")
+
+
+@db_group.command("downgrade")
+@click.argument("revision", default="-1")
+def db_downgrade(revision: str) -> None:
+    """Downgrade the metering tables to REVISION (default: one step; 'base' drops them)."""
+    from . import migrations
+
+    migrations.downgrade(_meter().runtime().store.engine, revision)
+    _status(f"Metering schema at {migrations.current(_meter().runtime().store.engine)}.", fg="green")
+
+
+@db_group.command("current")
+def db_current() -> None:
+    """Print the metering schema's current revision."""
+    from . import migrations
+
+    revision = migrations.current(_meter().runtime().store.engine)
+    click.echo(json.dumps({"current": revision, "head": migrations.head()}))

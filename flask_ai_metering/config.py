@@ -1,0 +1,294 @@
+"""Configuration keys, their defaults, and the validated ``Settings`` read from them.
+
+This is the only module where ``AI_METERING_*`` strings appear. Each key is read
+from ``app.config`` or, when the app does not set it, from the environment variable
+of the same name (the reference README's variables), with the same defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import typing as t
+from decimal import Decimal
+
+from .errors import ConfigurationError
+
+if t.TYPE_CHECKING:
+    from flask import Flask
+
+
+class ConfigVars:
+    """The config key names, as constants so that none is typed twice."""
+
+    #: Kill switch: when False, ``meter.call`` runs the callable and records nothing.
+    ENABLED = "AI_METERING_ENABLED"
+    #: Provider used when a call names none.
+    DEFAULT_PROVIDER = "AI_METERING_DEFAULT_PROVIDER"
+    #: Price overrides and custom provider classes, in the reference README's shape.
+    PROVIDERS = "AI_METERING_PROVIDERS"
+    #: ``"null"``, ``"stripe"`` or a dotted path to a billing driver class.
+    BILLING_DRIVER = "AI_METERING_BILLING_DRIVER"
+    #: What happens past a plan's limit: ``block``, ``allow`` or ``charge``.
+    OVERAGE_BEHAVIOR = "AI_METERING_OVERAGE_BEHAVIOR"
+    #: ``immediate`` or ``batch`` (``flask ai-metering sync-stripe-overages``).
+    OVERAGE_SYNC_STRATEGY = "AI_METERING_OVERAGE_SYNC_STRATEGY"
+    #: Allow a credit wallet to go below zero.
+    CREDIT_OVERDRAFT = "AI_METERING_CREDIT_OVERDRAFT"
+    #: ISO currency code of every amount (lower case).
+    CURRENCY = "AI_METERING_CURRENCY"
+    #: Days a subscription stays active after a failed payment.
+    PAYMENT_FAILURE_GRACE_PERIOD = "AI_METERING_PAYMENT_FAILURE_GRACE_PERIOD"
+    #: A callable (or dotted path) returning the current tenant.
+    TENANT_RESOLVER = "AI_METERING_TENANT_RESOLVER"
+    #: ``monthly``, ``weekly``, ``daily``, ``yearly`` or ``rolling``.
+    PERIOD_TYPE = "AI_METERING_PERIOD_TYPE"
+    #: ``calendar`` or ``rolling`` (anchored on the subscription start).
+    PERIOD_ALIGNMENT = "AI_METERING_PERIOD_ALIGNMENT"
+    #: IANA timezone in which calendar periods start.
+    TIMEZONE = "AI_METERING_TIMEZONE"
+    #: Days of usage ``cleanup`` keeps.
+    PRUNE_AFTER_DAYS = "AI_METERING_PRUNE_AFTER_DAYS"
+    #: Flask-SQLAlchemy bind key of the database metering uses (None: the default).
+    DB_CONNECTION = "AI_METERING_DB_CONNECTION"
+    #: Record usage rows through a Celery task instead of in the request.
+    QUEUE_RECORDING = "AI_METERING_QUEUE_RECORDING"
+    #: Rows per transaction in ``record_batch`` and batch CLI work.
+    BATCH_SIZE = "AI_METERING_BATCH_SIZE"
+    #: Register the dashboard blueprint.
+    DASHBOARD_ENABLED = "AI_METERING_DASHBOARD_ENABLED"
+    #: URL prefix of the dashboard.
+    DASHBOARD_PREFIX = "AI_METERING_DASHBOARD_PREFIX"
+    #: Template every dashboard page extends.
+    BASE_TEMPLATE = "AI_METERING_BASE_TEMPLATE"
+    #: Refuse feature names outside ``[A-Za-z0-9_.-]{1,100}``.
+    VALIDATE_FEATURES = "AI_METERING_VALIDATE_FEATURES"
+    #: Drop metadata keys that look like secrets or prompts.
+    SANITIZE_METADATA = "AI_METERING_SANITIZE_METADATA"
+    #: Largest metadata, in bytes of JSON.
+    MAX_META_BYTES = "AI_METERING_MAX_META_BYTES"
+    #: Log metering activity.
+    LOGGING_ENABLED = "AI_METERING_LOGGING_ENABLED"
+    #: Level of the ``flask_ai_metering`` logger.
+    LOG_LEVEL = "AI_METERING_LOG_LEVEL"
+    #: Log provider call failures.
+    LOG_FAILURES = "AI_METERING_LOG_FAILURES"
+    #: Serve the dashboard and reports from the daily rollup tables.
+    AGGREGATION_TABLES = "AI_METERING_AGGREGATION_TABLES"
+    #: Seconds before an uncommitted reservation expires.
+    RESERVATION_TTL = "AI_METERING_RESERVATION_TTL"
+    #: Tokens reserved for a call that gives neither ``max_tokens`` nor ``usage``.
+    DEFAULT_MAX_TOKENS = "AI_METERING_DEFAULT_MAX_TOKENS"
+    #: Percentage of a limit at which ``limit_approaching`` fires.
+    WARNING_THRESHOLD = "AI_METERING_WARNING_THRESHOLD"
+    #: Secret key of the Stripe billing driver.
+    STRIPE_API_KEY = "AI_METERING_STRIPE_API_KEY"
+    #: Base URL of the Stripe API (set only to point at a local Stripe server).
+    STRIPE_API_BASE = "AI_METERING_STRIPE_API_BASE"
+    #: Stripe webhook signing secret.
+    STRIPE_WEBHOOK_SECRET = "AI_METERING_STRIPE_WEBHOOK_SECRET"
+
+
+#: Every key with its default, applied by ``init_app``.
+DEFAULTS: dict[str, t.Any] = {
+    ConfigVars.ENABLED: True,
+    ConfigVars.DEFAULT_PROVIDER: "openai",
+    ConfigVars.PROVIDERS: {},
+    ConfigVars.BILLING_DRIVER: "null",
+    ConfigVars.OVERAGE_BEHAVIOR: "block",
+    ConfigVars.OVERAGE_SYNC_STRATEGY: "batch",
+    ConfigVars.CREDIT_OVERDRAFT: False,
+    ConfigVars.CURRENCY: "usd",
+    ConfigVars.PAYMENT_FAILURE_GRACE_PERIOD: 7,
+    ConfigVars.TENANT_RESOLVER: None,
+    ConfigVars.PERIOD_TYPE: "monthly",
+    ConfigVars.PERIOD_ALIGNMENT: "calendar",
+    ConfigVars.TIMEZONE: "UTC",
+    ConfigVars.PRUNE_AFTER_DAYS: 365,
+    ConfigVars.DB_CONNECTION: None,
+    ConfigVars.QUEUE_RECORDING: False,
+    ConfigVars.BATCH_SIZE: 100,
+    ConfigVars.DASHBOARD_ENABLED: True,
+    ConfigVars.DASHBOARD_PREFIX: "/ai-metering",
+    ConfigVars.BASE_TEMPLATE: "ai_metering/base.html",
+    ConfigVars.VALIDATE_FEATURES: True,
+    ConfigVars.SANITIZE_METADATA: True,
+    ConfigVars.MAX_META_BYTES: 8192,
+    ConfigVars.LOGGING_ENABLED: True,
+    ConfigVars.LOG_LEVEL: "info",
+    ConfigVars.LOG_FAILURES: True,
+    ConfigVars.AGGREGATION_TABLES: False,
+    ConfigVars.RESERVATION_TTL: 60,
+    ConfigVars.DEFAULT_MAX_TOKENS: 4096,
+    ConfigVars.WARNING_THRESHOLD: 80,
+    ConfigVars.STRIPE_API_KEY: None,
+    ConfigVars.STRIPE_API_BASE: None,
+    ConfigVars.STRIPE_WEBHOOK_SECRET: None,
+}
+
+_CHOICES = {
+    ConfigVars.OVERAGE_BEHAVIOR: ("block", "allow", "charge"),
+    ConfigVars.OVERAGE_SYNC_STRATEGY: ("immediate", "batch"),
+    ConfigVars.LOG_LEVEL: ("debug", "info", "warning", "error", "critical"),
+}
+_POSITIVE_INTS = (
+    ConfigVars.PRUNE_AFTER_DAYS,
+    ConfigVars.BATCH_SIZE,
+    ConfigVars.MAX_META_BYTES,
+    ConfigVars.RESERVATION_TTL,
+    ConfigVars.DEFAULT_MAX_TOKENS,
+)
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _from_env(key: str, default: t.Any) -> t.Any:
+    """Parse an environment string into the type of ``default``."""
+    raw = os.environ[key]
+    if isinstance(default, bool):
+        if raw.strip().lower() in _TRUE:
+            return True
+        if raw.strip().lower() in _FALSE:
+            return False
+        raise ConfigurationError(f"{key} must be true or false, got {raw!r}")
+    if isinstance(default, int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigurationError(f"{key} must be a whole number, got {raw!r}") from None
+    if isinstance(default, dict):
+        try:
+            return json.loads(raw, parse_float=Decimal)
+        except ValueError as exc:
+            raise ConfigurationError(f"{key} must be JSON: {exc}") from None
+    return raw or None if default is None else raw
+
+
+def apply_defaults(app: Flask) -> None:
+    """Fill every unset key from the environment, else from :data:`DEFAULTS`."""
+    for key, default in DEFAULTS.items():
+        if key in app.config:
+            continue
+        app.config[key] = _from_env(key, default) if key in os.environ else default
+
+
+def import_string(path: t.Any, key: str) -> t.Any:
+    """Import ``"package.module:attr"`` (or ``package.module.attr``), naming ``key`` on failure."""
+    if not isinstance(path, str):
+        return path
+    module_name, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigurationError(f"{key}: cannot import {path!r} ({exc})") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The validated configuration of one app, read once by ``init_app``."""
+
+    enabled: bool
+    default_provider: str
+    providers: t.Mapping[str, t.Any]
+    billing_driver: t.Any
+    overage_behavior: str
+    overage_sync_strategy: str
+    credit_overdraft: bool
+    currency: str
+    payment_failure_grace_days: int
+    tenant_resolver: t.Callable[[], t.Any] | None
+    period_type: str
+    period_alignment: str
+    timezone: str
+    prune_after_days: int
+    bind_key: str | None
+    queue_recording: bool
+    batch_size: int
+    dashboard_enabled: bool
+    dashboard_prefix: str
+    base_template: str
+    validate_features: bool
+    sanitize_metadata: bool
+    max_meta_bytes: int
+    log_failures: bool
+    aggregation_tables: bool
+    reservation_ttl: int
+    default_max_tokens: int
+    warning_threshold: int
+    stripe_api_key: str | None
+    stripe_api_base: str | None
+    stripe_webhook_secret: str | None
+
+    @classmethod
+    def from_config(cls, config: t.Mapping[str, t.Any]) -> Settings:
+        """Validate ``config`` and raise :class:`ConfigurationError` naming the bad key."""
+        from .periods import validate_period_settings
+
+        for key in _POSITIVE_INTS + (ConfigVars.PAYMENT_FAILURE_GRACE_PERIOD, ConfigVars.WARNING_THRESHOLD):
+            value = config[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigurationError(f"{key} must be a non-negative int, got {value!r}")
+        for key in _POSITIVE_INTS:
+            if config[key] == 0:
+                raise ConfigurationError(f"{key} must be positive, got 0")
+        if not 0 < config[ConfigVars.WARNING_THRESHOLD] <= 100:
+            raise ConfigurationError(
+                f"{ConfigVars.WARNING_THRESHOLD} must be a percentage from 1 to 100,"
+                f" got {config[ConfigVars.WARNING_THRESHOLD]!r}"
+            )
+        for key, choices in _CHOICES.items():
+            value = str(config[key]).lower()
+            if value not in choices:
+                raise ConfigurationError(f"{key} must be one of {', '.join(choices)}; got {config[key]!r}")
+        providers = config[ConfigVars.PROVIDERS] or {}
+        if not isinstance(providers, t.Mapping):
+            raise ConfigurationError(f"{ConfigVars.PROVIDERS} must be a dict, got {type(providers).__name__}")
+        validate_period_settings(
+            config[ConfigVars.PERIOD_TYPE], config[ConfigVars.PERIOD_ALIGNMENT], config[ConfigVars.TIMEZONE]
+        )
+        resolver = config[ConfigVars.TENANT_RESOLVER]
+        if resolver is not None:
+            resolver = import_string(resolver, ConfigVars.TENANT_RESOLVER)
+            if not callable(resolver):
+                raise ConfigurationError(f"{ConfigVars.TENANT_RESOLVER} must be callable")
+        prefix = str(config[ConfigVars.DASHBOARD_PREFIX] or "/ai-metering")
+        return cls(
+            enabled=bool(config[ConfigVars.ENABLED]),
+            default_provider=str(config[ConfigVars.DEFAULT_PROVIDER]),
+            providers=providers,
+            billing_driver=config[ConfigVars.BILLING_DRIVER],
+            overage_behavior=str(config[ConfigVars.OVERAGE_BEHAVIOR]).lower(),
+            overage_sync_strategy=str(config[ConfigVars.OVERAGE_SYNC_STRATEGY]).lower(),
+            credit_overdraft=bool(config[ConfigVars.CREDIT_OVERDRAFT]),
+            currency=str(config[ConfigVars.CURRENCY]).lower(),
+            payment_failure_grace_days=config[ConfigVars.PAYMENT_FAILURE_GRACE_PERIOD],
+            tenant_resolver=resolver,
+            period_type=config[ConfigVars.PERIOD_TYPE],
+            period_alignment=config[ConfigVars.PERIOD_ALIGNMENT],
+            timezone=config[ConfigVars.TIMEZONE],
+            prune_after_days=config[ConfigVars.PRUNE_AFTER_DAYS],
+            bind_key=config[ConfigVars.DB_CONNECTION] or None,
+            queue_recording=bool(config[ConfigVars.QUEUE_RECORDING]),
+            batch_size=config[ConfigVars.BATCH_SIZE],
+            dashboard_enabled=bool(config[ConfigVars.DASHBOARD_ENABLED]),
+            dashboard_prefix="/" + prefix.strip("/"),
+            base_template=str(config[ConfigVars.BASE_TEMPLATE]),
+            validate_features=bool(config[ConfigVars.VALIDATE_FEATURES]),
+            sanitize_metadata=bool(config[ConfigVars.SANITIZE_METADATA]),
+            max_meta_bytes=config[ConfigVars.MAX_META_BYTES],
+            log_failures=bool(config[ConfigVars.LOG_FAILURES]),
+            aggregation_tables=bool(config[ConfigVars.AGGREGATION_TABLES]),
+            reservation_ttl=config[ConfigVars.RESERVATION_TTL],
+            default_max_tokens=config[ConfigVars.DEFAULT_MAX_TOKENS],
+            warning_threshold=config[ConfigVars.WARNING_THRESHOLD],
+            stripe_api_key=config[ConfigVars.STRIPE_API_KEY],
+            stripe_api_base=config[ConfigVars.STRIPE_API_BASE],
+            stripe_webhook_secret=config[ConfigVars.STRIPE_WEBHOOK_SECRET],
+        )
+
+
+def unknown_keys(config: t.Mapping[str, t.Any]) -> list[str]:
+    """``AI_METERING_*`` keys in ``config`` that this library does not know (likely typos)."""
+    return sorted(k for k in config if k.startswith("AI_METERING_") and k not in DEFAULTS)

@@ -1,0 +1,107 @@
+"""The exceptions flask_ai_metering raises, one per broken rule.
+
+``AiLimitExceeded`` and ``CreditsInsufficient`` are werkzeug HTTP exceptions, so
+an app customises their responses with ``@app.errorhandler`` like any 429 or 402.
+"""
+
+from __future__ import annotations
+
+import json
+import typing as t
+
+from werkzeug.exceptions import Forbidden
+from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import TooManyRequests
+
+if t.TYPE_CHECKING:
+    from .quota import LimitCheck
+
+
+class AiMeteringError(Exception):
+    """Base class for all flask_ai_metering errors."""
+
+
+class ConfigurationError(AiMeteringError):
+    """Raised by ``init_app`` (or at first use) for a missing or invalid ``AI_METERING_*`` key."""
+
+
+class InvalidUsage(AiMeteringError, ValueError):
+    """Raised for bad input before anything is recorded; the message names the field."""
+
+
+class IdempotencyConflict(AiMeteringError):
+    """Raised when a call reuses an idempotency key whose first call is still in flight."""
+
+
+class _LimitResponse(HTTPException):
+    """Shared body and headers of the 429 and 402 answers."""
+
+    error_code = "ai_limit_exceeded"
+
+    def __init__(self, message: str, check: LimitCheck | None = None) -> None:
+        super().__init__(description=message)
+        #: The :class:`~flask_ai_metering.quota.LimitCheck` that refused the call.
+        self.check = check
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def get_body(self, environ: t.Any = None, scope: t.Any = None) -> str:
+        body: dict[str, t.Any] = {"error": self.error_code, "message": self.message}
+        if self.check is not None:
+            body.update(self.check.as_json())
+        return json.dumps(body)
+
+    def get_headers(self, environ: t.Any = None, scope: t.Any = None) -> list[tuple[str, str]]:
+        from .headers import limit_headers
+
+        headers = [("Content-Type", "application/json")]
+        if self.check is not None:
+            headers.extend(limit_headers(self.check, refused=True).items())
+        return headers
+
+
+class AiLimitExceeded(_LimitResponse, AiMeteringError, TooManyRequests):  # type: ignore[misc]
+    """A token or cost limit is used up (HTTP 429).
+
+    Raised by ``meter.call`` before the provider is called, and by
+    ``@quota_required`` before the view runs. ``.check`` holds the
+    :class:`~flask_ai_metering.quota.LimitCheck`, from which the headers and
+    ``Retry-After`` are built.
+    """
+
+    code = 429
+    error_code = "ai_limit_exceeded"
+
+
+class CreditsInsufficient(_LimitResponse, AiMeteringError):
+    """The billable's credit wallet cannot pay for the call (HTTP 402)."""
+
+    code = 402
+    error_code = "credits_insufficient"
+
+
+class FeatureNotAllowed(AiMeteringError, Forbidden):
+    """The billable's plan lists its allowed features and this one is not among them (HTTP 403)."""
+
+    def __init__(self, feature: str | None, plan_slug: str) -> None:
+        super().__init__(description=f"Feature {feature!r} is not included in plan {plan_slug!r}.")
+        self.feature = feature
+        self.plan_slug = plan_slug
+
+
+class BillingError(AiMeteringError):
+    """A billing driver could not hand an amount to the payment provider."""
+
+
+__all__ = [
+    "AiLimitExceeded",
+    "AiMeteringError",
+    "BillingError",
+    "ConfigurationError",
+    "CreditsInsufficient",
+    "FeatureNotAllowed",
+    "IdempotencyConflict",
+    "InvalidUsage",
+]

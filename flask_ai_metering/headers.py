@@ -1,0 +1,30 @@
+"""The limit headers of guarded responses: built in one place from a ``LimitCheck``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import typing as t
+
+if t.TYPE_CHECKING:
+    from .quota import LimitCheck
+
+
+def limit_headers(check: LimitCheck, *, refused: bool = False, now: dt.datetime | None = None) -> dict[str, str]:
+    """``X-Remaining-*``, ``X-Usage-Percentage``, ``RateLimit-*`` (tokens) and, when refused, ``Retry-After``.
+
+    A header for an unlimited dimension is left out.
+    """
+    headers: dict[str, str] = {}
+    reset = check.retry_after(now)
+    if check.remaining_tokens is not None:
+        headers["X-Remaining-Tokens"] = str(check.remaining_tokens)
+        headers["RateLimit-Limit"] = str(check.token_limit)
+        headers["RateLimit-Remaining"] = str(check.remaining_tokens)
+        headers["RateLimit-Reset"] = str(reset)
+    if check.remaining_cost is not None:
+        headers["X-Remaining-Cost"] = format(check.remaining_cost.normalize(), "f")
+    if check.remaining_tokens is not None or check.remaining_cost is not None:
+        headers["X-Usage-Percentage"] = f"{check.usage_percentage:.2f}"
+    if refused:
+        headers["Retry-After"] = str(reset)
+    return headers

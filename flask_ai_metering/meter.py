@@ -1,0 +1,448 @@
+"""The metered call: claim → reserve → call → extract → price → commit (or release).
+
+Each phase is one short transaction of its own on the app's engine; no
+transaction is held open across the provider call. :class:`Runtime` captures
+the engine, settings and prices when the call starts, so a stream that finishes
+in another thread or outside the app context commits with what it began with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import typing as t
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+
+from . import quota
+from . import signals
+from . import wallets
+from .errors import AiLimitExceeded
+from .errors import CreditsInsufficient
+from .errors import FeatureNotAllowed
+from .errors import IdempotencyConflict
+from .models import Usage as UsageRow
+from .models import utcnow
+from .money import from_units
+from .money import to_units
+from .policy import Billable
+from .policy import Policy
+from .policy import resolve_policy
+from .storage import is_duplicate
+from .usage import Extracted
+from .usage import TokenCounts
+from .usage import Usage
+
+if t.TYPE_CHECKING:
+    from flask import Flask
+
+    from .billing import BillingDriver
+    from .config import Settings
+    from .pricing import PriceBook
+    from .providers import Provider
+    from .storage import Store
+
+log = logging.getLogger("flask_ai_metering")
+usage_table = UsageRow.__table__
+reservations = quota.reservations
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """What a metered call needs, captured when it starts."""
+
+    app: Flask
+    settings: Settings
+    store: Store
+    prices: PriceBook
+    providers: t.Mapping[str, Provider]
+    billing: BillingDriver
+
+    def provider(self, name: str) -> Provider:
+        try:
+            return self.providers[name]
+        except KeyError:
+            from .errors import InvalidUsage
+
+            known = ", ".join(sorted(self.providers))
+            raise InvalidUsage(
+                f"provider {name!r} is not registered (known: {known}); add it to AI_METERING_PROVIDERS"
+            ) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class CallSpec:
+    """One call's attribution and options, validated."""
+
+    billable: Billable
+    provider: str
+    model: str | None = None
+    user_id: str | None = None
+    tenant_id: str | None = None
+    feature: str | None = None
+    meta: dict[str, t.Any] | None = None
+    idempotency_key: str | None = None
+    max_tokens: int | None = None
+    usage: TokenCounts | None = None
+    billing_mode: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Hold:
+    """A committed reservation: quota (and credits) held for the call in flight."""
+
+    reservation_id: int
+    counter_id: int
+    policy: Policy
+    billing_mode: str
+    tokens: int
+    cost_units: int
+    wallet_id: int | None
+    credit_units: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Replay:
+    """A recorded idempotency key: the first call's usage, without calling again."""
+
+    usage: Usage
+    usage_id: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Recorded:
+    usage: Usage
+    usage_id: int
+    check: quota.LimitCheck
+
+
+def reservation_size(rt: Runtime, spec: CallSpec) -> tuple[int, int]:
+    """Tokens and worst-case cost (pico-units) to hold before the call.
+
+    ``max_tokens``, else the manual usage's total, else the configured default;
+    the cost is those tokens at the higher of the model's input and output price.
+    With no model known before the call nothing can be priced: the cost hold is 0
+    and the cost check only asks that some cost remains.
+    """
+    tokens = spec.max_tokens
+    if tokens is None:
+        tokens = spec.usage.total_tokens if spec.usage is not None else rt.settings.default_max_tokens
+    price = rt.prices.max_token_price(spec.provider, spec.model) if spec.model else None
+    cost = 0 if price is None else to_units_ceil(price * tokens)
+    return tokens, cost
+
+
+def to_units_ceil(amount: t.Any) -> int:
+    """Pico-units rounded up: a hold must never be smaller than the cost it covers."""
+    from decimal import ROUND_CEILING
+
+    from .money import QUANTUM
+
+    return to_units(amount.quantize(QUANTUM, rounding=ROUND_CEILING))
+
+
+def find_replay(conn: sa.Connection, billable: Billable, key: str) -> Replay | None:
+    """The usage already recorded under ``key`` for ``billable``, if any."""
+    row = conn.execute(
+        sa.select(usage_table).where(
+            usage_table.c.billable_type == billable[0],
+            usage_table.c.billable_id == billable[1],
+            usage_table.c.idempotency_key == key,
+        )
+    ).first()
+    return None if row is None else Replay(usage=usage_from_row(row), usage_id=int(row.id))
+
+
+def usage_from_row(row: t.Any) -> Usage:
+    return Usage(
+        input_tokens=row.input_tokens,
+        output_tokens=row.output_tokens,
+        cached_input_tokens=row.cached_input_tokens,
+        cache_write_tokens=row.cache_write_tokens,
+        reasoning_tokens=row.reasoning_tokens,
+        total_tokens=row.total_tokens,
+        input_cost=row.input_cost,
+        output_cost=row.output_cost,
+        total_cost=row.total_cost,
+        currency=row.currency,
+        unpriced=row.unpriced,
+        estimated=row.estimated,
+        provider=row.provider,
+        model=row.model,
+    )
+
+
+def reserve(rt: Runtime, spec: CallSpec, now: dt.datetime | None = None) -> Hold | Replay:
+    """Claim the idempotency key and hold quota, in one transaction; raise if refused."""
+    tokens, cost_units = reservation_size(rt, spec)
+    enforce = rt.settings.overage_behavior == "block"
+    refused: list[tuple[Exception, Policy, quota.CounterState]] = []
+
+    def work(conn: sa.Connection) -> Hold | Replay | None:
+        at = now or utcnow()
+        refused.clear()
+        key = spec.idempotency_key
+        if key is not None:
+            replay = find_replay(conn, spec.billable, key)
+            if replay is not None:
+                return replay
+            if _pending_claim(conn, spec.billable, key):
+                raise IdempotencyConflict(f"idempotency key {key!r} is still in flight; retry when it finishes")
+        policy = resolve_policy(conn, spec.billable, at, rt.settings)
+        if not policy.allows_feature(spec.feature):
+            raise FeatureNotAllowed(spec.feature, policy.plan_slug or "")
+        mode = spec.billing_mode or policy.billing_mode
+        counter_id = None
+        if not policy.expired:
+            counter_id = quota.try_reserve(rt.store, conn, policy, tokens, cost_units, enforce=enforce)
+            if counter_id is None:
+                quota.ensure_counter(rt.store, conn, policy, at)
+                counter_id = quota.try_reserve(rt.store, conn, policy, tokens, cost_units, enforce=enforce)
+        if counter_id is None:
+            _, state = quota.read_counter(conn, policy)
+            reason = quota.refusal_reason(policy, state, tokens, cost_units)
+            check = quota.limit_check(policy, state, warning_threshold=rt.settings.warning_threshold, reason=reason)
+            refused.append((AiLimitExceeded(reason, check), policy, state))
+            return None
+        wallet_id, credit_units = None, 0
+        if mode == "credits":
+            credit_units = cost_units
+            wallet_id = wallets.hold(conn, spec.billable, credit_units, overdraft=rt.settings.credit_overdraft)
+            if wallet_id is None:
+                _, state = quota.read_counter(conn, policy)
+                check = quota.limit_check(policy, state, warning_threshold=rt.settings.warning_threshold)
+                message = (
+                    "The credit wallet cannot pay for this call"
+                    f" (it may cost up to {from_units(credit_units).normalize()} {rt.settings.currency})."
+                )
+                refused.append((CreditsInsufficient(message, check), policy, state))
+                conn.rollback()
+                return None
+        reservation_id = quota.add_reservation(
+            conn,
+            counter_id=counter_id,
+            billable=spec.billable,
+            tokens=tokens,
+            cost_units=cost_units,
+            idempotency_key=key,
+            expires_at=at + dt.timedelta(seconds=rt.settings.reservation_ttl),
+            now=at,
+            wallet_id=wallet_id,
+            credit_units=credit_units,
+        )
+        return Hold(reservation_id, counter_id, policy, mode, tokens, cost_units, wallet_id, credit_units)
+
+    for _ in range(3):
+        try:
+            outcome = rt.store.run(work)
+        except sa_exc.IntegrityError as error:
+            # A racing call claimed the same key between our look-up and insert:
+            # the unique key refused us and rolled everything back; look again.
+            if spec.idempotency_key is None or not is_duplicate(error):
+                raise
+            continue
+        if outcome is None:
+            error_, _policy, _state = refused[0]
+            signals.limit_reached.send(rt.app, billable=spec.billable, check=t.cast(t.Any, error_).check)
+            raise error_
+        return outcome
+    raise IdempotencyConflict(f"idempotency key {spec.idempotency_key!r} is still in flight")
+
+
+def _pending_claim(conn: sa.Connection, billable: Billable, key: str) -> bool:
+    return (
+        conn.execute(
+            sa.select(reservations.c.id).where(
+                reservations.c.billable_type == billable[0],
+                reservations.c.billable_id == billable[1],
+                reservations.c.idempotency_key == key,
+                reservations.c.status == "pending",
+            )
+        ).first()
+        is not None
+    )
+
+
+def release(rt: Runtime, hold: Hold, *, status: str = "released") -> bool:
+    """Return a hold whose call raised (the key is freed so a retry can run)."""
+
+    def work(conn: sa.Connection) -> bool:
+        return _release_reservation(rt, conn, hold.reservation_id, status, utcnow())
+
+    return rt.store.run(work)
+
+
+def _release_reservation(rt: Runtime, conn: sa.Connection, reservation_id: int, status: str, now: dt.datetime) -> bool:
+    settled = quota.settle_reservation(conn, reservation_id, status, now, keep_key=False)
+    if not settled.won:
+        return False
+    quota.apply_to_counter(
+        rt.store, conn, settled.counter_id, release_tokens=settled.tokens, release_cost_units=settled.cost_units
+    )
+    if settled.wallet_id is not None and settled.credit_units:
+        wallets.release(conn, settled.wallet_id, settled.credit_units)
+    return True
+
+
+def expire_reservations(rt: Runtime, *, now: dt.datetime | None = None, batch: int = 500) -> int:
+    """Release every pending reservation past its expiry; safe beside live traffic."""
+    total = 0
+    while True:
+
+        def work(conn: sa.Connection) -> tuple[int, int]:
+            at = now or utcnow()
+            ids = quota.pending_expired(conn, at, batch)
+            return len(ids), sum(_release_reservation(rt, conn, rid, "expired", at) for rid in ids)
+
+        seen, released = rt.store.run(work)
+        total += released
+        if seen < batch:
+            return total
+
+
+def commit(
+    rt: Runtime,
+    spec: CallSpec,
+    hold: Hold,
+    extracted: Extracted,
+    *,
+    duration_ms: int | None = None,
+    occurred_at: dt.datetime | None = None,
+) -> Recorded:
+    """Record the actual usage against the hold: the true-up, in one transaction."""
+    model = extracted.model or spec.model
+    tokens = extracted.tokens
+    at = occurred_at or utcnow()
+    costs = rt.prices.cost(spec.provider, model, tokens, at)
+    cost_units = to_units(costs.total_cost)
+    approaching: list[quota.LimitCheck] = []
+    overages: list[dict[str, t.Any]] = []
+
+    def work(conn: sa.Connection) -> tuple[int, quota.LimitCheck]:
+        approaching.clear()
+        overages.clear()
+        settled = quota.settle_reservation(conn, hold.reservation_id, "committed", at, keep_key=True)
+        # A commit that lost to the sweeper still records what the provider spent;
+        # the sweeper already returned the hold, so only the usage is added.
+        state = quota.apply_to_counter(
+            rt.store,
+            conn,
+            hold.counter_id,
+            used_tokens=tokens.total_tokens,
+            used_cost_units=cost_units,
+            release_tokens=hold.tokens if settled.won else 0,
+            release_cost_units=hold.cost_units if settled.won else 0,
+            calls=1,
+        )
+        usage_id = insert_usage(conn, spec, tokens, costs, model, at, extracted.estimated, hold, duration_ms)
+        if hold.wallet_id is not None:
+            wallets.settle(
+                conn,
+                hold.wallet_id,
+                hold_units=hold.credit_units if settled.won else 0,
+                cost_units=cost_units,
+                usage_id=usage_id,
+                overdraft=rt.settings.credit_overdraft,
+                now=at,
+            )
+        check = quota.limit_check(hold.policy, state, warning_threshold=rt.settings.warning_threshold)
+        if hold.policy.limited and check.approaching and quota.mark_approaching(conn, hold.counter_id):
+            approaching.append(check)
+        if rt.settings.overage_behavior == "charge":
+            from .billing.overages import record_overage
+
+            overage = record_overage(conn, hold.policy, state, tokens.total_tokens, usage_id, at, rt.settings.currency)
+            if overage is not None:
+                overages.append(overage)
+        return usage_id, check
+
+    usage_id, check = rt.store.run(work)
+    usage = Usage.of(tokens, costs, provider=spec.provider, model=model, estimated=extracted.estimated)
+    after_commit(rt, spec.billable, usage, usage_id, spec.feature, approaching, overages)
+    return Recorded(usage, usage_id, check)
+
+
+def insert_usage(
+    conn: sa.Connection,
+    spec: CallSpec,
+    tokens: TokenCounts,
+    costs: t.Any,
+    model: str | None,
+    at: dt.datetime,
+    estimated: bool,
+    hold: Hold | None,
+    duration_ms: int | None,
+    counter_id: int | None = None,
+) -> int:
+    result = conn.execute(
+        sa.insert(usage_table).values(
+            billable_type=spec.billable[0],
+            billable_id=spec.billable[1],
+            user_id=spec.user_id,
+            tenant_id=spec.tenant_id,
+            provider=spec.provider,
+            model=model,
+            feature=spec.feature,
+            input_tokens=tokens.input_tokens,
+            output_tokens=tokens.output_tokens,
+            cached_input_tokens=tokens.cached_input_tokens,
+            cache_write_tokens=tokens.cache_write_tokens,
+            reasoning_tokens=tokens.reasoning_tokens,
+            total_tokens=tokens.total_tokens,
+            input_cost=costs.input_cost,
+            output_cost=costs.output_cost,
+            total_cost=costs.total_cost,
+            currency=costs.currency,
+            unpriced=costs.unpriced,
+            estimated=estimated,
+            billing_mode=hold.billing_mode if hold else (spec.billing_mode or "plan"),
+            idempotency_key=spec.idempotency_key,
+            meta=spec.meta,
+            duration_ms=duration_ms,
+            counter_id=hold.counter_id if hold else counter_id,
+            reservation_id=hold.reservation_id if hold else None,
+            occurred_at=at,
+            created_at=utcnow(),
+        )
+    )
+    return int(result.inserted_primary_key[0])  # type: ignore[index]
+
+
+def after_commit(
+    rt: Runtime,
+    billable: Billable,
+    usage: Usage,
+    usage_id: int,
+    feature: str | None,
+    approaching: list[quota.LimitCheck],
+    overages: list[dict[str, t.Any]],
+) -> None:
+    """Signals and immediate billing, once the ledger is durable."""
+    signals.usage_recorded.send(
+        rt.app, billable=billable, usage=usage, usage_id=usage_id, feature=feature, replayed=False
+    )
+    for check in approaching:
+        signals.limit_approaching.send(rt.app, billable=billable, check=check)
+    for overage in overages:
+        signals.overage_charged.send(rt.app, billable=billable, **overage)
+    if overages and rt.settings.overage_sync_strategy == "immediate":
+        rt.billing.sync_after_commit([o["overage_id"] for o in overages])
+
+
+def current_check(rt: Runtime, billable: Billable, tokens: int = 0, now: dt.datetime | None = None) -> quota.LimitCheck:
+    """The billable's :class:`~flask_ai_metering.quota.LimitCheck` now; reserves nothing."""
+    at = now or utcnow()
+    with rt.store.engine.connect() as conn:
+        policy = resolve_policy(conn, billable, at, rt.settings)
+        _, state = quota.read_counter(conn, policy)
+    if rt.settings.overage_behavior != "block":
+        check = quota.limit_check(policy, state, warning_threshold=rt.settings.warning_threshold, want_tokens=tokens)
+        return dataclasses.replace(check, allowed=not policy.expired, hard_limit_reached=policy.expired)
+    return quota.limit_check(policy, state, warning_threshold=rt.settings.warning_threshold, want_tokens=tokens)
+
+
+def policy_of(rt: Runtime, billable: Billable, now: dt.datetime | None = None) -> Policy:
+    with rt.store.engine.connect() as conn:
+        return resolve_policy(conn, billable, now or utcnow(), rt.settings)

@@ -1,0 +1,459 @@
+"""The metering schema: plans, subscriptions, the usage ledger, counters and money.
+
+Models sit on the library's own :class:`Base`, so they import without an app and
+their tables never land in the application's own Flask-Migrate history; the
+shipped Alembic scripts create them (``flask ai-metering db upgrade``). They work
+with the app's ``db.session`` like any model.
+
+Money columns are :class:`~flask_ai_metering.money.MoneyType`: integers of
+10^-12 units in the database, ``Decimal`` in Python. Times are UTC and
+timezone-aware in Python on every database (:class:`UTCDateTime`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import typing as t
+from decimal import Decimal
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.orm import Mapped
+from sqlalchemy.orm import mapped_column
+from sqlalchemy.orm import relationship
+
+from .money import MoneyType
+
+PREFIX = "ai_metering_"
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    # One unique key per table at most, so the table name is enough (and stays
+    # under MySQL's 64 and PostgreSQL's 63 character limits).
+    "uq": "uq_%(table_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class UTCDateTime(sa.TypeDecorator[dt.datetime]):
+    """A naive UTC ``DATETIME`` column that Python sees as an aware UTC datetime.
+
+    Databases disagree on time zones (SQLite and MySQL keep none); storing naive
+    UTC everywhere and converting at the edge keeps comparisons and periods exact.
+    MySQL/MariaDB get microsecond precision (``DATETIME(6)``).
+    """
+
+    impl = sa.DateTime
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine[t.Any]:
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(sa.DateTime())
+
+    def process_bind_param(self, value: t.Any, dialect: sa.Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, dt.datetime) or value.tzinfo is None:
+            raise TypeError(f"expected a timezone-aware datetime, got {value!r}")
+        return value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: t.Any, dialect: sa.Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = dt.datetime.fromisoformat(value)
+        return t.cast(dt.datetime, value).replace(tzinfo=dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every metering model, with its own ``MetaData``."""
+
+    metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {
+        dt.datetime: UTCDateTime(),
+        Decimal: MoneyType(),
+        dict[str, t.Any]: sa.JSON(),
+    }
+
+
+_BILLABLE_TYPE = 100
+_ID = 100
+_KEY = 255
+
+
+class Plan(Base):
+    """Token and cost limits per period, an overage price, and allowed features."""
+
+    __tablename__ = PREFIX + "plans"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(200))
+    slug: Mapped[str] = mapped_column(sa.String(100), unique=True)
+    #: Tokens per period; None is unlimited.
+    token_limit: Mapped[int | None] = mapped_column(sa.BigInteger)
+    #: Cost per period; None is unlimited.
+    cost_limit: Mapped[Decimal | None]
+    overage_price_per_1k_tokens: Mapped[Decimal | None]
+    #: Allowed feature names; None allows every feature.
+    features: Mapped[list[str] | None] = mapped_column(sa.JSON)
+    #: ``daily``/``weekly``/``monthly``/``yearly``/``rolling``; None: AI_METERING_PERIOD_TYPE.
+    period: Mapped[str | None] = mapped_column(sa.String(20))
+    is_active: Mapped[bool] = mapped_column(default=True, server_default=sa.true())
+    trial_days: Mapped[int | None]
+    meta: Mapped[dict[str, t.Any] | None]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    subscriptions: Mapped[list[Subscription]] = relationship(
+        back_populates="plan", foreign_keys="Subscription.plan_id"
+    )
+
+    def has_unlimited_tokens(self) -> bool:
+        return self.token_limit is None
+
+    def has_unlimited_cost(self) -> bool:
+        return self.cost_limit is None
+
+    def allows_overage(self) -> bool:
+        return self.overage_price_per_1k_tokens is not None
+
+    def allows_feature(self, feature: str | None) -> bool:
+        return not self.features or feature in self.features
+
+    def __repr__(self) -> str:
+        return f"<Plan {self.slug!r}>"
+
+
+class Subscription(Base):
+    """A billable's plan: one row per billable, moved to a new plan on a change."""
+
+    __tablename__ = PREFIX + "subscriptions"
+    __table_args__ = (
+        sa.UniqueConstraint("billable_type", "billable_id"),
+        sa.Index(None, "plan_id"),
+        sa.Index(None, "stripe_subscription_id"),
+        sa.Index(None, "stripe_customer_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    billable_type: Mapped[str] = mapped_column(sa.String(_BILLABLE_TYPE))
+    billable_id: Mapped[str] = mapped_column(sa.String(_ID))
+    plan_id: Mapped[int] = mapped_column(sa.ForeignKey(Plan.id))
+    previous_plan_id: Mapped[int | None] = mapped_column(sa.ForeignKey(Plan.id))
+    #: ``plan`` or ``credits``.
+    billing_mode: Mapped[str] = mapped_column(sa.String(20), default="plan")
+    started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    renews_at: Mapped[dt.datetime | None]
+    ends_at: Mapped[dt.datetime | None]
+    trial_ends_at: Mapped[dt.datetime | None]
+    grace_period_ends_at: Mapped[dt.datetime | None]
+    #: When the current plan took effect; usage before it counted against the previous plan.
+    plan_changed_at: Mapped[dt.datetime | None]
+    #: Incremented on every plan change: each plan segment of a period has its own counter.
+    plan_version: Mapped[int] = mapped_column(default=0, server_default="0")
+    stripe_customer_id: Mapped[str | None] = mapped_column(sa.String(_KEY))
+    stripe_subscription_id: Mapped[str | None] = mapped_column(sa.String(_KEY))
+    meta: Mapped[dict[str, t.Any] | None]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    plan: Mapped[Plan] = relationship(back_populates="subscriptions", foreign_keys=[plan_id])
+    previous_plan: Mapped[Plan | None] = relationship(foreign_keys=[previous_plan_id])
+
+    def is_expired(self, now: dt.datetime | None = None) -> bool:
+        """Ended, and past any grace period."""
+        now = now or utcnow()
+        if self.ends_at is None or self.ends_at > now:
+            return False
+        return not self.is_in_grace_period(now)
+
+    def is_in_grace_period(self, now: dt.datetime | None = None) -> bool:
+        now = now or utcnow()
+        return self.grace_period_ends_at is not None and self.grace_period_ends_at > now
+
+    def is_in_trial(self, now: dt.datetime | None = None) -> bool:
+        now = now or utcnow()
+        return self.trial_ends_at is not None and self.trial_ends_at > now
+
+    def is_active(self, now: dt.datetime | None = None) -> bool:
+        """Started, and not expired (a grace period keeps it active, and limits apply)."""
+        now = now or utcnow()
+        return self.started_at <= now and not self.is_expired(now)
+
+    def __repr__(self) -> str:
+        return f"<Subscription {self.billable_type}:{self.billable_id} plan={self.plan_id}>"
+
+
+class UsageLimitOverride(Base):
+    """Replaces a billable's token and/or cost limit while ``period_start <= now < period_end``."""
+
+    __tablename__ = PREFIX + "usage_limit_overrides"
+    __table_args__ = (sa.Index("ix_ai_metering_overrides_billable", "billable_type", "billable_id", "period_start"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    billable_type: Mapped[str] = mapped_column(sa.String(_BILLABLE_TYPE))
+    billable_id: Mapped[str] = mapped_column(sa.String(_ID))
+    period_start: Mapped[dt.datetime]
+    period_end: Mapped[dt.datetime]
+    #: None keeps the plan's token limit.
+    token_limit: Mapped[int | None] = mapped_column(sa.BigInteger)
+    #: None keeps the plan's cost limit.
+    cost_limit: Mapped[Decimal | None]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Counter(Base):
+    """Used and reserved amounts of one billable in one period (and plan segment).
+
+    Limit checks read and update this one row by primary key, so they are O(1)
+    and atomic; ``reconcile`` checks it against the ledger. The ``*_units`` costs
+    are raw pico-units, because SQL arithmetic must not pass through ``MoneyType``.
+    """
+
+    __tablename__ = PREFIX + "counters"
+    __table_args__ = (
+        sa.UniqueConstraint("billable_type", "billable_id", "period_start", "plan_version"),
+        sa.Index(None, "period_start"),
+        sa.CheckConstraint("used_tokens >= 0", name="used_tokens_nonneg"),
+        sa.CheckConstraint("reserved_tokens >= 0", name="reserved_tokens_nonneg"),
+        sa.CheckConstraint("reserved_cost_units >= 0", name="reserved_cost_nonneg"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    billable_type: Mapped[str] = mapped_column(sa.String(_BILLABLE_TYPE))
+    billable_id: Mapped[str] = mapped_column(sa.String(_ID))
+    period_start: Mapped[dt.datetime]
+    period_end: Mapped[dt.datetime]
+    plan_version: Mapped[int] = mapped_column(default=0, server_default="0")
+    used_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    reserved_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    used_cost_units: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    reserved_cost_units: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    calls: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    #: Set once when ``limit_approaching`` has fired for this period.
+    approaching_notified: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Reservation(Base):
+    """Quota held for a call in flight; it is also the call's idempotency claim.
+
+    ``status`` moves once from ``pending`` to ``committed``, ``released`` or
+    ``expired`` (a guarded UPDATE decides who wins a late commit against the
+    sweeper). A released or expired claim drops its key so the retry can run.
+    """
+
+    __tablename__ = PREFIX + "reservations"
+    __table_args__ = (
+        sa.UniqueConstraint("billable_type", "billable_id", "idempotency_key"),
+        sa.Index(None, "status", "expires_at"),
+        sa.Index(None, "counter_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    counter_id: Mapped[int] = mapped_column(sa.ForeignKey(Counter.id))
+    billable_type: Mapped[str] = mapped_column(sa.String(_BILLABLE_TYPE))
+    billable_id: Mapped[str] = mapped_column(sa.String(_ID))
+    idempotency_key: Mapped[str | None] = mapped_column(sa.String(_KEY))
+    status: Mapped[str] = mapped_column(sa.String(16), default="pending")
+    tokens: Mapped[int] = mapped_column(sa.BigInteger)
+    cost_units: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    #: Credits held on the wallet for a ``credits`` call (pico-units).
+    credit_units: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    wallet_id: Mapped[int | None] = mapped_column(sa.ForeignKey(PREFIX + "credit_wallets.id"))
+    expires_at: Mapped[dt.datetime]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    settled_at: Mapped[dt.datetime | None]
+
+
+class Usage(Base):
+    """One metered call: the append-only ledger that reports and invoices come from."""
+
+    __tablename__ = PREFIX + "usage"
+    __table_args__ = (
+        sa.UniqueConstraint("billable_type", "billable_id", "idempotency_key"),
+        sa.Index(None, "billable_type", "billable_id", "occurred_at"),
+        sa.Index(None, "occurred_at"),
+        sa.Index(None, "user_id", "occurred_at"),
+        sa.Index(None, "tenant_id", "occurred_at"),
+        sa.Index(None, "counter_id"),
+        sa.Index(None, "model", "occurred_at"),
+    )
+
+    id: Mapped[int] = mapped_column(sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True)
+    billable_type: Mapped[str | None] = mapped_column(sa.String(_BILLABLE_TYPE))
+    billable_id: Mapped[str | None] = mapped_column(sa.String(_ID))
+    user_id: Mapped[str | None] = mapped_column(sa.String(_ID))
+    tenant_id: Mapped[str | None] = mapped_column(sa.String(_ID))
+    provider: Mapped[str] = mapped_column(sa.String(50))
+    model: Mapped[str | None] = mapped_column(sa.String(150))
+    feature: Mapped[str | None] = mapped_column(sa.String(100))
+    input_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    output_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    cached_input_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    cache_write_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    reasoning_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    total_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    input_cost: Mapped[Decimal] = mapped_column(default=Decimal(0))
+    output_cost: Mapped[Decimal] = mapped_column(default=Decimal(0))
+    total_cost: Mapped[Decimal] = mapped_column(default=Decimal(0))
+    currency: Mapped[str] = mapped_column(sa.String(3), default="usd")
+    #: The price database did not know the model: the cost is 0 until it is repriced.
+    unpriced: Mapped[bool] = mapped_column(default=False)
+    #: The counts are an estimate (a stream that never reported its usage).
+    estimated: Mapped[bool] = mapped_column(default=False)
+    billing_mode: Mapped[str] = mapped_column(sa.String(20), default="plan")
+    idempotency_key: Mapped[str | None] = mapped_column(sa.String(_KEY))
+    meta: Mapped[dict[str, t.Any] | None]
+    #: Wall time of the provider call, when metered by ``meter.call``.
+    duration_ms: Mapped[int | None]
+    counter_id: Mapped[int | None] = mapped_column(sa.ForeignKey(Counter.id))
+    reservation_id: Mapped[int | None] = mapped_column(sa.BigInteger)
+    occurred_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"<Usage {self.id} {self.billable_type}:{self.billable_id} {self.model} {self.total_tokens}>"
+
+
+class CreditWallet(Base):
+    """A billable's prepaid balance; ``balance`` always equals the sum of its transactions."""
+
+    __tablename__ = PREFIX + "credit_wallets"
+    __table_args__ = (sa.UniqueConstraint("billable_type", "billable_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    billable_type: Mapped[str] = mapped_column(sa.String(_BILLABLE_TYPE))
+    billable_id: Mapped[str] = mapped_column(sa.String(_ID))
+    balance: Mapped[Decimal] = mapped_column(default=Decimal(0), server_default="0")
+    #: Credits held by calls in flight (part of ``balance``, not spendable twice).
+    held: Mapped[Decimal] = mapped_column(default=Decimal(0), server_default="0")
+    currency: Mapped[str] = mapped_column(sa.String(3), default="usd")
+    meta: Mapped[dict[str, t.Any] | None]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    transactions: Mapped[list[CreditTransaction]] = relationship(back_populates="wallet")
+
+
+class CreditTransaction(Base):
+    """One signed change to a wallet: a top-up (+) or a deduction (-)."""
+
+    __tablename__ = PREFIX + "credit_transactions"
+    __table_args__ = (
+        sa.UniqueConstraint("wallet_id", "idempotency_key"),
+        sa.Index(None, "wallet_id", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    wallet_id: Mapped[int] = mapped_column(sa.ForeignKey(CreditWallet.id))
+    amount: Mapped[Decimal]
+    reason: Mapped[str | None] = mapped_column(sa.String(255))
+    meta: Mapped[dict[str, t.Any] | None]
+    idempotency_key: Mapped[str | None] = mapped_column(sa.String(_KEY))
+    usage_id: Mapped[int | None] = mapped_column(sa.BigInteger)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+    wallet: Mapped[CreditWallet] = relationship(back_populates="transactions")
+
+
+class Overage(Base):
+    """Usage beyond a plan's included tokens, priced and waiting to be billed exactly once."""
+
+    __tablename__ = PREFIX + "overages"
+    __table_args__ = (
+        sa.Index(None, "billable_type", "billable_id", "period_start"),
+        sa.Index(None, "status", "id"),
+        sa.UniqueConstraint("usage_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    billable_type: Mapped[str] = mapped_column(sa.String(_BILLABLE_TYPE))
+    billable_id: Mapped[str] = mapped_column(sa.String(_ID))
+    usage_id: Mapped[int | None] = mapped_column(sa.BigInteger)
+    tokens: Mapped[int] = mapped_column(sa.BigInteger)
+    amount: Mapped[Decimal]
+    currency: Mapped[str] = mapped_column(sa.String(3), default="usd")
+    period_start: Mapped[dt.datetime]
+    period_end: Mapped[dt.datetime | None]
+    #: ``pending`` → ``syncing`` → ``synced`` (or ``skipped`` for a zero amount).
+    status: Mapped[str] = mapped_column(sa.String(16), default="pending", server_default="pending")
+    #: Minor units (cents) this overage put on the invoice; remainders carry to the next.
+    synced_amount_minor: Mapped[int | None] = mapped_column(sa.BigInteger)
+    sync_attempts: Mapped[int] = mapped_column(default=0, server_default="0")
+    sync_started_at: Mapped[dt.datetime | None]
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+    synced_at: Mapped[dt.datetime | None]
+    stripe_id: Mapped[str | None] = mapped_column(sa.String(_KEY))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+    def is_synced(self) -> bool:
+        return self.synced_at is not None
+
+
+class UsageRollup(Base):
+    """Daily totals per billable × tenant × provider × model × feature, for fast dashboards.
+
+    Empty strings stand for "none" in the key columns, because unique keys treat
+    NULLs as distinct and would let a re-run duplicate rows.
+    """
+
+    __tablename__ = PREFIX + "usage_daily"
+    __table_args__ = (
+        sa.UniqueConstraint("day", "billable_type", "billable_id", "tenant_id", "provider", "model", "feature"),
+        sa.Index(None, "billable_type", "billable_id", "day"),
+        sa.Index(None, "tenant_id", "day"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    day: Mapped[dt.date] = mapped_column(sa.Date)
+    billable_type: Mapped[str] = mapped_column(sa.String(_BILLABLE_TYPE), default="")
+    billable_id: Mapped[str] = mapped_column(sa.String(_ID), default="")
+    tenant_id: Mapped[str] = mapped_column(sa.String(_ID), default="")
+    provider: Mapped[str] = mapped_column(sa.String(50))
+    model: Mapped[str] = mapped_column(sa.String(150), default="")
+    feature: Mapped[str] = mapped_column(sa.String(100), default="")
+    calls: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    input_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    output_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    cached_input_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    cache_write_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    reasoning_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    total_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    total_cost: Mapped[Decimal] = mapped_column(default=Decimal(0))
+    unpriced_calls: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class AggregationState(Base):
+    """Where incremental aggregation stopped: the highest usage id already rolled up."""
+
+    __tablename__ = PREFIX + "aggregation_state"
+
+    name: Mapped[str] = mapped_column(sa.String(50), primary_key=True)
+    last_usage_id: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+__all__ = [
+    "AggregationState",
+    "Base",
+    "Counter",
+    "CreditTransaction",
+    "CreditWallet",
+    "Overage",
+    "Plan",
+    "Reservation",
+    "Subscription",
+    "Usage",
+    "UsageLimitOverride",
+    "UsageRollup",
+]

@@ -1,0 +1,154 @@
+"""What applies to a billable right now: its plan, limits, period and billing mode.
+
+Read fresh inside every metering transaction (never cached: a cached limit is a
+stale limit), in one query for a subscribed billable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import typing as t
+from decimal import Decimal
+
+import sqlalchemy as sa
+
+from .models import Plan
+from .models import Subscription
+from .models import UsageLimitOverride
+from .money import to_units
+from .periods import Period
+from .periods import period_for
+
+if t.TYPE_CHECKING:
+    from .config import Settings
+
+Billable = tuple[str, str]
+
+_subs = Subscription.__table__
+_plans = Plan.__table__
+_overrides = UsageLimitOverride.__table__
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """The rules one metered call or check runs under."""
+
+    billable: Billable
+    period: Period
+    #: Selects the counter row: each plan segment of a period counts on its own.
+    plan_version: int = 0
+    token_limit: int | None = None
+    #: Cost limit in pico-units (None: unlimited).
+    cost_limit_units: int | None = None
+    billing_mode: str = "plan"
+    plan_id: int | None = None
+    plan_slug: str | None = None
+    features: tuple[str, ...] | None = None
+    overage_price_per_1k_tokens: Decimal | None = None
+    subscription_id: int | None = None
+    #: The subscription has ended (past any grace period): every call is refused.
+    expired: bool = False
+
+    @property
+    def limited(self) -> bool:
+        return self.token_limit is not None or self.cost_limit_units is not None
+
+    def allows_feature(self, feature: str | None) -> bool:
+        return not self.features or feature in self.features
+
+
+def _override_column(column: str, billable: Billable, now: dt.datetime) -> sa.ScalarSelect[t.Any]:
+    """The newest override in force for ``column``, as a scalar subquery."""
+    col = _overrides.c[column]
+    return (
+        sa.select(col)
+        .where(
+            _overrides.c.billable_type == billable[0],
+            _overrides.c.billable_id == billable[1],
+            _overrides.c.period_start <= now,
+            _overrides.c.period_end > now,
+            col.is_not(None),
+        )
+        .order_by(_overrides.c.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+
+
+def resolve_policy(conn: sa.Connection, billable: Billable, now: dt.datetime, settings: Settings) -> Policy:
+    """Build the :class:`Policy` of ``billable`` at ``now`` in one round trip."""
+    o_tokens = _override_column("token_limit", billable, now).label("o_tokens")
+    o_cost = sa.type_coerce(_override_column("cost_limit", billable, now), sa.BigInteger).label("o_cost")
+    row = conn.execute(
+        sa.select(
+            _subs.c.id,
+            _subs.c.plan_id,
+            _subs.c.billing_mode,
+            _subs.c.started_at,
+            _subs.c.ends_at,
+            _subs.c.grace_period_ends_at,
+            _subs.c.plan_version,
+            _plans.c.slug,
+            _plans.c.token_limit,
+            sa.type_coerce(_plans.c.cost_limit, sa.BigInteger).label("cost_limit"),
+            _plans.c.features,
+            _plans.c.period,
+            _plans.c.overage_price_per_1k_tokens,
+            o_tokens,
+            o_cost,
+        )
+        .select_from(_subs.join(_plans, _plans.c.id == _subs.c.plan_id))
+        .where(_subs.c.billable_type == billable[0], _subs.c.billable_id == billable[1])
+    ).first()
+    if row is None:
+        return _unsubscribed(conn, billable, now, settings)
+    period = period_for(
+        now,
+        period_type=row.period or settings.period_type,
+        alignment=settings.period_alignment,
+        timezone=settings.timezone,
+        anchor=row.started_at,
+    )
+    expired = (
+        row.ends_at is not None
+        and row.ends_at <= now
+        and not (row.grace_period_ends_at is not None and row.grace_period_ends_at > now)
+    ) or row.started_at > now
+    return Policy(
+        billable=billable,
+        period=period,
+        plan_version=row.plan_version,
+        token_limit=row.o_tokens if row.o_tokens is not None else row.token_limit,
+        cost_limit_units=row.o_cost if row.o_cost is not None else row.cost_limit,
+        billing_mode=row.billing_mode,
+        plan_id=row.plan_id,
+        plan_slug=row.slug,
+        features=tuple(row.features) if row.features else None,
+        overage_price_per_1k_tokens=row.overage_price_per_1k_tokens,
+        subscription_id=row.id,
+        expired=expired,
+    )
+
+
+def _unsubscribed(conn: sa.Connection, billable: Billable, now: dt.datetime, settings: Settings) -> Policy:
+    """A billable without a subscription: metered, unlimited unless an override says otherwise."""
+    row = conn.execute(
+        sa.select(
+            _override_column("token_limit", billable, now).label("o_tokens"),
+            sa.type_coerce(_override_column("cost_limit", billable, now), sa.BigInteger).label("o_cost"),
+        )
+    ).first()
+    period = period_for(
+        now, period_type=settings.period_type, alignment="calendar", timezone=settings.timezone
+    )
+    return Policy(
+        billable=billable,
+        period=period,
+        token_limit=row.o_tokens if row is not None else None,
+        cost_limit_units=row.o_cost if row is not None else None,
+    )
+
+
+def cost_limit_units(amount: Decimal | None) -> int | None:
+    return None if amount is None else to_units(amount)

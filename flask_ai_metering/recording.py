@@ -1,0 +1,145 @@
+"""Recording usage that already happened: ``meter.record`` and ``meter.record_batch``.
+
+Such usage is never refused (the tokens are spent): it is priced, added to the
+counter of the period it happened in, and written to the ledger. Idempotency keys
+are enforced by the ledger's unique key, so a replay records nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import typing as t
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+
+from . import quota
+from .errors import InvalidUsage
+from .meter import CallSpec
+from .meter import Recorded
+from .meter import Runtime
+from .meter import after_commit
+from .meter import find_replay
+from .meter import insert_usage
+from .meter import usage_table
+from .models import utcnow
+from .money import to_units
+from .policy import resolve_policy
+from .results import MeterResult
+from .storage import is_duplicate
+from .usage import Usage
+
+
+def _when(occurred_at: t.Any, field: str) -> dt.datetime:
+    if occurred_at is None:
+        return utcnow()
+    if not isinstance(occurred_at, dt.datetime) or occurred_at.tzinfo is None:
+        raise InvalidUsage(f"{field} must be a timezone-aware datetime, got {occurred_at!r}")
+    return occurred_at.astimezone(dt.timezone.utc)
+
+
+def _write(
+    rt: Runtime, conn: sa.Connection, spec: CallSpec, at: dt.datetime, approaching: list[quota.LimitCheck]
+) -> Recorded:
+    tokens = spec.usage
+    assert tokens is not None
+    costs = rt.prices.cost(spec.provider, spec.model, tokens, at)
+    policy = resolve_policy(conn, spec.billable, at, rt.settings)
+    quota.ensure_counter(rt.store, conn, policy, at)
+    counter_id, _ = quota.read_counter(conn, policy)
+    assert counter_id is not None
+    state = quota.apply_to_counter(
+        rt.store, conn, counter_id, used_tokens=tokens.total_tokens, used_cost_units=to_units(costs.total_cost), calls=1
+    )
+    usage_id = insert_usage(conn, spec, tokens, costs, spec.model, at, False, None, None, counter_id=counter_id)
+    check = quota.limit_check(policy, state, warning_threshold=rt.settings.warning_threshold)
+    if policy.limited and check.approaching and quota.mark_approaching(conn, counter_id):
+        approaching.append(check)
+    return Recorded(Usage.of(tokens, costs, provider=spec.provider, model=spec.model), usage_id, check)
+
+
+def record_one(rt: Runtime, spec: CallSpec, occurred_at: t.Any) -> MeterResult:
+    at = _when(occurred_at, "occurred_at")
+    approaching: list[quota.LimitCheck] = []
+
+    def work(conn: sa.Connection) -> Recorded:
+        approaching.clear()
+        return _write(rt, conn, spec, at, approaching)
+
+    try:
+        recorded = rt.store.run(work)
+    except sa_exc.IntegrityError as error:
+        if spec.idempotency_key is None or not is_duplicate(error):
+            raise
+        with rt.store.engine.connect() as conn:
+            replay = find_replay(conn, spec.billable, spec.idempotency_key)
+        assert replay is not None, "a duplicate key that cannot be found again"
+        from .meter import current_check
+
+        return MeterResult(
+            None, replay.usage, current_check(rt, spec.billable), replayed=True, usage_id=replay.usage_id
+        )
+    after_commit(rt, spec.billable, recorded.usage, recorded.usage_id, spec.feature, approaching, [])
+    return MeterResult(None, recorded.usage, recorded.check, usage_id=recorded.usage_id)
+
+
+def record_many(rt: Runtime, items: list[tuple[CallSpec, t.Any]]) -> list[MeterResult]:
+    """Record rows in chunks of ``AI_METERING_BATCH_SIZE``, one transaction each.
+
+    Keys already in the ledger are replayed, not written; a key given twice in
+    the batch is refused before anything is written.
+    """
+    prepared = [(spec, _when(when, f"rows[{i}].occurred_at")) for i, (spec, when) in enumerate(items)]
+    seen: set[tuple[str, str, str]] = set()
+    for index, (spec, _) in enumerate(prepared):
+        if spec.idempotency_key is not None:
+            key = (*spec.billable, spec.idempotency_key)
+            if key in seen:
+                raise InvalidUsage(f"rows[{index}].idempotency_key {spec.idempotency_key!r} appears twice")
+            seen.add(key)
+    results: list[MeterResult] = []
+    size = rt.settings.batch_size
+    for start in range(0, len(prepared), size):
+        chunk = prepared[start : start + size]
+        approaching: list[quota.LimitCheck] = []
+
+        def work(conn: sa.Connection, chunk: list[tuple[CallSpec, dt.datetime]] = chunk) -> list[MeterResult | Recorded]:
+            approaching.clear()
+            existing = _existing_keys(conn, [spec for spec, _ in chunk])
+            out: list[MeterResult | Recorded] = []
+            for spec, at in chunk:
+                key = None if spec.idempotency_key is None else (*spec.billable, spec.idempotency_key)
+                if key in existing:
+                    replay = existing[key]
+                    out.append(MeterResult(None, replay[0], None, replayed=True, usage_id=replay[1]))
+                else:
+                    out.append(_write(rt, conn, spec, at, approaching))
+            return out
+
+        outcome = rt.store.run(work)
+        for (spec, _), item in zip(chunk, outcome):
+            if isinstance(item, MeterResult):
+                results.append(item)
+                continue
+            after_commit(rt, spec.billable, item.usage, item.usage_id, spec.feature, [], [])
+            results.append(MeterResult(None, item.usage, item.check, usage_id=item.usage_id))
+    return results
+
+
+def _existing_keys(conn: sa.Connection, specs: list[CallSpec]) -> dict[t.Any, tuple[Usage, int]]:
+    """Ledger rows already holding the chunk's keys, by ``(type, id, key)``."""
+    from .meter import usage_from_row
+
+    keyed = [s for s in specs if s.idempotency_key is not None]
+    if not keyed:
+        return {}
+    rows = conn.execute(
+        sa.select(usage_table).where(usage_table.c.idempotency_key.in_({s.idempotency_key for s in keyed}))
+    )
+    wanted = {(*s.billable, s.idempotency_key) for s in keyed}
+    found = {}
+    for row in rows:
+        key = (row.billable_type, row.billable_id, row.idempotency_key)
+        if key in wanted:
+            found[key] = (usage_from_row(row), int(row.id))
+    return found

@@ -1,0 +1,43 @@
+"""Blinker signals, sent with the app as sender like Flask's own.
+
+Every signal carries ``billable`` as a ``(type, id)`` tuple among its keyword
+arguments. Receivers run after metering's transaction has committed, so a slow
+or failing receiver never holds a lock or undoes a recorded call.
+"""
+
+from __future__ import annotations
+
+from blinker import Namespace
+
+_signals = Namespace()
+
+#: A usage row was written. Kwargs: billable, usage (``Usage``), usage_id, feature, replayed.
+usage_recorded = _signals.signal("usage-recorded")
+#: Usage crossed the warning threshold, once per period per billable. Kwargs: billable, check.
+limit_approaching = _signals.signal("limit-approaching")
+#: A hard limit refused a call. Kwargs: billable, check.
+limit_reached = _signals.signal("limit-reached")
+#: The provider call raised; nothing was recorded. Kwargs: billable, provider, model, error.
+provider_call_failed = _signals.signal("provider-call-failed")
+#: Usage beyond the plan's included tokens was priced. Kwargs: billable, overage_id, tokens, amount, currency.
+overage_charged = _signals.signal("overage-charged")
+#: A billable moved to another plan. Kwargs: billable, old_plan, new_plan, subscription_id.
+plan_changed = _signals.signal("plan-changed")
+#: Credits were added to a wallet. Kwargs: billable, amount, balance, transaction_id, reason.
+credits_added = _signals.signal("credits-added")
+#: Credits were taken from a wallet. Kwargs: billable, amount, balance, transaction_id, reason.
+credits_deducted = _signals.signal("credits-deducted")
+#: A subscription ended (and its grace period, if any). Kwargs: billable, subscription_id.
+subscription_expired = _signals.signal("subscription-expired")
+
+__all__ = [
+    "credits_added",
+    "credits_deducted",
+    "limit_approaching",
+    "limit_reached",
+    "overage_charged",
+    "plan_changed",
+    "provider_call_failed",
+    "subscription_expired",
+    "usage_recorded",
+]
