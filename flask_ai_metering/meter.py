@@ -108,13 +108,14 @@ class Replay:
     """A recorded idempotency key: the first call's usage, without calling again."""
 
     usage: Usage
-    usage_id: int
+    usage_id: int | None
 
 
 @dataclasses.dataclass(frozen=True)
 class Recorded:
     usage: Usage
-    usage_id: int
+    #: None when the row was queued (``AI_METERING_QUEUE_RECORDING``) and is not written yet.
+    usage_id: int | None
     check: quota.LimitCheck
 
 
@@ -185,11 +186,9 @@ def reserve(rt: Runtime, spec: CallSpec, now: dt.datetime | None = None) -> Hold
         refused.clear()
         key = spec.idempotency_key
         if key is not None:
-            replay = find_replay(conn, spec.billable, key)
+            replay = find_replay(conn, spec.billable, key) or _claimed(conn, spec.billable, key)
             if replay is not None:
                 return replay
-            if _pending_claim(conn, spec.billable, key):
-                raise IdempotencyConflict(f"idempotency key {key!r} is still in flight; retry when it finishes")
         policy = resolve_policy(conn, spec.billable, at, rt.settings)
         if not policy.allows_feature(spec.feature):
             raise FeatureNotAllowed(spec.feature, policy.plan_slug or "")
@@ -251,18 +250,24 @@ def reserve(rt: Runtime, spec: CallSpec, now: dt.datetime | None = None) -> Hold
     raise IdempotencyConflict(f"idempotency key {spec.idempotency_key!r} is still in flight")
 
 
-def _pending_claim(conn: sa.Connection, billable: Billable, key: str) -> bool:
-    return (
-        conn.execute(
-            sa.select(reservations.c.id).where(
-                reservations.c.billable_type == billable[0],
-                reservations.c.billable_id == billable[1],
-                reservations.c.idempotency_key == key,
-                reservations.c.status == "pending",
-            )
-        ).first()
-        is not None
-    )
+def _claimed(conn: sa.Connection, billable: Billable, key: str) -> Replay | None:
+    """Look at the reservation holding ``key``: in flight raises; queued replays its outbox."""
+    row = conn.execute(
+        sa.select(reservations.c.status, reservations.c.payload).where(
+            reservations.c.billable_type == billable[0],
+            reservations.c.billable_id == billable[1],
+            reservations.c.idempotency_key == key,
+        )
+    ).first()
+    if row is None:
+        return None
+    if row.status == "pending":
+        raise IdempotencyConflict(f"idempotency key {key!r} is still in flight; retry when it finishes")
+    if row.payload is not None:
+        from types import SimpleNamespace
+
+        return Replay(usage=usage_from_row(SimpleNamespace(**from_payload(row.payload))), usage_id=None)
+    return None
 
 
 def release(rt: Runtime, hold: Hold, *, status: str = "released") -> bool:
@@ -320,7 +325,7 @@ def commit(
     approaching: list[quota.LimitCheck] = []
     overages: list[dict[str, t.Any]] = []
 
-    def work(conn: sa.Connection) -> tuple[int, quota.LimitCheck]:
+    def work(conn: sa.Connection) -> tuple[int | None, quota.LimitCheck]:
         approaching.clear()
         overages.clear()
         settled = quota.settle_reservation(conn, hold.reservation_id, "committed", at, keep_key=True)
@@ -336,7 +341,18 @@ def commit(
             release_cost_units=hold.cost_units if settled.won else 0,
             calls=1,
         )
-        usage_id = insert_usage(conn, spec, tokens, costs, model, at, extracted.estimated, hold, duration_ms)
+        values = usage_values(
+            spec, tokens, costs, model, at, estimated=extracted.estimated, hold=hold, duration_ms=duration_ms
+        )
+        usage_id: int | None = None
+        if rt.settings.queue_recording:
+            conn.execute(
+                sa.update(reservations)
+                .where(reservations.c.id == hold.reservation_id)
+                .values(payload=to_payload(values))
+            )
+        else:
+            usage_id = insert_usage(conn, values)
         if hold.wallet_id is not None:
             wallets.settle(
                 conn,
@@ -359,55 +375,120 @@ def commit(
         return usage_id, check
 
     usage_id, check = rt.store.run(work)
+    if usage_id is None:
+        usage_id = enqueue(rt, hold.reservation_id)
     usage = Usage.of(tokens, costs, provider=spec.provider, model=model, estimated=extracted.estimated)
     after_commit(rt, spec.billable, usage, usage_id, spec.feature, approaching, overages)
     return Recorded(usage, usage_id, check)
 
 
-def insert_usage(
-    conn: sa.Connection,
+def enqueue(rt: Runtime, reservation_id: int) -> int | None:
+    """Hand a committed reservation's usage row to the queue; write it now if that fails.
+
+    The row is already safe in the reservation's outbox, so a failed hand-off only
+    moves the write back into the request; it never loses it.
+    """
+    try:
+        from .queueing import enqueue_usage
+
+        enqueue_usage(rt, reservation_id)
+        return None
+    except Exception:
+        log.warning("could not queue usage of reservation %s; writing it now", reservation_id, exc_info=True)
+        return write_outbox(rt.store, reservation_id)
+
+
+def usage_values(
     spec: CallSpec,
     tokens: TokenCounts,
     costs: t.Any,
     model: str | None,
     at: dt.datetime,
-    estimated: bool,
-    hold: Hold | None,
-    duration_ms: int | None,
+    *,
+    estimated: bool = False,
+    hold: Hold | None = None,
+    duration_ms: int | None = None,
     counter_id: int | None = None,
-) -> int:
-    result = conn.execute(
-        sa.insert(usage_table).values(
-            billable_type=spec.billable[0],
-            billable_id=spec.billable[1],
-            user_id=spec.user_id,
-            tenant_id=spec.tenant_id,
-            provider=spec.provider,
-            model=model,
-            feature=spec.feature,
-            input_tokens=tokens.input_tokens,
-            output_tokens=tokens.output_tokens,
-            cached_input_tokens=tokens.cached_input_tokens,
-            cache_write_tokens=tokens.cache_write_tokens,
-            reasoning_tokens=tokens.reasoning_tokens,
-            total_tokens=tokens.total_tokens,
-            input_cost=costs.input_cost,
-            output_cost=costs.output_cost,
-            total_cost=costs.total_cost,
-            currency=costs.currency,
-            unpriced=costs.unpriced,
-            estimated=estimated,
-            billing_mode=hold.billing_mode if hold else (spec.billing_mode or "plan"),
-            idempotency_key=spec.idempotency_key,
-            meta=spec.meta,
-            duration_ms=duration_ms,
-            counter_id=hold.counter_id if hold else counter_id,
-            reservation_id=hold.reservation_id if hold else None,
-            occurred_at=at,
-            created_at=utcnow(),
-        )
-    )
+) -> dict[str, t.Any]:
+    """The column values of one ledger row."""
+    return {
+        "billable_type": spec.billable[0],
+        "billable_id": spec.billable[1],
+        "user_id": spec.user_id,
+        "tenant_id": spec.tenant_id,
+        "provider": spec.provider,
+        "model": model,
+        "feature": spec.feature,
+        "input_tokens": tokens.input_tokens,
+        "output_tokens": tokens.output_tokens,
+        "cached_input_tokens": tokens.cached_input_tokens,
+        "cache_write_tokens": tokens.cache_write_tokens,
+        "reasoning_tokens": tokens.reasoning_tokens,
+        "total_tokens": tokens.total_tokens,
+        "input_cost": costs.input_cost,
+        "output_cost": costs.output_cost,
+        "total_cost": costs.total_cost,
+        "currency": costs.currency,
+        "unpriced": costs.unpriced,
+        "estimated": estimated,
+        "billing_mode": hold.billing_mode if hold else (spec.billing_mode or "plan"),
+        "idempotency_key": spec.idempotency_key,
+        "meta": spec.meta,
+        "duration_ms": duration_ms,
+        "counter_id": hold.counter_id if hold else counter_id,
+        "reservation_id": hold.reservation_id if hold else None,
+        "occurred_at": at,
+    }
+
+
+_MONEY_FIELDS = ("input_cost", "output_cost", "total_cost")
+
+
+def to_payload(values: dict[str, t.Any]) -> dict[str, t.Any]:
+    """A ledger row as JSON (money as decimal strings, times as ISO 8601), for the outbox."""
+    payload = dict(values)
+    for name in _MONEY_FIELDS:
+        payload[name] = str(payload[name])
+    payload["occurred_at"] = values["occurred_at"].isoformat()
+    return payload
+
+
+def from_payload(payload: dict[str, t.Any]) -> dict[str, t.Any]:
+    from decimal import Decimal
+
+    values = dict(payload)
+    for name in _MONEY_FIELDS:
+        values[name] = Decimal(values[name])
+    values["occurred_at"] = dt.datetime.fromisoformat(values["occurred_at"])
+    return values
+
+
+def insert_usage(conn: sa.Connection, values: dict[str, t.Any]) -> int:
+    result = conn.execute(sa.insert(usage_table).values(**values, created_at=utcnow()))
     return int(result.inserted_primary_key[0])  # type: ignore[index]
+
+
+def write_outbox(store: Store, reservation_id: int) -> int | None:
+    """Write a committed reservation's queued usage row; idempotent, safe to run twice.
+
+    The Celery task and the ``flush`` fallback both call this. Returns the usage
+    id, or None when there was nothing left to write.
+    """
+
+    def work(conn: sa.Connection) -> int | None:
+        row = conn.execute(
+            sa.select(reservations.c.payload).where(reservations.c.id == reservation_id).with_for_update()
+        ).first()
+        if row is None or row.payload is None:
+            return None
+        values = from_payload(row.payload)
+        store.insert_ignore(conn, usage_table, {**values, "created_at": utcnow()})
+        conn.execute(sa.update(reservations).where(reservations.c.id == reservation_id).values(payload=None))
+        return int(
+            conn.execute(sa.select(usage_table.c.id).where(usage_table.c.reservation_id == reservation_id)).scalar_one()
+        )
+
+    return store.run(work)
 
 
 def after_commit(

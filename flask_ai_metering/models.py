@@ -272,6 +272,9 @@ class Reservation(Base):
     expires_at: Mapped[dt.datetime]
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     settled_at: Mapped[dt.datetime | None]
+    #: With queued recording: the committed usage row still to be written (an outbox),
+    #: so a lost task or a restarted worker loses nothing.
+    payload: Mapped[dict[str, t.Any] | None]
 
 
 class Usage(Base):
@@ -280,6 +283,8 @@ class Usage(Base):
     __tablename__ = PREFIX + "usage"
     __table_args__ = (
         sa.UniqueConstraint("billable_type", "billable_id", "idempotency_key"),
+        # A queued write of a reservation's usage may run twice; only one row lands.
+        sa.UniqueConstraint("reservation_id", name="uq_ai_metering_usage_reservation"),
         sa.Index(None, "billable_type", "billable_id", "occurred_at"),
         sa.Index(None, "occurred_at"),
         sa.Index(None, "user_id", "occurred_at"),

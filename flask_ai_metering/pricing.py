@@ -98,6 +98,7 @@ class _Pricing:
     tiers: tuple[tuple[int, _Rates], ...]
 
     def at(self, at: datetime | None) -> _Pricing:
+        """Itself: an override's prices do not change over time."""
         return self
 
     @functools.cached_property
@@ -107,7 +108,7 @@ class _Pricing:
 
     def cost(self, tokens: TokenCounts) -> Costs:
         prompt = tokens.input_tokens
-        rates = next(rates for threshold, rates in self.tiers if prompt > threshold)
+        rates = next(r for threshold, r in self.tiers if prompt > threshold)
         cached = tokens.cached_input_tokens
         written = tokens.cache_write_tokens
         reasoning = tokens.reasoning_tokens

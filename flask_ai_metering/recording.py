@@ -21,6 +21,7 @@ from .meter import Runtime
 from .meter import after_commit
 from .meter import find_replay
 from .meter import insert_usage
+from .meter import usage_values
 from .meter import usage_table
 from .models import utcnow
 from .money import to_units
@@ -51,7 +52,7 @@ def _write(
     state = quota.apply_to_counter(
         rt.store, conn, counter_id, used_tokens=tokens.total_tokens, used_cost_units=to_units(costs.total_cost), calls=1
     )
-    usage_id = insert_usage(conn, spec, tokens, costs, spec.model, at, False, None, None, counter_id=counter_id)
+    usage_id = insert_usage(conn, usage_values(spec, tokens, costs, spec.model, at, counter_id=counter_id))
     check = quota.limit_check(policy, state, warning_threshold=rt.settings.warning_threshold)
     if policy.limited and check.approaching and quota.mark_approaching(conn, counter_id):
         approaching.append(check)
