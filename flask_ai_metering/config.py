@@ -245,9 +245,9 @@ class Settings:
         providers = config[ConfigVars.PROVIDERS] or {}
         if not isinstance(providers, t.Mapping):
             raise ConfigurationError(f"{ConfigVars.PROVIDERS} must be a dict, got {type(providers).__name__}")
-        validate_period_settings(
-            config[ConfigVars.PERIOD_TYPE], config[ConfigVars.PERIOD_ALIGNMENT], config[ConfigVars.TIMEZONE]
-        )
+        period_type = str(config[ConfigVars.PERIOD_TYPE]).lower()
+        alignment = str(config[ConfigVars.PERIOD_ALIGNMENT]).lower()
+        validate_period_settings(period_type, alignment, config[ConfigVars.TIMEZONE])
         resolver = config[ConfigVars.TENANT_RESOLVER]
         if resolver is not None:
             resolver = import_string(resolver, ConfigVars.TENANT_RESOLVER)
@@ -265,8 +265,8 @@ class Settings:
             currency=str(config[ConfigVars.CURRENCY]).lower(),
             payment_failure_grace_days=config[ConfigVars.PAYMENT_FAILURE_GRACE_PERIOD],
             tenant_resolver=resolver,
-            period_type=config[ConfigVars.PERIOD_TYPE],
-            period_alignment=config[ConfigVars.PERIOD_ALIGNMENT],
+            period_type=period_type,
+            period_alignment=alignment,
             timezone=config[ConfigVars.TIMEZONE],
             prune_after_days=config[ConfigVars.PRUNE_AFTER_DAYS],
             bind_key=config[ConfigVars.DB_CONNECTION] or None,

@@ -31,6 +31,7 @@ from datetime import timezone as dt_timezone
 from zoneinfo import ZoneInfo
 from zoneinfo import ZoneInfoNotFoundError
 
+from .config import ConfigVars
 from .errors import ConfigurationError
 from .errors import InvalidUsage
 
@@ -175,9 +176,9 @@ def validate_period_settings(period_type: t.Any, alignment: t.Any, timezone: t.A
         ``AI_METERING_PERIOD_ALIGNMENT`` or ``AI_METERING_TIMEZONE``.
     """
     try:
-        _choice(period_type, PERIOD_TYPES, "AI_METERING_PERIOD_TYPE")
-        _choice(alignment, ALIGNMENTS, "AI_METERING_PERIOD_ALIGNMENT")
-        _zone(timezone, "AI_METERING_TIMEZONE")
+        _choice(period_type, PERIOD_TYPES, ConfigVars.PERIOD_TYPE)
+        _choice(alignment, ALIGNMENTS, ConfigVars.PERIOD_ALIGNMENT)
+        _zone(timezone, ConfigVars.TIMEZONE)
     except ValueError as exc:
         raise ConfigurationError(str(exc)) from None
 

@@ -42,6 +42,7 @@ from decimal import InvalidOperation
 from decimal import Overflow
 from decimal import localcontext
 
+from .config import ConfigVars
 from .errors import ConfigurationError
 from .errors import InvalidUsage
 from .money import parse_money
@@ -56,7 +57,7 @@ if t.TYPE_CHECKING:
 
 logger = logging.getLogger("flask_ai_metering")
 
-_CONFIG_KEY = "AI_METERING_PROVIDERS"
+_CONFIG_KEY = ConfigVars.PROVIDERS
 _PROVIDER_KEYS = frozenset({"class", "models"})
 _REQUIRED_PRICES = ("input_price_per_1k", "output_price_per_1k")
 _OPTIONAL_PRICES = ("cached_input_price_per_1k", "cache_write_price_per_1k", "reasoning_price_per_1k")

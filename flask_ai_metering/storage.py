@@ -135,4 +135,7 @@ class Store:
                 if is_duplicate(error):
                     return 0
                 raise
+        if self.engine.dialect.insert_returning and not self.is_mysql:
+            # psycopg reports rowcount -1 for some INSERTs: count the rows RETURNING gives.
+            return len(conn.execute(stmt.returning(*table.primary_key.columns)).all())
         return conn.execute(stmt).rowcount

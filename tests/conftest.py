@@ -197,15 +197,17 @@ def fake_llm(llm: FakeLLMServer) -> FakeLLMServer:
 
 
 @pytest.fixture
-def openai_client(fake_llm: FakeLLMServer) -> t.Any:
+def openai_client(fake_llm: FakeLLMServer) -> t.Iterator[t.Any]:
     openai = pytest.importorskip("openai")
-    return openai.OpenAI(base_url=f"{fake_llm.url}/v1", api_key="test", max_retries=0)
+    with openai.OpenAI(base_url=f"{fake_llm.url}/v1", api_key="test", max_retries=0) as client:
+        yield client
 
 
 @pytest.fixture
-def anthropic_client(fake_llm: FakeLLMServer) -> t.Any:
+def anthropic_client(fake_llm: FakeLLMServer) -> t.Iterator[t.Any]:
     anthropic = pytest.importorskip("anthropic")
-    return anthropic.Anthropic(base_url=fake_llm.url, api_key="test", max_retries=0)
+    with anthropic.Anthropic(base_url=fake_llm.url, api_key="test", max_retries=0) as client:
+        yield client
 
 
 def add_plan(db: SQLAlchemy, **fields: t.Any) -> Plan:

@@ -317,9 +317,10 @@ def test_naive_time_is_refused() -> None:
 
 
 def test_genai_prices_is_imported_lazily() -> None:
-    code = "import sys, flask_ai_metering.pricing; sys.exit('genai_prices' in sys.modules)"
+    code = "import sys, flask_ai_metering.pricing; print('genai_prices' in sys.modules)"
     root = Path(__file__).resolve().parent.parent
-    assert subprocess.run([sys.executable, "-c", code], cwd=root, check=False).returncode == 0
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False)
+    assert (run.returncode, run.stdout.strip()) == (0, "False"), run.stderr
 
 
 # -- rounding -------------------------------------------------------------------------------

@@ -62,3 +62,32 @@ def record_overage(
     )
     overage_id = int(result.inserted_primary_key[0])  # type: ignore[index]
     return {"overage_id": overage_id, "tokens": tokens, "amount": amount, "currency": currency}
+
+
+#: Currencies Stripe bills in whole units (https://docs.stripe.com/currencies#zero-decimal).
+ZERO_DECIMAL_CURRENCIES = frozenset(
+    {"bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv", "xaf", "xof", "xpf"}
+)
+#: Currencies with three decimals, of which Stripe accepts only multiples of ten minor units.
+THREE_DECIMAL_CURRENCIES = frozenset({"bhd", "jod", "kwd", "omr", "tnd"})
+
+
+def minor_per_unit(currency: str) -> int:
+    """Minor units in one unit of ``currency``, as Stripe counts them."""
+    code = currency.lower()
+    if code in ZERO_DECIMAL_CURRENCIES:
+        return 1
+    return 1000 if code in THREE_DECIMAL_CURRENCIES else 100
+
+
+def floor_minor(units: int, currency: str) -> int:
+    """Pico-units rounded down to what the payment provider can bill, in minor units.
+
+    Rounding down is what makes the carried remainder non-negative: the part of a
+    cent not billed now stays in the running total and is billed once it adds up.
+    Three-decimal currencies round down to a multiple of ten, as Stripe requires.
+    """
+    from ..money import UNITS_PER_UNIT
+
+    minor = units * minor_per_unit(currency) // UNITS_PER_UNIT
+    return minor - minor % 10 if currency.lower() in THREE_DECIMAL_CURRENCIES else minor

@@ -1,0 +1,263 @@
+"""What each dashboard page shows, gathered from the queries into plain objects.
+
+Views call one function here and render; nothing in a template adds money up.
+Limit figures come from the quota engine itself (``current_check``), so the
+dashboard shows exactly what the next ``@quota_required`` check would see.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import typing as t
+from decimal import Decimal
+
+import sqlalchemy as sa
+
+from ..meter import current_check
+from ..models import Counter
+from ..models import CreditTransaction
+from ..models import CreditWallet
+from ..models import Overage
+from ..models import Plan
+from ..models import Reservation
+from ..models import Subscription
+from ..models import UsageLimitOverride
+from ..models import utcnow
+from ..money import from_units
+from ..rollups import last_run
+from . import queries
+from .filters import Filters
+from .queries import Bucket
+from .queries import Totals
+
+if t.TYPE_CHECKING:
+    from ..meter import Runtime
+    from ..quota import LimitCheck
+
+#: Rows a breakdown table lists before folding the rest into "Other".
+TOP_N = 10
+#: Billables whose limits are checked for the "near or over their limits" panel.
+MAX_LIMIT_CANDIDATES = 50
+
+
+@dataclasses.dataclass
+class Summary:
+    """Aggregates of one range, folded from :class:`Bucket` rows."""
+
+    totals: Totals
+    by_day: dict[dt.date, Totals]
+    by_provider: dict[str, Totals]
+    by_model: dict[str, Totals]
+    by_feature: dict[str, Totals]
+    by_day_model: dict[tuple[dt.date, str], int]
+    by_day_provider: dict[tuple[dt.date, str], int]
+    unpriced: dict[tuple[str, str], int]
+
+    @property
+    def cost(self) -> Decimal:
+        return from_units(self.totals.cost_units)
+
+
+def summarize(rows: t.Iterable[Bucket], start: dt.date, end: dt.date) -> Summary:
+    """Fold the buckets whose day lies in ``[start, end]``."""
+    out = Summary(Totals(), {}, {}, {}, {}, {}, {}, {})
+    for b in rows:
+        if not start <= b.day <= end:
+            continue
+        out.totals.add(b.totals)
+        out.by_day.setdefault(b.day, Totals()).add(b.totals)
+        out.by_provider.setdefault(b.provider, Totals()).add(b.totals)
+        out.by_model.setdefault(b.model, Totals()).add(b.totals)
+        out.by_feature.setdefault(b.feature, Totals()).add(b.totals)
+        key_m, key_p = (b.day, b.model), (b.day, b.provider)
+        out.by_day_model[key_m] = out.by_day_model.get(key_m, 0) + b.totals.cost_units
+        out.by_day_provider[key_p] = out.by_day_provider.get(key_p, 0) + b.totals.cost_units
+        if b.totals.unpriced_calls:
+            key_u = (b.provider, b.model)
+            out.unpriced[key_u] = out.unpriced.get(key_u, 0) + b.totals.unpriced_calls
+    return out
+
+
+def ranked(groups: dict[str, Totals], limit: int = TOP_N) -> list[tuple[str, Totals]]:
+    """Groups by cost (then calls), the tail folded into one "Other" row."""
+    items = sorted(groups.items(), key=lambda kv: (-kv[1].cost_units, -kv[1].calls, kv[0]))
+    if len(items) <= limit:
+        return items
+    other = Totals()
+    for _, totals in items[limit - 1 :]:
+        other.add(totals)
+    return [*items[: limit - 1], ("Other", other)]
+
+
+def change(current: int, previous: int) -> float | None:
+    """Percent change against the previous window (None when there was nothing before)."""
+    if previous == 0:
+        return None
+    return round((current - previous) * 100 / previous, 1)
+
+
+@dataclasses.dataclass
+class Overview:
+    filters: Filters
+    current: Summary
+    previous: Summary
+    top: list[dict[str, t.Any]]
+    near_limits: list[tuple[tuple[str, str], LimitCheck]]
+    rollups_as_of: dt.datetime | None
+    use_rollups: bool
+
+
+def overview(rt: Runtime, f: Filters) -> Overview:
+    """Everything the overview shows, in two aggregate queries plus a few limit checks."""
+    use_rollups = rt.settings.aggregation_tables
+    prev = f.previous()
+    both = dataclasses.replace(f, start=prev.start)
+    with rt.store.engine.connect() as conn:
+        rows = queries.buckets(conn, both, use_rollups=use_rollups)
+        top = queries.top_billables(conn, f, use_rollups=use_rollups)
+        as_of = last_run(conn, rt.settings.timezone) if use_rollups else None
+        candidates = _limit_candidates(conn)
+    for entry in top:
+        entry["check"] = current_check(rt, entry["billable"])
+    return Overview(
+        filters=f,
+        current=summarize(rows, f.start, f.end),
+        previous=summarize(rows, prev.start, prev.end),
+        top=top,
+        near_limits=near_limits(rt, candidates),
+        rollups_as_of=as_of,
+        use_rollups=use_rollups,
+    )
+
+
+def _limit_candidates(conn: sa.Connection) -> list[tuple[str, str]]:
+    """Billables with a running period and a limit (a plan's or an override's), fullest first."""
+    counters, subs, plans = Counter.__table__, Subscription.__table__, Plan.__table__
+    overrides = UsageLimitOverride.__table__
+    now = utcnow()
+    limited = sa.or_(
+        plans.c.token_limit.is_not(None),
+        plans.c.cost_limit.is_not(None),
+        sa.exists().where(
+            overrides.c.billable_type == counters.c.billable_type,
+            overrides.c.billable_id == counters.c.billable_id,
+            overrides.c.period_end > now,
+        ),
+    )
+    rows = conn.execute(
+        sa.select(counters.c.billable_type, counters.c.billable_id)
+        .select_from(
+            counters.outerjoin(
+                subs,
+                sa.and_(subs.c.billable_type == counters.c.billable_type, subs.c.billable_id == counters.c.billable_id),
+            ).outerjoin(plans, plans.c.id == subs.c.plan_id)
+        )
+        .where(counters.c.period_start <= now, counters.c.period_end > now, limited)
+        .order_by((counters.c.used_tokens + counters.c.reserved_tokens).desc())
+        .limit(MAX_LIMIT_CANDIDATES)
+    )
+    seen: dict[tuple[str, str], None] = {}
+    for row in rows:
+        seen[(row.billable_type, row.billable_id)] = None
+    return list(seen)
+
+
+def near_limits(rt: Runtime, billables: list[tuple[str, str]]) -> list[tuple[tuple[str, str], LimitCheck]]:
+    """The billables at or past the warning threshold, fullest first, as the quota engine sees them."""
+    out = []
+    for billable in billables:
+        check = current_check(rt, billable)
+        if check.approaching or check.hard_limit_reached:
+            out.append((billable, check))
+    out.sort(key=lambda item: -item[1].usage_percentage)
+    return out
+
+
+def plans(rt: Runtime) -> list[dict[str, t.Any]]:
+    """Every plan with its number of subscribers."""
+    p, s = Plan.__table__, Subscription.__table__
+    count = sa.func.count(s.c.id)
+    with rt.store.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(p, count.label("subscribers"))
+            .select_from(p.outerjoin(s, s.c.plan_id == p.c.id))
+            .group_by(*p.c)
+            .order_by(p.c.is_active.desc(), p.c.name)
+        )
+        return [dict(row._mapping) for row in rows]
+
+
+@dataclasses.dataclass
+class BillablePage:
+    billable: tuple[str, str]
+    subscription: dict[str, t.Any] | None
+    check: LimitCheck
+    wallet: dict[str, t.Any] | None
+    transactions: list[dict[str, t.Any]]
+    overages: list[dict[str, t.Any]]
+    reservations: list[dict[str, t.Any]]
+    summary: Summary
+    recent: list[t.Any]
+
+
+def billable_page(rt: Runtime, billable: tuple[str, str], f: Filters) -> BillablePage:
+    """One billable: plan, limits, wallet, overages, calls in flight, and its usage in ``f``."""
+    subs, plans_t = Subscription.__table__, Plan.__table__
+    wallets, txns = CreditWallet.__table__, CreditTransaction.__table__
+    overages, res = Overage.__table__, Reservation.__table__
+    mine = dataclasses.replace(f, billable=billable)
+    now = utcnow()
+    with rt.store.engine.connect() as conn:
+        sub = conn.execute(
+            sa.select(subs, plans_t.c.name.label("plan_name"), plans_t.c.slug.label("plan_slug"))
+            .join(plans_t, plans_t.c.id == subs.c.plan_id)
+            .where(subs.c.billable_type == billable[0], subs.c.billable_id == billable[1])
+        ).first()
+        wallet = conn.execute(
+            sa.select(wallets).where(wallets.c.billable_type == billable[0], wallets.c.billable_id == billable[1])
+        ).first()
+        history = []
+        if wallet is not None:
+            history = [
+                dict(r._mapping)
+                for r in conn.execute(
+                    sa.select(txns).where(txns.c.wallet_id == wallet.id).order_by(txns.c.id.desc()).limit(20)
+                )
+            ]
+        over = [
+            dict(r._mapping)
+            for r in conn.execute(
+                sa.select(overages)
+                .where(overages.c.billable_type == billable[0], overages.c.billable_id == billable[1])
+                .order_by(overages.c.id.desc())
+                .limit(20)
+            )
+        ]
+        live = [
+            dict(r._mapping)
+            for r in conn.execute(
+                sa.select(res)
+                .where(
+                    res.c.billable_type == billable[0],
+                    res.c.billable_id == billable[1],
+                    res.c.status == "pending",
+                    res.c.expires_at > now,
+                )
+                .order_by(res.c.id.desc())
+                .limit(50)
+            )
+        ]
+        rows = queries.buckets(conn, mine, use_rollups=rt.settings.aggregation_tables)
+        recent, _ = queries.ledger_page(conn, dataclasses.replace(mine, page=1), 20)
+    return BillablePage(
+        billable=billable,
+        subscription=None if sub is None else dict(sub._mapping),
+        check=current_check(rt, billable),
+        wallet=None if wallet is None else dict(wallet._mapping),
+        transactions=history,
+        overages=over,
+        reservations=live,
+        summary=summarize(rows, f.start, f.end),
+        recent=recent,
+    )

@@ -1,0 +1,192 @@
+"""Data protection: ``forget`` a billable, ``anonymize`` old usage.
+
+``forget`` erases what identifies a billable's activity: its usage rows, its
+reservations (which carry idempotency keys and queued usage), its counters and
+its rollup rows. Financial records that bookkeeping law requires us to keep
+(overages, credit wallets and their transactions, and the subscription that
+says where overage is billed) are kept, with the billable id replaced by a
+pseudonym: an HMAC of ``TYPE:ID`` keyed by the app's ``SECRET_KEY``, stable so
+an accountant can still tie an invoice to its wallet, and not reversible by
+enumerating ids while the key stays secret. Calls of the billable still in
+flight are released first, so counters and wallets keep equalling their ledgers
+(``reconcile`` is clean after); such a call's later commit fails.
+
+``anonymize`` clears ``user_id``, ``tenant_id`` and ``meta`` on usage older than
+a cutoff. Tokens and cost are untouched, so counters stay as they are; rollup
+rows of whole days before the cutoff are folded into their tenant-less row, so
+per-tenant reports from the rollups agree with the ledger.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import typing as t
+from zoneinfo import ZoneInfo
+
+import sqlalchemy as sa
+
+from . import quota
+from . import wallets
+from .models import Counter
+from .models import CreditWallet
+from .models import Overage
+from .models import Reservation
+from .models import Subscription
+from .models import Usage
+from .models import UsageRollup
+from .models import utcnow
+
+if t.TYPE_CHECKING:
+    from .meter import Runtime
+    from .policy import Billable
+
+usage = Usage.__table__
+reservations = Reservation.__table__
+counters = Counter.__table__
+rollups = UsageRollup.__table__
+_DELETED = (
+    ("reservations", reservations),
+    ("usage rows", usage),
+    ("rollup rows", rollups),
+    ("counters", counters),
+)
+_KEPT = (
+    ("subscriptions (pseudonymized)", Subscription.__table__),
+    ("credit wallets (pseudonymized)", CreditWallet.__table__),
+    ("overages (pseudonymized)", Overage.__table__),
+)
+_ROLLUP_MEASURES = (
+    "calls",
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "total_tokens",
+    "total_cost",
+    "unpriced_calls",
+)
+
+
+def pseudonym(rt: Runtime, billable: Billable) -> str:
+    """The stable id a forgotten billable's financial records carry from now on."""
+    key = str(rt.app.secret_key or "").encode()
+    digest = hmac.new(key, f"{billable[0]}:{billable[1]}".encode(), hashlib.sha256).hexdigest()
+    return f"forgotten-{digest[:32]}"
+
+
+def _of(table: sa.Table, billable: Billable) -> sa.ColumnElement[bool]:
+    return sa.and_(table.c.billable_type == billable[0], table.c.billable_id == billable[1])
+
+
+def forget(rt: Runtime, billable: Billable, dry_run: bool = False) -> dict[str, int]:
+    """Erase ``billable``'s usage and claims; keep its financial records under a pseudonym.
+
+    Returns rows per kind (what would change, with ``dry_run``). One transaction:
+    a failure changes nothing.
+    """
+    alias = pseudonym(rt, billable)
+
+    def work(conn: sa.Connection) -> dict[str, int]:
+        counts = {
+            label: int(conn.execute(sa.select(sa.func.count()).select_from(table).where(_of(table, billable))).scalar())
+            for label, table in _DELETED + _KEPT
+        }
+        if dry_run:
+            return counts
+        _release_pending(rt, conn, billable)
+        for _, table in _DELETED:
+            conn.execute(sa.delete(table).where(_of(table, billable)))
+        for _, table in _KEPT:
+            _rename(conn, table, billable, alias)
+        return counts
+
+    return rt.store.run(work, write=not dry_run)
+
+
+def _release_pending(rt: Runtime, conn: sa.Connection, billable: Billable) -> None:
+    """Return the holds of calls in flight, as the sweeper would, before their rows go."""
+    now = utcnow()
+    pending = conn.execute(
+        sa.select(reservations.c.id).where(_of(reservations, billable), reservations.c.status == "pending")
+    ).scalars()
+    for reservation_id in list(pending):
+        settled = quota.settle_reservation(conn, reservation_id, "released", now, keep_key=False)
+        quota.apply_to_counter(
+            rt.store, conn, settled.counter_id, release_tokens=settled.tokens, release_cost_units=settled.cost_units
+        )
+        if settled.wallet_id is not None and settled.credit_units:
+            wallets.release(conn, settled.wallet_id, settled.credit_units)
+
+
+def _rename(conn: sa.Connection, table: sa.Table, billable: Billable, alias: str) -> None:
+    """Give the billable's rows the pseudonym (a row id is appended where one is already taken)."""
+    taken = set(conn.execute(sa.select(table.c.id).where(_of(table, (billable[0], alias)))).scalars())
+    for row_id in list(conn.execute(sa.select(table.c.id).where(_of(table, billable))).scalars()):
+        values: dict[str, t.Any] = {"billable_id": f"{alias}-{row_id}" if taken else alias}
+        if "meta" in table.c and table is not Overage.__table__:
+            values["meta"] = sa.null()
+        conn.execute(sa.update(table).where(table.c.id == row_id).values(values))
+        taken.add(row_id)
+
+
+def _identifying(before: dt.datetime) -> sa.ColumnElement[bool]:
+    # A JSON column holds the JSON literal null for a Python None: that is not metadata.
+    has_meta = sa.and_(usage.c.meta.is_not(None), sa.cast(usage.c.meta, sa.Text) != "null")
+    return sa.and_(
+        usage.c.occurred_at < before,
+        sa.or_(usage.c.user_id.is_not(None), usage.c.tenant_id.is_not(None), has_meta),
+    )
+
+
+def anonymize(rt: Runtime, before: dt.datetime, dry_run: bool = False) -> int:
+    """Clear user, tenant and meta on usage that happened before ``before``; return how many rows.
+
+    Works in transactions of ``AI_METERING_BATCH_SIZE`` rows, so it never holds
+    long locks on a busy ledger; a re-run finds nothing left to do.
+    """
+    if before.tzinfo is None:
+        raise ValueError(f"before must be a timezone-aware datetime, got {before!r}")
+    where = _identifying(before)
+    if dry_run:
+        with rt.store.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(usage).where(where)).scalar())
+    size = rt.settings.batch_size
+
+    def batch(conn: sa.Connection) -> int:
+        ids = list(conn.execute(sa.select(usage.c.id).where(where).order_by(usage.c.id).limit(size)).scalars())
+        if ids:
+            conn.execute(
+                sa.update(usage).where(usage.c.id.in_(ids)).values(user_id=None, tenant_id=None, meta=sa.null())
+            )
+        return len(ids)
+
+    total = 0
+    while True:
+        done = rt.store.run(batch)
+        total += done
+        if done < size:
+            break
+    rt.store.run(lambda conn: _fold_rollup_tenants(conn, before.astimezone(ZoneInfo(rt.settings.timezone)).date()))
+    return total
+
+
+def _fold_rollup_tenants(conn: sa.Connection, first_kept_day: dt.date) -> None:
+    """Move rollup rows of days before ``first_kept_day`` into their tenant-less row."""
+    key = ("day", "billable_type", "billable_id", "provider", "model", "feature")
+    rows = conn.execute(sa.select(rollups).where(rollups.c.day < first_kept_day, rollups.c.tenant_id != "")).all()
+    for row in rows:
+        target = sa.and_(*(rollups.c[k] == getattr(row, k) for k in key), rollups.c.tenant_id == "")
+        adds = {m: sa.type_coerce(rollups.c[m], sa.BigInteger) + _raw(row, m) for m in _ROLLUP_MEASURES}
+        if conn.execute(sa.update(rollups).where(target).values(adds)).rowcount:
+            conn.execute(sa.delete(rollups).where(rollups.c.id == row.id))
+        else:
+            conn.execute(sa.update(rollups).where(rollups.c.id == row.id).values(tenant_id=""))
+
+
+def _raw(row: t.Any, name: str) -> int:
+    """A rollup measure as the raw integer SQL adds (money columns read as ``Decimal``)."""
+    value = getattr(row, name)
+    return int(value.scaleb(12)) if name == "total_cost" else int(value)
