@@ -31,7 +31,7 @@ def is_ours(name: str | None) -> bool:
 def include_object(obj: t.Any, name: str | None, type_: str, reflected: bool, compare_to: t.Any) -> bool:
     """Alembic filter that keeps only flask_ai_metering's tables (and their parts)."""
     if type_ == "table":
-        return is_ours(name)
+        return is_ours(name) and name != VERSION_TABLE
     table = getattr(obj, "table", None)
     return table is None or is_ours(table.name)
 

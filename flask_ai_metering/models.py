@@ -126,7 +126,7 @@ class Plan(Base):
         return self.overage_price_per_1k_tokens is not None
 
     def allows_feature(self, feature: str | None) -> bool:
-        return not self.features or feature in self.features
+        return not self.features or feature is None or feature in self.features
 
     def __repr__(self) -> str:
         return f"<Plan {self.slug!r}>"

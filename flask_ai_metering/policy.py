@@ -55,7 +55,7 @@ class Policy:
         return self.token_limit is not None or self.cost_limit_units is not None
 
     def allows_feature(self, feature: str | None) -> bool:
-        return not self.features or feature in self.features
+        return not self.features or feature is None or feature in self.features
 
 
 def _override_column(column: str, billable: Billable, now: dt.datetime) -> sa.ScalarSelect[t.Any]:

@@ -46,6 +46,7 @@ usage = Usage.__table__
 reservations = Reservation.__table__
 counters = Counter.__table__
 rollups = UsageRollup.__table__
+overages = Overage.__table__
 _DELETED = (
     ("reservations", reservations),
     ("usage rows", usage),
@@ -55,7 +56,7 @@ _DELETED = (
 _KEPT = (
     ("subscriptions (pseudonymized)", Subscription.__table__),
     ("credit wallets (pseudonymized)", CreditWallet.__table__),
-    ("overages (pseudonymized)", Overage.__table__),
+    ("overages (pseudonymized)", overages),
 )
 _ROLLUP_MEASURES = (
     "calls",
@@ -122,14 +123,16 @@ def _release_pending(rt: Runtime, conn: sa.Connection, billable: Billable) -> No
 
 
 def _rename(conn: sa.Connection, table: sa.Table, billable: Billable, alias: str) -> None:
-    """Give the billable's rows the pseudonym (a row id is appended where one is already taken)."""
-    taken = set(conn.execute(sa.select(table.c.id).where(_of(table, (billable[0], alias)))).scalars())
-    for row_id in list(conn.execute(sa.select(table.c.id).where(_of(table, billable))).scalars()):
-        values: dict[str, t.Any] = {"billable_id": f"{alias}-{row_id}" if taken else alias}
-        if "meta" in table.c and table is not Overage.__table__:
-            values["meta"] = sa.null()
-        conn.execute(sa.update(table).where(table.c.id == row_id).values(values))
-        taken.add(row_id)
+    """Give the billable's rows the pseudonym, and drop their free-form metadata."""
+    values: dict[str, t.Any] = {"billable_id": alias}
+    if "meta" in table.c:
+        values["meta"] = sa.null()
+    if table is not overages and conn.execute(sa.select(table.c.id).where(_of(table, (billable[0], alias)))).first():
+        # One row per billable there, and a billable forgotten before already holds the
+        # pseudonym: this later row is told apart by its own id.
+        row_id = conn.execute(sa.select(table.c.id).where(_of(table, billable))).scalar()
+        values["billable_id"] = f"{alias}-{row_id}"
+    conn.execute(sa.update(table).where(_of(table, billable)).values(values))
 
 
 def _identifying(before: dt.datetime) -> sa.ColumnElement[bool]:

@@ -136,7 +136,9 @@ def _measures(source: sa.Subquery, rollup: bool) -> list[sa.Label[t.Any]]:
     return [calls.label("calls"), *sums, cost]
 
 
-def _grouped(conn: sa.Connection, sources: list[tuple[sa.Subquery, bool]], keys: tuple[str, ...]) -> list[dict[str, t.Any]]:
+def _grouped(
+    conn: sa.Connection, sources: list[tuple[sa.Subquery, bool]], keys: tuple[str, ...]
+) -> list[dict[str, t.Any]]:
     """Sum every source by ``keys`` (the rollups' empty strings read as None), biggest cost first."""
     merged: dict[tuple[t.Any, ...], dict[str, int]] = {}
     for source, rollup in sources:
@@ -148,8 +150,10 @@ def _grouped(conn: sa.Connection, sources: list[tuple[sa.Subquery, bool]], keys:
             into = merged.setdefault(key, dict.fromkeys(MEASURES, 0))
             for name in MEASURES:
                 into[name] += int(getattr(row, name) or 0)
-    ordered = sorted(merged.items(), key=lambda item: (-item[1]["total_cost"], -item[1]["total_tokens"], _sort(item[0])))
-    return [_row(dict(zip(keys, key)), keys, sums) for key, sums in ordered]
+    ordered = sorted(
+        merged.items(), key=lambda item: (-item[1]["total_cost"], -item[1]["total_tokens"], _sort(item[0]))
+    )
+    return [_row(dict(zip(keys, key, strict=True)), keys, sums) for key, sums in ordered]
 
 
 def _sort(key: tuple[t.Any, ...]) -> tuple[str, ...]:
@@ -173,8 +177,12 @@ def money(units: int) -> str:
 
 # -- rendering --------------------------------------------------------------------------------
 
-_SECTION_TITLES = {"by_billable": "By billable", "by_provider": "By provider", "by_model": "By model",
-                   "by_feature": "By feature"}
+_SECTION_TITLES = {
+    "by_billable": "By billable",
+    "by_provider": "By provider",
+    "by_model": "By model",
+    "by_feature": "By feature",
+}
 _CSV_KEYS = ("billable_type", "billable_id", "provider", "model", "feature")
 
 
@@ -240,7 +248,7 @@ def _aligned(header: list[str], body: list[list[str]]) -> list[str]:
 
     def line(cells: list[str]) -> str:
         first = cells[0].ljust(widths[0])
-        return "  " + "  ".join([first, *(c.rjust(w) for c, w in zip(cells[1:], widths[1:]))]).rstrip()
+        return "  " + "  ".join([first, *(c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))]).rstrip()
 
     return [line(header), *(line(r) for r in body)]
 
@@ -285,7 +293,7 @@ def plans_table(rt: Runtime, now: dt.datetime | None = None) -> str:
     ]
     header = ["slug", "name", "tokens", "cost", "period", "overage/1k", "features", "active", "subscribers"]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *body])
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *body])
 
 
 def _plain(amount: t.Any) -> str:

@@ -16,6 +16,7 @@ import typing as t
 from decimal import Decimal
 
 import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
 
 from .errors import CreditsInsufficient
 from .errors import InvalidUsage
@@ -90,7 +91,7 @@ def settle(
     *,
     hold_units: int,
     cost_units: int,
-    usage_id: int,
+    usage_id: int | None,
     overdraft: bool,
     now: dt.datetime,
 ) -> tuple[int, int]:
@@ -127,18 +128,39 @@ def settle(
     return charge, int(row[0]) - charge
 
 
+_TXN_FIELDS = ("id", "wallet_id", "amount", "reason", "meta", "idempotency_key", "created_at")
+
+
+def _find(conn: sa.Connection, wallet_id: int, key: str) -> dict[str, t.Any] | None:
+    """The wallet's transaction recorded under ``key``, if any."""
+    row = conn.execute(
+        sa.select(transactions).where(transactions.c.wallet_id == wallet_id, transactions.c.idempotency_key == key)
+    ).first()
+    return None if row is None else dict(row._mapping)
+
+
 class Wallet:
     """A billable's credit wallet, as ``meter.wallet(billable)`` returns it.
 
     Each method runs its own short transaction; none touches ``db.session``.
     """
 
-    def __init__(self, store: Store, billable: Billable, *, currency: str, overdraft: bool, sender: t.Any) -> None:
+    def __init__(
+        self,
+        store: Store,
+        billable: Billable,
+        *,
+        currency: str,
+        overdraft: bool,
+        sender: t.Any,
+        max_meta_bytes: int = 8192,
+    ) -> None:
         self._store = store
         self.billable = billable
         self.currency = currency
         self.overdraft = overdraft
         self._sender = sender
+        self.max_meta_bytes = max_meta_bytes
 
     @property
     def balance(self) -> Decimal:
@@ -189,28 +211,22 @@ class Wallet:
             raise InvalidUsage(f"amount must be positive, got {amount!r}")
         return self._apply(-to_units(value), reason, meta, idempotency_key)
 
-    def _apply(
-        self, units: int, reason: str, meta: dict[str, t.Any] | None, key: str | None
-    ) -> CreditTransaction:
-        from . import signals
+    def _apply(self, units: int, reason: str, meta: dict[str, t.Any] | None, key: str | None) -> CreditTransaction:
+        from .storage import is_duplicate
         from .validation import idempotency_key as check_key
         from .validation import meta as check_meta
 
         key = check_key(key)
-        meta = check_meta(meta, max_bytes=65536, sanitize=False)
+        meta = check_meta(meta, max_bytes=self.max_meta_bytes, sanitize=False)
         if not isinstance(reason, str) or len(reason) > 255:
             raise InvalidUsage("reason must be a str of at most 255 characters")
 
-        def work(conn: sa.Connection) -> tuple[dict[str, t.Any], bool, int]:
+        def work(conn: sa.Connection) -> tuple[dict[str, t.Any], int | None]:
             wallet_id = ensure_wallet(self._store, conn, self.billable, self.currency)
             if key is not None:
-                existing = conn.execute(
-                    sa.select(transactions).where(
-                        transactions.c.wallet_id == wallet_id, transactions.c.idempotency_key == key
-                    )
-                ).first()
+                existing = _find(conn, wallet_id, key)
                 if existing is not None:
-                    return dict(existing._mapping), True, 0
+                    return existing, None
             conditions = [wallets.c.id == wallet_id]
             if units < 0 and not self.overdraft:
                 conditions.append(_balance - _held + units >= 0)
@@ -230,21 +246,37 @@ class Wallet:
             }
             txn_id = conn.execute(sa.insert(transactions).values(**values)).inserted_primary_key[0]  # type: ignore[index]
             balance = conn.execute(sa.select(_balance).where(wallets.c.id == wallet_id)).scalar_one()
-            return {**values, "id": txn_id}, False, int(balance)
+            return {**values, "id": txn_id}, int(balance)
 
-        row, replayed, balance_units = self._store.run(work)
-        txn = CreditTransaction(**{k: row[k] for k in ("id", "wallet_id", "amount", "reason", "meta", "idempotency_key", "created_at")})
-        if not replayed:
-            signal = signals.credits_added if units > 0 else signals.credits_deducted
-            signal.send(
-                self._sender,
-                billable=self.billable,
-                amount=from_units(abs(units)),
-                balance=from_units(balance_units),
-                transaction_id=txn.id,
-                reason=reason,
+        try:
+            row, balance_units = self._store.run(work)
+        except sa_exc.IntegrityError as error:
+            # A concurrent call with the same key committed first: replay its row.
+            if key is None or not is_duplicate(error):
+                raise
+            row, balance_units = self._store.run(work)
+        if balance_units is None and to_units(row["amount"]) != units:
+            raise InvalidUsage(
+                f"idempotency_key {key!r} was used for a transaction of {row['amount'].normalize()},"
+                f" not {from_units(units).normalize()}"
             )
+        txn = CreditTransaction(**{k: row[k] for k in _TXN_FIELDS})
+        if balance_units is not None:
+            self._signal(units, balance_units, txn, reason)
         return txn
+
+    def _signal(self, units: int, balance_units: int, txn: CreditTransaction, reason: str) -> None:
+        from . import signals
+
+        signal = signals.credits_added if units > 0 else signals.credits_deducted
+        signal.send(
+            self._sender,
+            billable=self.billable,
+            amount=from_units(abs(units)),
+            balance=from_units(balance_units),
+            transaction_id=txn.id,
+            reason=reason,
+        )
 
     def transactions(self, limit: int = 100) -> list[dict[str, t.Any]]:
         """The newest ledger rows, newest first."""

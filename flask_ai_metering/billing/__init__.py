@@ -65,6 +65,7 @@ def load_driver(spec: t.Any, store: Store, settings: Settings) -> BillingDriver:
     for method in ("sync_overages", "sync_after_commit"):
         if not callable(getattr(driver, method, None)):
             raise ConfigurationError(
-                f"{ConfigVars.BILLING_DRIVER} {spec!r} must define {method}(); see flask_ai_metering.billing.BillingDriver"
+                f"{ConfigVars.BILLING_DRIVER} {spec!r} must define {method}();"
+                " see flask_ai_metering.billing.BillingDriver"
             )
     return t.cast(BillingDriver, driver)

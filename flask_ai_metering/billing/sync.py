@@ -134,7 +134,10 @@ def candidates(
     """
     stmt = (
         sa.select(overages.c.billable_type, overages.c.billable_id, subs.c.stripe_customer_id, sa.func.count())
-        .join(subs, sa.and_(subs.c.billable_type == overages.c.billable_type, subs.c.billable_id == overages.c.billable_id))
+        .join(
+            subs,
+            sa.and_(subs.c.billable_type == overages.c.billable_type, subs.c.billable_id == overages.c.billable_id),
+        )
         .where(_claimable(stale_before))
         .group_by(overages.c.billable_type, overages.c.billable_id, subs.c.stripe_customer_id)
         .order_by(sa.func.min(overages.c.id))
@@ -247,9 +250,7 @@ def mark_failed(store: Store, claim: Claim, error: BaseException) -> None:
     """Give the claim back (``pending``) with the error; its frozen amount stays."""
     message = f"{type(error).__name__}: {error}"[:2000]
     store.run(
-        lambda conn: conn.execute(
-            sa.update(overages).where(_ours(claim)).values(status="pending", last_error=message)
-        )
+        lambda conn: conn.execute(sa.update(overages).where(_ours(claim)).values(status="pending", last_error=message))
     )
 
 
@@ -372,4 +373,3 @@ class OverageSyncer:
             threads = list(self._threads)
         for thread in threads:
             thread.join(timeout)
-

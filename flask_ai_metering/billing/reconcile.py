@@ -1,0 +1,72 @@
+"""``reconcile`` checks of overage against what was synced.
+
+* Per billable and currency, the minor units billed equal the exact total of the
+  overages priced so far, rounded down: ``B == floor(E)``, the carry invariant of
+  :mod:`.sync`. A difference means money billed twice or lost.
+* A synced overage that billed something names its remote item.
+* No overage is stuck in ``syncing`` past the takeover age (its sync died; the
+  next sync looks it up remotely and finishes it).
+
+None of these is changed by ``--fix``: what was sent to the payment provider
+cannot be corrected from our side alone, so the lines say what to look at.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import typing as t
+
+import sqlalchemy as sa
+
+from ..models import Overage
+from ..models import utcnow
+from .overages import floor_minor
+from .sync import OverageSyncer
+
+if t.TYPE_CHECKING:
+    from ..meter import Runtime
+
+overages = Overage.__table__
+_amount = sa.type_coerce(overages.c.amount, sa.BigInteger)
+
+
+def check_overages(rt: Runtime, conn: sa.Connection, *, fix: bool = False, now: dt.datetime | None = None) -> list[str]:
+    """One line per overage problem found (``fix`` changes nothing here; see the module doc)."""
+    problems = []
+    priced = conn.execute(
+        sa.select(
+            overages.c.billable_type,
+            overages.c.billable_id,
+            overages.c.currency,
+            sa.func.sum(_amount),
+            sa.func.sum(overages.c.synced_amount_minor),
+        )
+        .where(overages.c.synced_amount_minor.is_not(None))
+        .group_by(overages.c.billable_type, overages.c.billable_id, overages.c.currency)
+    )
+    for billable_type, billable_id, currency, exact, billed in priced:
+        want = floor_minor(int(exact), currency)
+        if int(billed) != want:
+            problems.append(
+                f"overages of {billable_type}:{billable_id} ({currency}): {int(billed)} minor units priced for"
+                f" billing, but their exact total rounds down to {want}; compare with the invoice items"
+            )
+    unnamed = conn.execute(
+        sa.select(overages.c.id).where(
+            overages.c.status == "synced", overages.c.synced_amount_minor > 0, overages.c.stripe_id.is_(None)
+        )
+    )
+    for (overage_id,) in unnamed:
+        problems.append(f"overage {overage_id} is synced with an amount but names no remote item")
+    stale_before = (now or utcnow()) - OverageSyncer.stale_after
+    stuck = conn.execute(
+        sa.select(overages.c.id, overages.c.sync_started_at).where(
+            overages.c.status == "syncing", overages.c.sync_started_at < stale_before
+        )
+    )
+    for overage_id, started in stuck:
+        problems.append(
+            f"overage {overage_id} has been syncing since {started:%Y-%m-%d %H:%M} UTC (its sync died);"
+            " run sync-stripe-overages to finish it"
+        )
+    return problems

@@ -1,0 +1,153 @@
+"""Plotly figures for the dashboard, built with ``plotly.graph_objects``.
+
+Never ``plotly.express``: it needs numpy (and pandas to be useful). Figures are
+serialized to JSON and embedded in ``<script type="application/json">``; one
+static script calls ``Plotly.newPlot`` on them, so pages work under a strict
+``script-src 'self'`` CSP. Chart values are floats: they only draw bars, the
+exact amounts are in the tables beside them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import typing as t
+
+from ..money import from_units
+from .pages import Summary
+from .pages import ranked
+
+#: A calm palette that stays readable for common colour-vision deficiencies.
+COLORS = [
+    "#4e79a7",
+    "#f28e2b",
+    "#59a14f",
+    "#e15759",
+    "#76b7b2",
+    "#edc948",
+    "#b07aa1",
+    "#ff9da7",
+    "#9c755f",
+    "#bab0ac",
+]
+_FONT = {"family": "system-ui, -apple-system, Segoe UI, Roboto, sans-serif", "size": 12, "color": "#334155"}
+
+
+def _layout(**extra: t.Any) -> dict[str, t.Any]:
+    layout: dict[str, t.Any] = {
+        "font": _FONT,
+        "margin": {"l": 48, "r": 12, "t": 8, "b": 36},
+        "paper_bgcolor": "rgba(0,0,0,0)",
+        "plot_bgcolor": "rgba(0,0,0,0)",
+        "height": 300,
+        "legend": {"orientation": "h", "y": -0.18, "x": 0},
+        "hovermode": "x unified",
+        "colorway": COLORS,
+        "xaxis": {"gridcolor": "#e2e8f0", "automargin": True},
+        "yaxis": {"gridcolor": "#e2e8f0", "automargin": True, "rangemode": "tozero"},
+    }
+    layout.update(extra)
+    return layout
+
+
+def to_json(figure: t.Any) -> str:
+    """The figure as JSON that is safe inside a ``<script>`` element (no ``<``, ``>`` or ``&``)."""
+    text = figure.to_json()
+    return str(text).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def days_of(start: dt.date, end: dt.date) -> list[dt.date]:
+    return [start + dt.timedelta(days=n) for n in range((end - start).days + 1)]
+
+
+def cost_over_time(summary: Summary, start: dt.date, end: dt.date, group: str) -> str:
+    """Daily cost stacked by model or provider (the top groups; the rest as "Other")."""
+    import plotly.graph_objects as go
+
+    by_group = summary.by_model if group == "model" else summary.by_provider
+    cells = summary.by_day_model if group == "model" else summary.by_day_provider
+    names = [name for name, _ in ranked(by_group, limit=8)]
+    shown = set(names)
+    days = days_of(start, end)
+    x = [d.isoformat() for d in days]
+    figure = go.Figure(layout=_layout(barmode="stack", yaxis={"gridcolor": "#e2e8f0", "tickprefix": "$"}))
+    for name in names:
+        if name == "Other":
+            ys = [
+                sum(units for (day, g), units in cells.items() if day == d and g not in shown) for d in days
+            ]
+        else:
+            ys = [cells.get((d, name), 0) for d in days]
+        figure.add_trace(
+            go.Bar(x=x, y=[float(from_units(u)) for u in ys], name=name or "(none)", hovertemplate="$%{y:.4f}")
+        )
+    return to_json(figure)
+
+
+def calls_and_tokens(summary: Summary, start: dt.date, end: dt.date) -> str:
+    """Tokens (bars) and calls (line, right axis) per day."""
+    import plotly.graph_objects as go
+
+    days = days_of(start, end)
+    x = [d.isoformat() for d in days]
+    empty = summary.by_day.get
+    figure = go.Figure(
+        layout=_layout(
+            yaxis={"title": {"text": "tokens"}, "gridcolor": "#e2e8f0", "rangemode": "tozero"},
+            yaxis2={"title": {"text": "calls"}, "overlaying": "y", "side": "right", "rangemode": "tozero",
+                    "showgrid": False},
+        )
+    )
+    figure.add_trace(go.Bar(x=x, y=[t_.total_tokens if (t_ := empty(d)) else 0 for d in days], name="Tokens",
+                            marker={"color": "#a5b4fc"}))
+    figure.add_trace(go.Scatter(x=x, y=[t_.calls if (t_ := empty(d)) else 0 for d in days], name="Calls",
+                                yaxis="y2", mode="lines+markers", line={"color": "#4338ca"}))
+    return to_json(figure)
+
+
+def token_types(summary: Summary) -> str:
+    """Where the tokens went: uncached input, cache reads and writes, output and reasoning."""
+    import plotly.graph_objects as go
+
+    totals = summary.totals
+    labels = ["Input (uncached)", "Cached input", "Cache write", "Output", "Reasoning"]
+    values = [
+        max(totals.input_tokens - totals.cached_input_tokens - totals.cache_write_tokens, 0),
+        totals.cached_input_tokens,
+        totals.cache_write_tokens,
+        max(totals.output_tokens - totals.reasoning_tokens, 0),
+        totals.reasoning_tokens,
+    ]
+    figure = go.Figure(
+        go.Bar(x=values, y=labels, orientation="h", marker={"color": COLORS[:5]}, hovertemplate="%{x:,} tokens"),
+        layout=_layout(hovermode="closest", yaxis={"autorange": "reversed", "automargin": True},
+                       xaxis={"gridcolor": "#e2e8f0"}, showlegend=False, height=240),
+    )
+    return to_json(figure)
+
+
+def cost_by(summary: Summary, group: str) -> str:
+    """Cost per model (or provider, feature) as a horizontal bar chart."""
+    import plotly.graph_objects as go
+
+    groups = {"model": summary.by_model, "provider": summary.by_provider, "feature": summary.by_feature}[group]
+    items = ranked(groups, limit=10)
+    figure = go.Figure(
+        go.Bar(
+            x=[float(from_units(totals.cost_units)) for _, totals in items],
+            y=[name or "(none)" for name, _ in items],
+            orientation="h",
+            marker={"color": COLORS[0]},
+            hovertemplate="$%{x:.4f}<extra></extra>",
+        ),
+        layout=_layout(hovermode="closest", yaxis={"autorange": "reversed", "automargin": True},
+                       xaxis={"gridcolor": "#e2e8f0", "tickprefix": "$"}, showlegend=False,
+                       height=max(160, 40 + 28 * len(items))),
+    )
+    return to_json(figure)
+
+
+def charts_are_valid(payload: str) -> bool:
+    """True when ``payload`` parses as a figure with data (used by tests and the bench)."""
+    figure = json.loads(payload)
+    return bool(figure.get("data"))
