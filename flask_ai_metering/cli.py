@@ -54,9 +54,7 @@ class Progress:
 
     def start(self, total: int) -> None:
         if sys.stderr.isatty() and total:
-            self._bar = self._stack.enter_context(
-                click.progressbar(length=total, label=self.label, file=sys.stderr)
-            )
+            self._bar = self._stack.enter_context(click.progressbar(length=total, label=self.label, file=sys.stderr))
 
     def update(self, n: int) -> None:
         if self._bar is not None:

@@ -26,9 +26,7 @@ def quota_required(
 ) -> t.Callable[[t.Callable[P, R]], t.Callable[P, R]]: ...
 
 
-def quota_required(
-    view: t.Callable[P, R] | None = None, *, feature: str | None = None, tokens: int = 0
-) -> t.Any:
+def quota_required(view: t.Callable[P, R] | None = None, *, feature: str | None = None, tokens: int = 0) -> t.Any:
     """Check the current billable's quota before the view runs; reserve nothing.
 
     Bare, a request is allowed while anything remains; with ``tokens=N`` while at
@@ -68,7 +66,9 @@ def enforce(meter: t.Any, *, feature: str | None = None, tokens: int = 0) -> t.A
     if not check.allowed:
         raise AiLimitExceeded(check.reason or _reason(check), check)
     if policy.billing_mode == "credits":
-        wallet = Wallet(rt.store, billable, currency=rt.settings.currency, overdraft=rt.settings.credit_overdraft, sender=rt.app)
+        wallet = Wallet(
+            rt.store, billable, currency=rt.settings.currency, overdraft=rt.settings.credit_overdraft, sender=rt.app
+        )
         if not rt.settings.credit_overdraft and wallet.available <= 0:
             raise CreditsInsufficient("The credit wallet is empty: add credits to continue.", check)
     return check

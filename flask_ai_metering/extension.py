@@ -50,7 +50,6 @@ class _AppState:
     """Per-app objects derived from config, built once."""
 
     def __init__(self, app: Flask, settings: Settings, db: SQLAlchemy) -> None:
-        from .billing import load_driver
         from .pricing import PriceBook
         from .providers import builtin_providers
         from .providers import load_provider
@@ -121,14 +120,11 @@ class AiMetering:
         """
         if "ai_metering" in app.extensions:
             raise RuntimeError(
-                "An 'AiMetering' instance is already registered on this app."
-                " Import and use that instance instead."
+                "An 'AiMetering' instance is already registered on this app. Import and use that instance instead."
             )
         db = db or self._db or app.extensions.get("sqlalchemy")
         if db is None:
-            raise RuntimeError(
-                "AiMetering needs Flask-SQLAlchemy: call db.init_app(app) first, or pass db=db."
-            )
+            raise RuntimeError("AiMetering needs Flask-SQLAlchemy: call db.init_app(app) first, or pass db=db.")
         apply_defaults(app)
         settings = Settings.from_config(app.config)
         self._states[app] = _AppState(app, settings, db)
@@ -165,8 +161,7 @@ class AiMetering:
             return self._states[app]
         except KeyError:
             raise RuntimeError(
-                "The current app is not registered with this 'AiMetering' instance."
-                " Did you forget to call 'init_app'?"
+                "The current app is not registered with this 'AiMetering' instance. Did you forget to call 'init_app'?"
             ) from None
 
     def runtime(self) -> Runtime:
@@ -355,7 +350,15 @@ class AiMetering:
 
     def _record_spec(self, rt: Runtime, usage: t.Any, options: dict[str, t.Any]) -> CallSpec:
         unknown = set(options) - {
-            "billable", "user", "tenant", "provider", "model", "feature", "meta", "idempotency_key", "billing_mode",
+            "billable",
+            "user",
+            "tenant",
+            "provider",
+            "model",
+            "feature",
+            "meta",
+            "idempotency_key",
+            "billing_mode",
         }
         if unknown:
             raise InvalidUsage(f"unknown arguments: {', '.join(sorted(unknown))}")

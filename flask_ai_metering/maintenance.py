@@ -31,9 +31,9 @@ if t.TYPE_CHECKING:
 
 log = logging.getLogger("flask_ai_metering")
 
-usage = Usage.__table__
-reservations = Reservation.__table__
-counters = Counter.__table__
+usage = t.cast(sa.Table, Usage.__table__)
+reservations = t.cast(sa.Table, Reservation.__table__)
+counters = t.cast(sa.Table, Counter.__table__)
 
 FINISHED = ("committed", "released", "expired")
 

@@ -16,6 +16,7 @@ import typing as t
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
+from . import postgres
 from . import quota
 from . import signals
 from . import wallets
@@ -176,14 +177,17 @@ def usage_from_row(row: t.Any) -> Usage:
 
 
 def reserve(rt: Runtime, spec: CallSpec, now: dt.datetime | None = None) -> Hold | Replay:
-    """Claim the idempotency key and hold quota, in one transaction; raise if refused."""
+    """Claim the idempotency key and hold quota, atomically; raise if refused.
+
+    On PostgreSQL the common case is one autocommitted statement after the policy
+    read (:mod:`flask_ai_metering.postgres`); a first use of a period, a refusal,
+    or a credits call takes the transactional path below.
+    """
     tokens, cost_units = reservation_size(rt, spec)
     enforce = rt.settings.overage_behavior == "block"
-    refused: list[tuple[Exception, Policy, quota.CounterState]] = []
+    refused: list[Exception] = []
 
-    def work(conn: sa.Connection) -> Hold | Replay | None:
-        at = now or utcnow()
-        refused.clear()
+    def claim_and_policy(conn: sa.Connection, at: dt.datetime) -> Replay | Policy:
         key = spec.idempotency_key
         if key is not None:
             replay = find_replay(conn, spec.billable, key) or _claimed(conn, spec.billable, key)
@@ -192,6 +196,34 @@ def reserve(rt: Runtime, spec: CallSpec, now: dt.datetime | None = None) -> Hold
         policy = resolve_policy(conn, spec.billable, at, rt.settings)
         if not policy.allows_feature(spec.feature):
             raise FeatureNotAllowed(spec.feature, policy.plan_slug or "")
+        return policy
+
+    def fast(conn: sa.Connection) -> Hold | Replay | None:
+        at = now or utcnow()
+        policy = claim_and_policy(conn, at)
+        if isinstance(policy, Replay):
+            return policy
+        mode = spec.billing_mode or policy.billing_mode
+        if mode != "plan" or policy.expired:
+            return None
+        held = postgres.reserve(
+            conn,
+            policy,
+            tokens,
+            cost_units,
+            enforce=enforce,
+            idempotency_key=spec.idempotency_key,
+            expires_at=at + dt.timedelta(seconds=rt.settings.reservation_ttl),
+            now=at,
+        )
+        return None if held is None else Hold(held[0], held[1], policy, mode, tokens, cost_units, None, 0)
+
+    def work(conn: sa.Connection) -> Hold | Replay | None:
+        at = now or utcnow()
+        refused.clear()
+        policy = claim_and_policy(conn, at)
+        if isinstance(policy, Replay):
+            return policy
         mode = spec.billing_mode or policy.billing_mode
         counter_id = None
         if not policy.expired:
@@ -203,21 +235,21 @@ def reserve(rt: Runtime, spec: CallSpec, now: dt.datetime | None = None) -> Hold
             _, state = quota.read_counter(conn, policy)
             reason = quota.refusal_reason(policy, state, tokens, cost_units)
             check = quota.limit_check(policy, state, warning_threshold=rt.settings.warning_threshold, reason=reason)
-            refused.append((AiLimitExceeded(reason, check), policy, state))
+            refused.append(AiLimitExceeded(reason, check))
             return None
         wallet_id, credit_units = None, 0
         if mode == "credits":
             credit_units = cost_units
             wallet_id = wallets.hold(conn, spec.billable, credit_units, overdraft=rt.settings.credit_overdraft)
             if wallet_id is None:
+                conn.rollback()
                 _, state = quota.read_counter(conn, policy)
                 check = quota.limit_check(policy, state, warning_threshold=rt.settings.warning_threshold)
                 message = (
                     "The credit wallet cannot pay for this call"
                     f" (it may cost up to {from_units(credit_units).normalize()} {rt.settings.currency})."
                 )
-                refused.append((CreditsInsufficient(message, check), policy, state))
-                conn.rollback()
+                refused.append(CreditsInsufficient(message, check))
                 return None
         reservation_id = quota.add_reservation(
             conn,
@@ -225,7 +257,7 @@ def reserve(rt: Runtime, spec: CallSpec, now: dt.datetime | None = None) -> Hold
             billable=spec.billable,
             tokens=tokens,
             cost_units=cost_units,
-            idempotency_key=key,
+            idempotency_key=spec.idempotency_key,
             expires_at=at + dt.timedelta(seconds=rt.settings.reservation_ttl),
             now=at,
             wallet_id=wallet_id,
@@ -235,7 +267,9 @@ def reserve(rt: Runtime, spec: CallSpec, now: dt.datetime | None = None) -> Hold
 
     for _ in range(3):
         try:
-            outcome = rt.store.run(work)
+            outcome = rt.store.run(fast, autocommit=True) if postgres.usable(rt.store) else None
+            if outcome is None:
+                outcome = rt.store.run(work)
         except sa_exc.IntegrityError as error:
             # A racing call claimed the same key between our look-up and insert:
             # the unique key refused us and rolled everything back; look again.
@@ -243,7 +277,7 @@ def reserve(rt: Runtime, spec: CallSpec, now: dt.datetime | None = None) -> Hold
                 raise
             continue
         if outcome is None:
-            error_, _policy, _state = refused[0]
+            error_ = refused[0]
             signals.limit_reached.send(rt.app, billable=spec.billable, check=t.cast(t.Any, error_).check)
             raise error_
         return outcome
@@ -280,9 +314,9 @@ def release(rt: Runtime, hold: Hold, *, status: str = "released") -> bool:
 
 
 def _release_reservation(rt: Runtime, conn: sa.Connection, reservation_id: int, status: str, now: dt.datetime) -> bool:
-    settled = quota.settle_reservation(conn, reservation_id, status, now, keep_key=False)
-    if not settled.won:
+    if not quota.settle_reservation(conn, reservation_id, status, now, keep_key=False):
         return False
+    settled = quota.held_by(conn, reservation_id)
     quota.apply_to_counter(
         rt.store, conn, settled.counter_id, release_tokens=settled.tokens, release_cost_units=settled.cost_units
     )
@@ -325,10 +359,38 @@ def commit(
     approaching: list[quota.LimitCheck] = []
     overages: list[dict[str, t.Any]] = []
 
+    simple = (
+        postgres.usable(rt.store)
+        and hold.wallet_id is None
+        and not rt.settings.queue_recording
+        and rt.settings.overage_behavior != "charge"
+    )
+
+    def fast(conn: sa.Connection) -> tuple[int | None, quota.LimitCheck]:
+        approaching.clear()
+        values = usage_values(
+            spec, tokens, costs, model, at, estimated=extracted.estimated, hold=hold, duration_ms=duration_ms
+        )
+        usage_id, state = postgres.commit(
+            conn,
+            hold.reservation_id,
+            hold.counter_id,
+            at=at,
+            used_tokens=tokens.total_tokens,
+            used_cost_units=cost_units,
+            hold_tokens=hold.tokens,
+            hold_cost_units=hold.cost_units,
+            values={**values, "created_at": utcnow()},
+        )
+        check = quota.limit_check(hold.policy, state, warning_threshold=rt.settings.warning_threshold)
+        if hold.policy.limited and check.approaching and quota.mark_approaching(conn, hold.counter_id):
+            approaching.append(check)
+        return usage_id, check
+
     def work(conn: sa.Connection) -> tuple[int | None, quota.LimitCheck]:
         approaching.clear()
         overages.clear()
-        settled = quota.settle_reservation(conn, hold.reservation_id, "committed", at, keep_key=True)
+        won = quota.settle_reservation(conn, hold.reservation_id, "committed", at, keep_key=True)
         # A commit that lost to the sweeper still records what the provider spent;
         # the sweeper already returned the hold, so only the usage is added.
         state = quota.apply_to_counter(
@@ -337,8 +399,8 @@ def commit(
             hold.counter_id,
             used_tokens=tokens.total_tokens,
             used_cost_units=cost_units,
-            release_tokens=hold.tokens if settled.won else 0,
-            release_cost_units=hold.cost_units if settled.won else 0,
+            release_tokens=hold.tokens if won else 0,
+            release_cost_units=hold.cost_units if won else 0,
             calls=1,
         )
         values = usage_values(
@@ -357,7 +419,7 @@ def commit(
             wallets.settle(
                 conn,
                 hold.wallet_id,
-                hold_units=hold.credit_units if settled.won else 0,
+                hold_units=hold.credit_units if won else 0,
                 cost_units=cost_units,
                 usage_id=usage_id,
                 overdraft=rt.settings.credit_overdraft,
@@ -374,7 +436,7 @@ def commit(
                 overages.append(overage)
         return usage_id, check
 
-    usage_id, check = rt.store.run(work)
+    usage_id, check = rt.store.run(fast, autocommit=True) if simple else rt.store.run(work)
     if usage_id is None:
         usage_id = enqueue(rt, hold.reservation_id)
     usage = Usage.of(tokens, costs, provider=spec.provider, model=model, estimated=extracted.estimated)
@@ -463,8 +525,11 @@ def from_payload(payload: dict[str, t.Any]) -> dict[str, t.Any]:
     return values
 
 
+_INSERT_USAGE = sa.insert(usage_table)
+
+
 def insert_usage(conn: sa.Connection, values: dict[str, t.Any]) -> int:
-    result = conn.execute(sa.insert(usage_table).values(**values, created_at=utcnow()))
+    result = conn.execute(_INSERT_USAGE, {**values, "created_at": utcnow()})
     return int(result.inserted_primary_key[0])  # type: ignore[index]
 
 

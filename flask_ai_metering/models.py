@@ -112,9 +112,7 @@ class Plan(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
-    subscriptions: Mapped[list[Subscription]] = relationship(
-        back_populates="plan", foreign_keys="Subscription.plan_id"
-    )
+    subscriptions: Mapped[list[Subscription]] = relationship(back_populates="plan", foreign_keys="Subscription.plan_id")
 
     def has_unlimited_tokens(self) -> bool:
         return self.token_limit is None

@@ -16,7 +16,6 @@ import sqlalchemy as sa
 from .models import Plan
 from .models import Subscription
 from .models import UsageLimitOverride
-from .money import to_units
 from .periods import Period
 from .periods import period_for
 
@@ -58,17 +57,24 @@ class Policy:
         return not self.features or feature is None or feature in self.features
 
 
-def _override_column(column: str, billable: Billable, now: dt.datetime) -> sa.ScalarSelect[t.Any]:
+_B_TYPE = sa.bindparam("b_type")
+_B_ID = sa.bindparam("b_id")
+_NOW = sa.bindparam("now", type_=_overrides.c.period_start.type)
+
+
+def _override_column(column: str) -> sa.ScalarSelect[t.Any]:
     """The newest override in force for ``column``, as a scalar subquery."""
     col = _overrides.c[column]
+    if column == "cost_limit":
+        col = sa.type_coerce(col, sa.BigInteger)
     return (
         sa.select(col)
         .where(
-            _overrides.c.billable_type == billable[0],
-            _overrides.c.billable_id == billable[1],
-            _overrides.c.period_start <= now,
-            _overrides.c.period_end > now,
-            col.is_not(None),
+            _overrides.c.billable_type == _B_TYPE,
+            _overrides.c.billable_id == _B_ID,
+            _overrides.c.period_start <= _NOW,
+            _overrides.c.period_end > _NOW,
+            _overrides.c[column].is_not(None),
         )
         .order_by(_overrides.c.id.desc())
         .limit(1)
@@ -76,31 +82,36 @@ def _override_column(column: str, billable: Billable, now: dt.datetime) -> sa.Sc
     )
 
 
+# Built once: statements are reused with new parameters on every call.
+_POLICY = (
+    sa.select(
+        _subs.c.id,
+        _subs.c.plan_id,
+        _subs.c.billing_mode,
+        _subs.c.started_at,
+        _subs.c.ends_at,
+        _subs.c.grace_period_ends_at,
+        _subs.c.plan_version,
+        _plans.c.slug,
+        _plans.c.token_limit,
+        sa.type_coerce(_plans.c.cost_limit, sa.BigInteger).label("cost_limit"),
+        _plans.c.features,
+        _plans.c.period,
+        _plans.c.overage_price_per_1k_tokens,
+        _override_column("token_limit").label("o_tokens"),
+        _override_column("cost_limit").label("o_cost"),
+    )
+    .select_from(_subs.join(_plans, _plans.c.id == _subs.c.plan_id))
+    .where(_subs.c.billable_type == _B_TYPE, _subs.c.billable_id == _B_ID)
+)
+_OVERRIDES_ONLY = sa.select(
+    _override_column("token_limit").label("o_tokens"), _override_column("cost_limit").label("o_cost")
+)
+
+
 def resolve_policy(conn: sa.Connection, billable: Billable, now: dt.datetime, settings: Settings) -> Policy:
     """Build the :class:`Policy` of ``billable`` at ``now`` in one round trip."""
-    o_tokens = _override_column("token_limit", billable, now).label("o_tokens")
-    o_cost = sa.type_coerce(_override_column("cost_limit", billable, now), sa.BigInteger).label("o_cost")
-    row = conn.execute(
-        sa.select(
-            _subs.c.id,
-            _subs.c.plan_id,
-            _subs.c.billing_mode,
-            _subs.c.started_at,
-            _subs.c.ends_at,
-            _subs.c.grace_period_ends_at,
-            _subs.c.plan_version,
-            _plans.c.slug,
-            _plans.c.token_limit,
-            sa.type_coerce(_plans.c.cost_limit, sa.BigInteger).label("cost_limit"),
-            _plans.c.features,
-            _plans.c.period,
-            _plans.c.overage_price_per_1k_tokens,
-            o_tokens,
-            o_cost,
-        )
-        .select_from(_subs.join(_plans, _plans.c.id == _subs.c.plan_id))
-        .where(_subs.c.billable_type == billable[0], _subs.c.billable_id == billable[1])
-    ).first()
+    row = conn.execute(_POLICY, {"b_type": billable[0], "b_id": billable[1], "now": now}).first()
     if row is None:
         return _unsubscribed(conn, billable, now, settings)
     period = period_for(
@@ -133,22 +144,11 @@ def resolve_policy(conn: sa.Connection, billable: Billable, now: dt.datetime, se
 
 def _unsubscribed(conn: sa.Connection, billable: Billable, now: dt.datetime, settings: Settings) -> Policy:
     """A billable without a subscription: metered, unlimited unless an override says otherwise."""
-    row = conn.execute(
-        sa.select(
-            _override_column("token_limit", billable, now).label("o_tokens"),
-            sa.type_coerce(_override_column("cost_limit", billable, now), sa.BigInteger).label("o_cost"),
-        )
-    ).first()
-    period = period_for(
-        now, period_type=settings.period_type, alignment="calendar", timezone=settings.timezone
-    )
+    row = conn.execute(_OVERRIDES_ONLY, {"b_type": billable[0], "b_id": billable[1], "now": now}).first()
+    period = period_for(now, period_type=settings.period_type, alignment="calendar", timezone=settings.timezone)
     return Policy(
         billable=billable,
         period=period,
         token_limit=row.o_tokens if row is not None else None,
         cost_limit_units=row.o_cost if row is not None else None,
     )
-
-
-def cost_limit_units(amount: Decimal | None) -> int | None:
-    return None if amount is None else to_units(amount)

@@ -27,8 +27,6 @@ from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 
-from . import quota
-from . import wallets
 from .models import Counter
 from .models import CreditWallet
 from .models import Overage
@@ -109,17 +107,14 @@ def forget(rt: Runtime, billable: Billable, dry_run: bool = False) -> dict[str, 
 
 def _release_pending(rt: Runtime, conn: sa.Connection, billable: Billable) -> None:
     """Return the holds of calls in flight, as the sweeper would, before their rows go."""
+    from .meter import _release_reservation
+
     now = utcnow()
     pending = conn.execute(
         sa.select(reservations.c.id).where(_of(reservations, billable), reservations.c.status == "pending")
     ).scalars()
     for reservation_id in list(pending):
-        settled = quota.settle_reservation(conn, reservation_id, "released", now, keep_key=False)
-        quota.apply_to_counter(
-            rt.store, conn, settled.counter_id, release_tokens=settled.tokens, release_cost_units=settled.cost_units
-        )
-        if settled.wallet_id is not None and settled.credit_units:
-            wallets.release(conn, settled.wallet_id, settled.credit_units)
+        _release_reservation(rt, conn, reservation_id, "released", now)
 
 
 def _rename(conn: sa.Connection, table: sa.Table, billable: Billable, alias: str) -> None:

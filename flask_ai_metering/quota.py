@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import typing as t
 from decimal import Decimal
 
@@ -34,7 +35,7 @@ if t.TYPE_CHECKING:
 counters = Counter.__table__
 reservations = Reservation.__table__
 
-_USED = (
+USED_COLUMNS = _USED = (
     counters.c.used_tokens,
     counters.c.reserved_tokens,
     counters.c.used_cost_units,
@@ -187,9 +188,21 @@ def counter_key(policy: Policy) -> dict[str, t.Any]:
     }
 
 
-def _key_clause(policy: Policy) -> sa.ColumnElement[bool]:
-    key = counter_key(policy)
-    return sa.and_(*(counters.c[name] == value for name, value in key.items()))
+_KEY_CLAUSE = sa.and_(
+    counters.c.billable_type == sa.bindparam("k_type"),
+    counters.c.billable_id == sa.bindparam("k_id"),
+    counters.c.period_start == sa.bindparam("k_start", type_=counters.c.period_start.type),
+    counters.c.plan_version == sa.bindparam("k_version"),
+)
+
+
+def _key_params(policy: Policy) -> dict[str, t.Any]:
+    return {
+        "k_type": policy.billable[0],
+        "k_id": policy.billable[1],
+        "k_start": policy.period.start,
+        "k_version": policy.plan_version,
+    }
 
 
 def ensure_counter(store: Store, conn: sa.Connection, policy: Policy, now: dt.datetime) -> None:
@@ -201,15 +214,58 @@ def ensure_counter(store: Store, conn: sa.Connection, policy: Policy, now: dt.da
     )
 
 
-def read_counter(conn: sa.Connection, policy: Policy, *, lock: bool = False) -> tuple[int | None, CounterState]:
+_READ = sa.select(counters.c.id, *_USED).where(_KEY_CLAUSE)
+
+
+def read_counter(conn: sa.Connection, policy: Policy) -> tuple[int | None, CounterState]:
     """The counter's id and amounts (``None``, zeros when it does not exist yet)."""
-    stmt = sa.select(counters.c.id, *_USED).where(_key_clause(policy))
-    if lock:
-        stmt = stmt.with_for_update()
-    row = conn.execute(stmt).first()
+    row = conn.execute(_READ, _key_params(policy)).first()
     if row is None:
         return None, CounterState()
     return int(row[0]), CounterState.of(row[1:])
+
+
+@functools.cache
+def reserve_update(tokens_limited: bool, cost_limited: bool, zero_tokens: bool) -> t.Any:
+    """The conditional UPDATE for one shape of limits, built once (statements are reused)."""
+    conditions = [_KEY_CLAUSE]
+    held_tokens = counters.c.used_tokens + counters.c.reserved_tokens
+    held_cost = counters.c.used_cost_units + counters.c.reserved_cost_units
+    if tokens_limited:
+        conditions.append(held_tokens + sa.bindparam("n", type_=sa.BigInteger) <= sa.bindparam("token_limit"))
+        if zero_tokens:
+            conditions.append(held_tokens < sa.bindparam("token_limit"))
+    if cost_limited:
+        conditions.append(held_cost + sa.bindparam("c", type_=sa.BigInteger) <= sa.bindparam("cost_limit"))
+        conditions.append(held_cost < sa.bindparam("cost_limit"))
+    stmt = (
+        sa.update(counters)
+        .where(*conditions)
+        .values(
+            reserved_tokens=counters.c.reserved_tokens + sa.bindparam("n", type_=sa.BigInteger),
+            reserved_cost_units=counters.c.reserved_cost_units + sa.bindparam("c", type_=sa.BigInteger),
+        )
+    )
+    return stmt
+
+
+@functools.cache
+def _reserve_returning(tokens_limited: bool, cost_limited: bool, zero_tokens: bool) -> t.Any:
+    return reserve_update(tokens_limited, cost_limited, zero_tokens).returning(counters.c.id)
+
+
+def reserve_params(
+    policy: Policy, tokens: int, cost_units: int, tokens_limited: bool, cost_limited: bool
+) -> dict[str, t.Any]:
+    params = {**_key_params(policy), "n": tokens, "c": cost_units}
+    if tokens_limited:
+        params["token_limit"] = policy.token_limit
+    if cost_limited:
+        params["cost_limit"] = policy.cost_limit_units
+    return params
+
+
+_COUNTER_ID = sa.select(counters.c.id).where(_KEY_CLAUSE)
 
 
 def try_reserve(
@@ -221,31 +277,18 @@ def try_reserve(
     clause is the admission decision: the database re-evaluates it on the latest
     committed row, so two racing callers can never both take the last tokens.
     """
-    conditions = [_key_clause(policy)]
-    if enforce:
-        held_tokens = counters.c.used_tokens + counters.c.reserved_tokens
-        held_cost = counters.c.used_cost_units + counters.c.reserved_cost_units
-        if policy.token_limit is not None:
-            conditions.append(held_tokens + tokens <= policy.token_limit)
-            if tokens == 0:
-                conditions.append(held_tokens < policy.token_limit)
-        if policy.cost_limit_units is not None:
-            conditions.append(held_cost + cost_units <= policy.cost_limit_units)
-            conditions.append(held_cost < policy.cost_limit_units)
-    stmt = (
-        sa.update(counters)
-        .where(*conditions)
-        .values(
-            reserved_tokens=counters.c.reserved_tokens + tokens,
-            reserved_cost_units=counters.c.reserved_cost_units + cost_units,
-        )
-    )
+    tokens_limited = enforce and policy.token_limit is not None
+    cost_limited = enforce and policy.cost_limit_units is not None
+    params = reserve_params(policy, tokens, cost_units, tokens_limited, cost_limited)
     if store.engine.dialect.update_returning:
-        row = conn.execute(stmt.returning(counters.c.id)).first()
+        row = conn.execute(_reserve_returning(tokens_limited, cost_limited, tokens == 0), params).first()
         return None if row is None else int(row[0])
-    if conn.execute(stmt).rowcount != 1:
+    if conn.execute(reserve_update(tokens_limited, cost_limited, tokens == 0), params).rowcount != 1:
         return None
-    return int(conn.execute(sa.select(counters.c.id).where(_key_clause(policy))).scalar_one())
+    return int(conn.execute(_COUNTER_ID, _key_params(policy)).scalar_one())
+
+
+_INSERT_RESERVATION = sa.insert(reservations)
 
 
 def add_reservation(
@@ -263,61 +306,88 @@ def add_reservation(
 ) -> int:
     """Write the reservation row; its unique key is the idempotency claim."""
     result = conn.execute(
-        sa.insert(reservations).values(
-            counter_id=counter_id,
-            billable_type=billable[0],
-            billable_id=billable[1],
-            idempotency_key=idempotency_key,
-            status="pending",
-            tokens=tokens,
-            cost_units=cost_units,
-            credit_units=credit_units,
-            wallet_id=wallet_id,
-            expires_at=expires_at,
-            created_at=now,
-        )
+        _INSERT_RESERVATION,
+        {
+            "counter_id": counter_id,
+            "billable_type": billable[0],
+            "billable_id": billable[1],
+            "idempotency_key": idempotency_key,
+            "status": "pending",
+            "tokens": tokens,
+            "cost_units": cost_units,
+            "credit_units": credit_units,
+            "wallet_id": wallet_id,
+            "expires_at": expires_at,
+            "created_at": now,
+        },
     )
     return int(result.inserted_primary_key[0])  # type: ignore[index]
 
 
 @dataclasses.dataclass(frozen=True)
 class Settled:
-    """A reservation that left ``pending``: what it held, and whether we moved it."""
+    """What a reservation held."""
 
     counter_id: int
     tokens: int
     cost_units: int
     credit_units: int
     wallet_id: int | None
-    #: False when another actor (the sweeper, a racing commit) settled it first.
-    won: bool
+
+
+def settle_statement(keep_key: bool) -> t.Any:
+    return _SETTLE[keep_key]
+
+
+_SETTLE = {
+    keep_key: sa.update(reservations)
+    .where(reservations.c.id == sa.bindparam("rid"), reservations.c.status == "pending")
+    .values(
+        status=sa.bindparam("status"),
+        settled_at=sa.bindparam("at", type_=reservations.c.settled_at.type),
+        **({} if keep_key else {"idempotency_key": None}),
+    )
+    for keep_key in (True, False)
+}
+_HOLD = sa.select(
+    reservations.c.counter_id,
+    reservations.c.tokens,
+    reservations.c.cost_units,
+    reservations.c.credit_units,
+    reservations.c.wallet_id,
+).where(reservations.c.id == sa.bindparam("rid"))
 
 
 def settle_reservation(
     conn: sa.Connection, reservation_id: int, status: str, now: dt.datetime, *, keep_key: bool
-) -> Settled:
-    """Move a pending reservation to ``status`` by a guarded UPDATE and return its hold."""
-    values: dict[str, t.Any] = {"status": status, "settled_at": now}
-    if not keep_key:
-        values["idempotency_key"] = None
-    won = (
-        conn.execute(
-            sa.update(reservations)
-            .where(reservations.c.id == reservation_id, reservations.c.status == "pending")
-            .values(**values)
-        ).rowcount
-        == 1
+) -> bool:
+    """Move a pending reservation to ``status`` by a guarded UPDATE; True if we moved it.
+
+    False means another actor (the sweeper, a racing commit) settled it first.
+    """
+    params = {"rid": reservation_id, "status": status, "at": now}
+    return bool(conn.execute(_SETTLE[keep_key], params).rowcount == 1)
+
+
+def held_by(conn: sa.Connection, reservation_id: int) -> Settled:
+    """What a reservation holds, as stored."""
+    row = conn.execute(_HOLD, {"rid": reservation_id}).one()
+    return Settled(int(row[0]), int(row[1]), int(row[2]), int(row[3]), row[4])
+
+
+_APPLY = (
+    sa.update(counters)
+    .where(counters.c.id == sa.bindparam("cid"))
+    .values(
+        used_tokens=counters.c.used_tokens + sa.bindparam("ut", type_=sa.BigInteger),
+        used_cost_units=counters.c.used_cost_units + sa.bindparam("uc", type_=sa.BigInteger),
+        reserved_tokens=counters.c.reserved_tokens - sa.bindparam("rt", type_=sa.BigInteger),
+        reserved_cost_units=counters.c.reserved_cost_units - sa.bindparam("rc", type_=sa.BigInteger),
+        calls=counters.c.calls + sa.bindparam("calls", type_=sa.BigInteger),
     )
-    row = conn.execute(
-        sa.select(
-            reservations.c.counter_id,
-            reservations.c.tokens,
-            reservations.c.cost_units,
-            reservations.c.credit_units,
-            reservations.c.wallet_id,
-        ).where(reservations.c.id == reservation_id)
-    ).one()
-    return Settled(int(row[0]), int(row[1]), int(row[2]), int(row[3]), row[4], won)
+)
+_APPLY_RETURNING = _APPLY.returning(*_USED)
+_AMOUNTS = sa.select(*_USED).where(counters.c.id == sa.bindparam("cid"))
 
 
 def apply_to_counter(
@@ -332,21 +402,18 @@ def apply_to_counter(
     calls: int = 0,
 ) -> CounterState:
     """Add usage and return held quota on one counter row; return its new amounts."""
-    stmt = (
-        sa.update(counters)
-        .where(counters.c.id == counter_id)
-        .values(
-            used_tokens=counters.c.used_tokens + used_tokens,
-            used_cost_units=counters.c.used_cost_units + used_cost_units,
-            reserved_tokens=counters.c.reserved_tokens - release_tokens,
-            reserved_cost_units=counters.c.reserved_cost_units - release_cost_units,
-            calls=counters.c.calls + calls,
-        )
-    )
+    params = {
+        "cid": counter_id,
+        "ut": used_tokens,
+        "uc": used_cost_units,
+        "rt": release_tokens,
+        "rc": release_cost_units,
+        "calls": calls,
+    }
     if store.engine.dialect.update_returning:
-        return CounterState.of(conn.execute(stmt.returning(*_USED)).one())
-    conn.execute(stmt)
-    return CounterState.of(conn.execute(sa.select(*_USED).where(counters.c.id == counter_id)).one())
+        return CounterState.of(conn.execute(_APPLY_RETURNING, params).one())
+    conn.execute(_APPLY, params)
+    return CounterState.of(conn.execute(_AMOUNTS, {"cid": counter_id}).one())
 
 
 def mark_approaching(conn: sa.Connection, counter_id: int) -> bool:
@@ -372,7 +439,3 @@ def pending_expired(conn: sa.Connection, now: dt.datetime, limit: int) -> list[i
             .limit(limit)
         )
     ]
-
-
-def billable_of(counter_row: t.Any) -> Billable:
-    return (counter_row.billable_type, counter_row.billable_id)

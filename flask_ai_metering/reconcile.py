@@ -39,7 +39,9 @@ def _ledger_sums(counter_ids: sa.Select[t.Any]) -> dict[str, sa.ScalarSelect[t.A
     by_usage = usage.c.counter_id == counters.c.id
     pending = sa.and_(reservations.c.counter_id == counters.c.id, reservations.c.status == "pending")
     return {
-        "used_tokens": sa.select(sa.func.coalesce(sa.func.sum(usage.c.total_tokens), 0)).where(by_usage).scalar_subquery(),
+        "used_tokens": sa.select(sa.func.coalesce(sa.func.sum(usage.c.total_tokens), 0))
+        .where(by_usage)
+        .scalar_subquery(),
         "used_cost_units": sa.select(sa.func.coalesce(sa.func.sum(_cost), 0)).where(by_usage).scalar_subquery(),
         "calls": sa.select(sa.func.count()).select_from(usage).where(by_usage).scalar_subquery(),
         "reserved_tokens": sa.select(sa.func.coalesce(sa.func.sum(reservations.c.tokens), 0))
@@ -98,8 +100,15 @@ def wallet_drift(conn: sa.Connection) -> list[tuple[t.Any, dict[str, tuple[int, 
     )
     out = []
     for row in conn.execute(
-        sa.select(wallets.c.id, wallets.c.billable_type, wallets.c.billable_id, balance.label("balance"),
-                  held.label("held"), ledger.label("ledger"), holds.label("holds"))
+        sa.select(
+            wallets.c.id,
+            wallets.c.billable_type,
+            wallets.c.billable_id,
+            balance.label("balance"),
+            held.label("held"),
+            ledger.label("ledger"),
+            holds.label("holds"),
+        )
     ):
         diff = {}
         if int(row.balance) != int(row.ledger):
@@ -124,7 +133,9 @@ def reconcile(rt: Runtime, *, fix: bool = False, now: dt.datetime | None = None)
             )
             if fix:
                 conn.execute(
-                    sa.update(counters).where(counters.c.id == row.id).values({c: want for c, (_, want) in diff.items()})
+                    sa.update(counters)
+                    .where(counters.c.id == row.id)
+                    .values({c: want for c, (_, want) in diff.items()})
                 )
         for row, diff in wallet_drift(conn):
             parts = ", ".join(f"{c} {have} != ledger {want} (pico-units)" for c, (have, want) in diff.items())

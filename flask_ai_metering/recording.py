@@ -8,12 +8,14 @@ are enforced by the ledger's unique key, so a replay records nothing.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import typing as t
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
 from . import quota
+from . import signals
 from .errors import InvalidUsage
 from .meter import CallSpec
 from .meter import Recorded
@@ -21,8 +23,8 @@ from .meter import Runtime
 from .meter import after_commit
 from .meter import find_replay
 from .meter import insert_usage
-from .meter import usage_values
 from .meter import usage_table
+from .meter import usage_values
 from .models import utcnow
 from .money import to_units
 from .policy import resolve_policy
@@ -102,29 +104,39 @@ def record_many(rt: Runtime, items: list[tuple[CallSpec, t.Any]]) -> list[MeterR
     size = rt.settings.batch_size
     for start in range(0, len(prepared), size):
         chunk = prepared[start : start + size]
-        approaching: list[quota.LimitCheck] = []
-
-        def work(conn: sa.Connection, chunk: list[tuple[CallSpec, dt.datetime]] = chunk) -> list[MeterResult | Recorded]:
-            approaching.clear()
-            existing = _existing_keys(conn, [spec for spec, _ in chunk])
-            out: list[MeterResult | Recorded] = []
-            for spec, at in chunk:
-                key = None if spec.idempotency_key is None else (*spec.billable, spec.idempotency_key)
-                if key in existing:
-                    replay = existing[key]
-                    out.append(MeterResult(None, replay[0], None, replayed=True, usage_id=replay[1]))
-                else:
-                    out.append(_write(rt, conn, spec, at, approaching))
-            return out
-
-        outcome = rt.store.run(work)
-        for (spec, _), item in zip(chunk, outcome):
+        approaching: list[tuple[t.Any, quota.LimitCheck]] = []
+        outcome = rt.store.run(functools.partial(_write_chunk, rt, chunk, approaching))
+        for (spec, _), item in zip(chunk, outcome, strict=True):
             if isinstance(item, MeterResult):
                 results.append(item)
                 continue
             after_commit(rt, spec.billable, item.usage, item.usage_id, spec.feature, [], [])
             results.append(MeterResult(None, item.usage, item.check, usage_id=item.usage_id))
+        for billable, check in approaching:
+            signals.limit_approaching.send(rt.app, billable=billable, check=check)
     return results
+
+
+def _write_chunk(
+    rt: Runtime,
+    chunk: list[tuple[CallSpec, dt.datetime]],
+    approaching: list[tuple[t.Any, quota.LimitCheck]],
+    conn: sa.Connection,
+) -> list[MeterResult | Recorded]:
+    """One transaction of a batch: replay keys already recorded, write the rest."""
+    approaching.clear()
+    existing = _existing_keys(conn, [spec for spec, _ in chunk])
+    out: list[MeterResult | Recorded] = []
+    for spec, at in chunk:
+        key = None if spec.idempotency_key is None else (*spec.billable, spec.idempotency_key)
+        if key in existing:
+            replay = existing[key]
+            out.append(MeterResult(None, replay[0], None, replayed=True, usage_id=replay[1]))
+        else:
+            crossed: list[quota.LimitCheck] = []
+            out.append(_write(rt, conn, spec, at, crossed))
+            approaching.extend((spec.billable, check) for check in crossed)
+    return out
 
 
 def _existing_keys(conn: sa.Connection, specs: list[CallSpec]) -> dict[t.Any, tuple[Usage, int]]:

@@ -2,8 +2,8 @@
 
 Totals are sums of raw pico-unit integers, converted to ``Decimal`` once, so a
 report equals the ledger to the last digit. With ``AI_METERING_AGGREGATION_TABLES``
-the report reads the daily rollups for the usage already aggregated and the
-ledger only for the rows written since (above the aggregation watermark), so it
+the report reads the daily rollups, except for the days on which usage was
+written since the last ``aggregate`` run, which it reads from the ledger: it
 stays exact while ``aggregate`` lags behind. Months are calendar months in
 ``AI_METERING_TIMEZONE``, the zone calendar quota periods and rollup days use.
 """
@@ -36,8 +36,6 @@ plans = Plan.__table__
 subs = Subscription.__table__
 states = AggregationState.__table__
 
-#: Name of the :class:`AggregationState` row that says how far the daily rollups reach.
-ROLLUP_STATE = "usage_daily"
 #: The sections of a report, and the columns each one groups by.
 GROUPS: dict[str, tuple[str, ...]] = {
     "by_billable": ("billable_type", "billable_id"),
@@ -88,7 +86,7 @@ def build_report(
     following = (start.replace(day=28) + dt.timedelta(days=4)).replace(day=1)
 
     def work(conn: sa.Connection) -> dict[str, t.Any]:
-        sources = _sources(conn, rt.settings.aggregation_tables, (begin, end), (start, following), billable, tenant)
+        sources = _sources(conn, rt, (begin, end), (start, following), billable, tenant)
         report: dict[str, t.Any] = {"period": {"start": begin.isoformat(), "end": end.isoformat()}}
         totals = _grouped(conn, sources, ())
         report["totals"] = totals[0] if totals else _row({}, ())
@@ -101,30 +99,71 @@ def build_report(
 
 def _sources(
     conn: sa.Connection,
-    use_rollups: bool,
+    rt: Runtime,
     window: tuple[dt.datetime, dt.datetime],
     days: tuple[dt.date, dt.date],
     billable: tuple[str, str] | None,
     tenant: str | None,
 ) -> list[tuple[sa.Subquery, bool]]:
-    """The filtered rows a report sums over, each flagged True when it is a rollup."""
+    """The filtered rows a report sums over, each flagged True when it is a rollup.
+
+    With rollups on, each local day comes from exactly one source, so nothing is
+    counted twice: the rollups, unless a usage row written since the last
+    ``aggregate`` run falls on that day, in which case the ledger.
+    """
     where = [usage.c.occurred_at >= window[0], usage.c.occurred_at < window[1]]
     if billable is not None:
         where += [usage.c.billable_type == billable[0], usage.c.billable_id == billable[1]]
     if tenant is not None:
         where.append(usage.c.tenant_id == tenant)
-    if not use_rollups:
+    if not rt.settings.aggregation_tables:
         return [(sa.select(usage).where(*where).subquery(), False)]
-    # Rows above the watermark are not in the rollups yet: read those from the ledger.
-    watermark = conn.execute(sa.select(states.c.last_usage_id).where(states.c.name == ROLLUP_STATE)).scalar() or 0
-    rolled = [rollups.c.day >= days[0], rollups.c.day < days[1]]
+    zone = ZoneInfo(rt.settings.timezone)
+    fresh = _days_written_since_aggregate(conn, rt, window, zone)
+    rolled = [rollups.c.day >= days[0], rollups.c.day < days[1], rollups.c.day.not_in(fresh)]
     if billable is not None:
         rolled += [rollups.c.billable_type == billable[0], rollups.c.billable_id == billable[1]]
     if tenant is not None:
         rolled.append(rollups.c.tenant_id == tenant)
+    on_fresh_days = sa.or_(
+        sa.false(), *(sa.and_(usage.c.occurred_at >= s, usage.c.occurred_at < e) for s, e in _bounds(fresh, zone))
+    )
     return [
         (sa.select(rollups).where(*rolled).subquery(), True),
-        (sa.select(usage).where(*where, usage.c.id > watermark).subquery(), False),
+        (sa.select(usage).where(*where, on_fresh_days).subquery(), False),
+    ]
+
+
+def _days_written_since_aggregate(
+    conn: sa.Connection, rt: Runtime, window: tuple[dt.datetime, dt.datetime], zone: ZoneInfo
+) -> list[dt.date]:
+    """Local days of the window holding usage above the aggregation watermark (every day if never run)."""
+    from .rollups import state_name
+    from .rollups import utc_date
+
+    watermark = conn.execute(
+        sa.select(states.c.last_usage_id).where(states.c.name == state_name(rt.settings.timezone))
+    ).scalar()
+    day = utc_date(usage.c.occurred_at, rt.store.dialect)
+    in_window = [usage.c.occurred_at >= window[0], usage.c.occurred_at < window[1], usage.c.id > (watermark or 0)]
+    local: set[dt.date] = set()
+    for value in conn.execute(sa.select(day).where(*in_window).group_by(day)).scalars():
+        # A UTC day overlaps one local day, or two off UTC.
+        midnight = dt.datetime.combine(dt.date.fromisoformat(str(value)[:10]), dt.time(), dt.timezone.utc)
+        local |= {
+            midnight.astimezone(zone).date(),
+            (midnight + dt.timedelta(days=1, microseconds=-1)).astimezone(zone).date(),
+        }
+    return sorted(local)
+
+
+def _bounds(days: list[dt.date], zone: ZoneInfo) -> list[tuple[dt.datetime, dt.datetime]]:
+    return [
+        (
+            dt.datetime.combine(d, dt.time(), zone).astimezone(dt.timezone.utc),
+            dt.datetime.combine(d + dt.timedelta(days=1), dt.time(), zone).astimezone(dt.timezone.utc),
+        )
+        for d in days
     ]
 
 

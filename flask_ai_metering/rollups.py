@@ -30,9 +30,9 @@ from .models import utcnow
 if t.TYPE_CHECKING:
     from .meter import Runtime
 
-usage = Usage.__table__
-rollup = UsageRollup.__table__
-state = AggregationState.__table__
+usage = t.cast(sa.Table, Usage.__table__)
+rollup = t.cast(sa.Table, UsageRollup.__table__)
+state = t.cast(sa.Table, AggregationState.__table__)
 
 #: How long a metering transaction may stay open and still be rolled up on the next run.
 SAFETY_WINDOW = dt.timedelta(hours=1)
@@ -155,8 +155,9 @@ def rebuild_day(rt: Runtime, day: dt.date, zone: ZoneInfo, name: str) -> int:
         # the other instead of both inserting it (a unique-key violation).
         conn.execute(sa.update(state).where(state.c.name == name).values(last_usage_id=state.c.last_usage_id))
         conn.execute(sa.delete(rollup).where(rollup.c.day == day))
-        result = conn.execute(sa.insert(rollup).from_select(_ROLLUP_COLUMNS, rollup_select(day, start, end, utcnow())))
-        return max(int(result.rowcount or 0), 0)
+        conn.execute(sa.insert(rollup).from_select(_ROLLUP_COLUMNS, rollup_select(day, start, end, utcnow())))
+        # Counted, not taken from rowcount: drivers disagree on it for INSERT … SELECT.
+        return int(conn.execute(sa.select(sa.func.count()).select_from(rollup).where(rollup.c.day == day)).scalar_one())
 
     return rt.store.run(work)
 
@@ -170,12 +171,15 @@ def _days_to_rebuild(
         # The newest row created well before the previous run: everything after it may
         # have committed since (including rows with ids below the previous mark).
         cutoff = previous.updated_at - SAFETY_WINDOW
-        low = conn.execute(
-            sa.select(usage.c.id)
-            .where(usage.c.id <= previous.last_usage_id, usage.c.created_at < cutoff)
-            .order_by(usage.c.id.desc())
-            .limit(1)
-        ).scalar() or 0
+        low = (
+            conn.execute(
+                sa.select(usage.c.id)
+                .where(usage.c.id <= previous.last_usage_id, usage.c.created_at < cutoff)
+                .order_by(usage.c.id.desc())
+                .limit(1)
+            ).scalar()
+            or 0
+        )
     day = utc_date(usage.c.occurred_at, dialect)
     dates = conn.execute(sa.select(day).where(usage.c.id > low).group_by(day)).scalars()
     days: set[dt.date] = set()
@@ -229,7 +233,9 @@ def aggregate(
 
 def last_run(conn: sa.Connection, timezone: str) -> dt.datetime | None:
     """When the rollups were last brought up to date (None: never)."""
-    row = conn.execute(sa.select(state.c.updated_at, state.c.last_usage_id).where(state.c.name == state_name(timezone))).first()
+    row = conn.execute(
+        sa.select(state.c.updated_at, state.c.last_usage_id).where(state.c.name == state_name(timezone))
+    ).first()
     if row is None or row.updated_at == _NEVER:
         return None
     return t.cast(dt.datetime, row.updated_at)

@@ -77,9 +77,17 @@ class Store:
         self.is_postgres = self.dialect == "postgresql"
 
     @contextlib.contextmanager
-    def begin(self, write: bool = True) -> t.Iterator[sa.Connection]:
-        """One transaction: committed on success, rolled back on any exception."""
+    def begin(self, write: bool = True, autocommit: bool = False) -> t.Iterator[sa.Connection]:
+        """One transaction: committed on success, rolled back on any exception.
+
+        With ``autocommit`` each statement commits on its own: only for work that
+        is a single statement per effect (the PostgreSQL one-statement phases), where
+        BEGIN and COMMIT would be two wasted round trips.
+        """
         with self.engine.connect() as conn:
+            if autocommit:
+                yield conn.execution_options(isolation_level="AUTOCOMMIT")
+                return
             if self.is_sqlite and write:
                 raw = conn.connection.dbapi_connection
                 if raw is not None and not getattr(raw, "in_transaction", False):
@@ -96,11 +104,11 @@ class Store:
             else:
                 conn.commit()
 
-    def run(self, work: t.Callable[[sa.Connection], T], *, write: bool = True) -> T:
+    def run(self, work: t.Callable[[sa.Connection], T], *, write: bool = True, autocommit: bool = False) -> T:
         """Run ``work`` in a transaction, retrying it whole on a retryable error."""
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
-                with self.begin(write) as conn:
+                with self.begin(write, autocommit) as conn:
                     return work(conn)
             except sa_exc.DBAPIError as error:
                 if attempt == MAX_ATTEMPTS or not is_retryable(error):

@@ -95,8 +95,14 @@ def subscribe(
             inserted = rt.store.insert_ignore(
                 conn,
                 subs,
-                {"billable_type": billable[0], "billable_id": billable[1], "plan_id": new.id,
-                 "plan_version": 0, "created_at": now, **values},
+                {
+                    "billable_type": billable[0],
+                    "billable_id": billable[1],
+                    "plan_id": new.id,
+                    "plan_version": 0,
+                    "created_at": now,
+                    **values,
+                },
             )
             if inserted != 1:  # a racing subscribe created it first: move that one instead
                 raise _Retry()

@@ -72,8 +72,7 @@ class TokenCounts:
             )
         if self.reasoning_tokens > self.output_tokens:
             raise InvalidUsage(
-                f"reasoning_tokens cannot exceed output_tokens"
-                f" ({self.reasoning_tokens} > {self.output_tokens})"
+                f"reasoning_tokens cannot exceed output_tokens ({self.reasoning_tokens} > {self.output_tokens})"
             )
 
     @property
@@ -97,13 +96,10 @@ class TokenCounts:
         if "total_tokens" in data:
             total = check_token_count(data["total_tokens"], f"{field}.total_tokens")
             if "input_tokens" not in data and "output_tokens" not in data:
-                raise InvalidUsage(
-                    f"{field}.total_tokens alone cannot be priced: give input_tokens and output_tokens"
-                )
+                raise InvalidUsage(f"{field}.total_tokens alone cannot be priced: give input_tokens and output_tokens")
             if total != counts.total_tokens:
                 raise InvalidUsage(
-                    f"{field}.total_tokens ({total}) is not input_tokens + output_tokens"
-                    f" ({counts.total_tokens})"
+                    f"{field}.total_tokens ({total}) is not input_tokens + output_tokens ({counts.total_tokens})"
                 )
         return counts
 

@@ -46,8 +46,7 @@ def billable_key(billable: t.Any, field: str = "billable") -> tuple[str, str]:
         return kind, _identifier(ident, f"{field} id")
     if billable is None:
         raise InvalidUsage(
-            f"{field} is required: pass billable=<model instance or (type, id)>, or register"
-            " @meter.billable_resolver"
+            f"{field} is required: pass billable=<model instance or (type, id)>, or register @meter.billable_resolver"
         )
     return type(billable).__name__, _identifier(_primary_key(billable, field), f"{field} id")
 
@@ -73,9 +72,7 @@ def _primary_key(obj: t.Any, field: str) -> t.Any:
         return identity[0] if len(identity) == 1 else ":".join(map(str, identity))
     ident = getattr(obj, "id", None)
     if ident is None:
-        raise InvalidUsage(
-            f"{field} {obj!r} has no primary key yet: commit it first, or pass a (type, id) tuple"
-        )
+        raise InvalidUsage(f"{field} {obj!r} has no primary key yet: commit it first, or pass a (type, id) tuple")
     return ident
 
 

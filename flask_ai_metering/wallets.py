@@ -104,7 +104,7 @@ def settle(
     """
     row = conn.execute(sa.select(_balance, _held).where(wallets.c.id == wallet_id).with_for_update()).one()
     available = int(row[0]) - (int(row[1]) - hold_units)
-    charge = cost_units if overdraft else max(0, min(cost_units, available))
+    charge = cost_units
     meta = None
     if charge < cost_units:
         meta = {"uncollected": str(from_units(cost_units - charge))}

@@ -64,8 +64,12 @@ def spend_until_refused(url: str, key: str | None = None) -> dict[str, int]:
             while True:
                 try:
                     result = meter.call(
-                        lambda: None, billable=TEAM, provider="manual", max_tokens=CALL,
-                        usage={"output_tokens": CALL}, idempotency_key=key,
+                        lambda: None,
+                        billable=TEAM,
+                        provider="manual",
+                        max_tokens=CALL,
+                        usage={"output_tokens": CALL},
+                        idempotency_key=key,
                     )
                 except AiLimitExceeded:
                     outcome = "refused"

@@ -74,9 +74,7 @@ def test_responses_and_embeddings(meter, fake_llm, openai_client):
     result = meter.call(lambda: openai_client.responses.create(model="gpt-4o-mini", input="hi"), billable=TEAM)
     assert (result.usage.input_tokens, result.usage.output_tokens, result.usage.reasoning_tokens) == (100, 40, 10)
     fake_llm.next_usage(prompt_tokens=8)
-    emb = meter.call(
-        lambda: openai_client.embeddings.create(model="text-embedding-3-small", input="hi"), billable=TEAM
-    )
+    emb = meter.call(lambda: openai_client.embeddings.create(model="text-embedding-3-small", input="hi"), billable=TEAM)
     assert (emb.usage.input_tokens, emb.usage.output_tokens) == (8, 0)
     assert emb.usage.unpriced is False
 
@@ -98,9 +96,7 @@ def test_stream_commits_when_it_ends_and_not_before(meter, db, fake_llm, openai_
 def test_stream_abandoned_early_commits_what_it_saw_and_releases_the_rest(meter, db, fake_llm, anthropic_client):
     fake_llm.next_anthropic_usage(input_tokens=500, output_tokens=80)
     result = meter.call(
-        lambda: anthropic_client.messages.create(
-            model="claude-sonnet-4-6", max_tokens=300, messages=CHAT, stream=True
-        ),
+        lambda: anthropic_client.messages.create(model="claude-sonnet-4-6", max_tokens=300, messages=CHAT, stream=True),
         billable=TEAM,
         provider="anthropic",
         max_tokens=300,
@@ -162,8 +158,13 @@ def test_replay_while_first_is_in_flight_raises_conflict(meter, app, db):
     def slow() -> None:
         with app.app_context():
             try:
-                meter.call(lambda: (started.set(), release.wait(10)), billable=TEAM, provider="manual",
-                           usage={"input_tokens": 1, "output_tokens": 1}, idempotency_key="k")
+                meter.call(
+                    lambda: (started.set(), release.wait(10)),
+                    billable=TEAM,
+                    provider="manual",
+                    usage={"input_tokens": 1, "output_tokens": 1},
+                    idempotency_key="k",
+                )
             except BaseException as exc:  # pragma: no cover - reported below
                 errors.append(exc)
 
@@ -241,24 +242,50 @@ def test_manual_and_fluent_forms(meter, db):
 
 def test_record_and_record_batch(meter, db):
     when = dt.datetime(2026, 10, 15, 12, tzinfo=dt.timezone.utc)
-    first = meter.record(billable=TEAM, provider="openai", model="gpt-4o-mini", feature="import",
-                         usage={"input_tokens": 10, "output_tokens": 5}, occurred_at=when, idempotency_key="evt-1")
-    again = meter.record(billable=TEAM, provider="openai", model="gpt-4o-mini",
-                         usage={"input_tokens": 10, "output_tokens": 5}, occurred_at=when, idempotency_key="evt-1")
+    first = meter.record(
+        billable=TEAM,
+        provider="openai",
+        model="gpt-4o-mini",
+        feature="import",
+        usage={"input_tokens": 10, "output_tokens": 5},
+        occurred_at=when,
+        idempotency_key="evt-1",
+    )
+    again = meter.record(
+        billable=TEAM,
+        provider="openai",
+        model="gpt-4o-mini",
+        usage={"input_tokens": 10, "output_tokens": 5},
+        occurred_at=when,
+        idempotency_key="evt-1",
+    )
     assert not first.replayed and again.replayed and again.usage == first.usage
     results = meter.record_batch(
         [
-            {"billable": TEAM, "provider": "openai", "model": "gpt-4o-mini", "usage": {"input_tokens": 1},
-             "occurred_at": when, "idempotency_key": "evt-1"},
-            {"billable": TEAM, "provider": "openai", "model": "gpt-4o-mini", "input_tokens": 2, "output_tokens": 2,
-             "occurred_at": when},
+            {
+                "billable": TEAM,
+                "provider": "openai",
+                "model": "gpt-4o-mini",
+                "usage": {"input_tokens": 1},
+                "occurred_at": when,
+                "idempotency_key": "evt-1",
+            },
+            {
+                "billable": TEAM,
+                "provider": "openai",
+                "model": "gpt-4o-mini",
+                "input_tokens": 2,
+                "output_tokens": 2,
+                "occurred_at": when,
+            },
         ]
     )
     assert [r.replayed for r in results] == [True, False]
     assert len(rows(db, Usage)) == 2
     with pytest.raises(InvalidUsage, match=r"rows\[1\]"):
-        meter.record_batch([{"billable": TEAM, "usage": {"input_tokens": 1}},
-                            {"billable": TEAM, "usage": {"input_tokens": -1}}])
+        meter.record_batch(
+            [{"billable": TEAM, "usage": {"input_tokens": 1}}, {"billable": TEAM, "usage": {"input_tokens": -1}}]
+        )
     assert len(rows(db, Usage)) == 2
     counter = next(c for c in rows(db, Counter) if c.period_start.month == 10)
     assert counter.used_tokens == 15 + 4

@@ -64,10 +64,22 @@ def test_cost_limit_holds_worst_case_cost(meter, db):
     # gpt-4o-mini: the hold is max_tokens × $0.60/M (the output price, the higher one)
     meter.record(billable=TEAM, provider="openai", model="gpt-4o-mini", usage={"output_tokens": 1000})
     with pytest.raises(AiLimitExceeded, match="Cost limit"):
-        meter.call(lambda: None, billable=TEAM, provider="openai", model="gpt-4o-mini", max_tokens=1000,
-                   usage={"output_tokens": 1})
-    ok = meter.call(lambda: None, billable=TEAM, provider="openai", model="gpt-4o-mini", max_tokens=600,
-                    usage={"output_tokens": 600})
+        meter.call(
+            lambda: None,
+            billable=TEAM,
+            provider="openai",
+            model="gpt-4o-mini",
+            max_tokens=1000,
+            usage={"output_tokens": 1},
+        )
+    ok = meter.call(
+        lambda: None,
+        billable=TEAM,
+        provider="openai",
+        model="gpt-4o-mini",
+        max_tokens=600,
+        usage={"output_tokens": 600},
+    )
     assert ok.remaining_cost == Decimal("0.00004")
 
 
@@ -75,8 +87,9 @@ def test_unknown_model_needs_only_some_cost_left(meter, db):
     add_plan(db, slug="c", cost_limit=Decimal("0.0001"))
     meter.subscribe(TEAM, "c")
     meter.record(billable=TEAM, provider="openai", model="gpt-4o-mini", usage={"output_tokens": 166})
-    result = meter.call(lambda: None, billable=TEAM, provider="openai", max_tokens=10_000,
-                        usage={"output_tokens": 10_000}, model=None)
+    result = meter.call(
+        lambda: None, billable=TEAM, provider="openai", max_tokens=10_000, usage={"output_tokens": 10_000}, model=None
+    )
     # the commit may pass the limit by this one call, as documented
     assert result.usage.unpriced is True
     meter.record(billable=TEAM, provider="openai", model="gpt-4o-mini", usage={"output_tokens": 1000})
@@ -138,8 +151,15 @@ def test_override_wins_for_its_window(meter, db):
     add_plan(db, slug="p", token_limit=100)
     meter.subscribe(TEAM, "p")
     now = dt.datetime.now(UTC)
-    db.session.add(UsageLimitOverride(billable_type="Team", billable_id="1", token_limit=2000,
-                                      period_start=now - dt.timedelta(days=1), period_end=now + dt.timedelta(days=1)))
+    db.session.add(
+        UsageLimitOverride(
+            billable_type="Team",
+            billable_id="1",
+            token_limit=2000,
+            period_start=now - dt.timedelta(days=1),
+            period_end=now + dt.timedelta(days=1),
+        )
+    )
     db.session.commit()
     assert manual(meter, 1500).remaining_tokens == 500
 

@@ -16,7 +16,10 @@ TEAM = ("Team", "1")
 
 def row_counts(db):
     with db.engine.connect() as conn:
-        return {t.name: conn.execute(sa.select(sa.func.count()).select_from(t)).scalar() for t in Base.metadata.sorted_tables}
+        return {
+            t.name: conn.execute(sa.select(sa.func.count()).select_from(t)).scalar()
+            for t in Base.metadata.sorted_tables
+        }
 
 
 BAD_TOKENS = [-1, True, "10", 1.5, 10.0, math.nan, math.inf, 2**53, 2**63, 10**30, Decimal("1e-30"), None]
@@ -75,7 +78,10 @@ def test_metadata_sanitised_and_bounded(make_app):
     app, db, meter = make_app(AI_METERING_MAX_META_BYTES=64)
     with app.app_context():
         result = meter.call(
-            lambda: None, billable=TEAM, provider="manual", usage={"input_tokens": 1},
+            lambda: None,
+            billable=TEAM,
+            provider="manual",
+            usage={"input_tokens": 1},
             meta={"ticket": 7, "api_key": "sk-secret", "prompt": "tell me", "nested": {"password": "x", "ok": 1}},
         )
         with db.engine.connect() as conn:
@@ -94,7 +100,9 @@ def test_model_instance_billable_and_attribution(meter, db):
     db.session.commit()
     meter.call(lambda: None, billable=plan, user=plan, tenant=("Org", 9), provider="manual", usage={"input_tokens": 1})
     with db.engine.connect() as conn:
-        row = conn.execute(sa.text("select billable_type, billable_id, user_id, tenant_id from ai_metering_usage")).one()
+        row = conn.execute(
+            sa.text("select billable_type, billable_id, user_id, tenant_id from ai_metering_usage")
+        ).one()
     assert tuple(row) == ("Plan", str(plan.id), str(plan.id), "9")
     with pytest.raises(InvalidUsage, match="no primary key"):
         meter.call(lambda: None, billable=Plan(name="unsaved", slug="u"), provider="manual")

@@ -73,9 +73,7 @@ def cost_over_time(summary: Summary, start: dt.date, end: dt.date, group: str) -
     figure = go.Figure(layout=_layout(barmode="stack", yaxis={"gridcolor": "#e2e8f0", "tickprefix": "$"}))
     for name in names:
         if name == "Other":
-            ys = [
-                sum(units for (day, g), units in cells.items() if day == d and g not in shown) for d in days
-            ]
+            ys = [sum(units for (day, g), units in cells.items() if day == d and g not in shown) for d in days]
         else:
             ys = [cells.get((d, name), 0) for d in days]
         figure.add_trace(
@@ -94,14 +92,33 @@ def calls_and_tokens(summary: Summary, start: dt.date, end: dt.date) -> str:
     figure = go.Figure(
         layout=_layout(
             yaxis={"title": {"text": "tokens"}, "gridcolor": "#e2e8f0", "rangemode": "tozero"},
-            yaxis2={"title": {"text": "calls"}, "overlaying": "y", "side": "right", "rangemode": "tozero",
-                    "showgrid": False},
+            yaxis2={
+                "title": {"text": "calls"},
+                "overlaying": "y",
+                "side": "right",
+                "rangemode": "tozero",
+                "showgrid": False,
+            },
         )
     )
-    figure.add_trace(go.Bar(x=x, y=[t_.total_tokens if (t_ := empty(d)) else 0 for d in days], name="Tokens",
-                            marker={"color": "#a5b4fc"}))
-    figure.add_trace(go.Scatter(x=x, y=[t_.calls if (t_ := empty(d)) else 0 for d in days], name="Calls",
-                                yaxis="y2", mode="lines+markers", line={"color": "#4338ca"}))
+    figure.add_trace(
+        go.Bar(
+            x=x,
+            y=[t_.total_tokens if (t_ := empty(d)) else 0 for d in days],
+            name="Tokens",
+            marker={"color": "#a5b4fc"},
+        )
+    )
+    figure.add_trace(
+        go.Scatter(
+            x=x,
+            y=[t_.calls if (t_ := empty(d)) else 0 for d in days],
+            name="Calls",
+            yaxis="y2",
+            mode="lines+markers",
+            line={"color": "#4338ca"},
+        )
+    )
     return to_json(figure)
 
 
@@ -120,8 +137,13 @@ def token_types(summary: Summary) -> str:
     ]
     figure = go.Figure(
         go.Bar(x=values, y=labels, orientation="h", marker={"color": COLORS[:5]}, hovertemplate="%{x:,} tokens"),
-        layout=_layout(hovermode="closest", yaxis={"autorange": "reversed", "automargin": True},
-                       xaxis={"gridcolor": "#e2e8f0"}, showlegend=False, height=240),
+        layout=_layout(
+            hovermode="closest",
+            yaxis={"autorange": "reversed", "automargin": True},
+            xaxis={"gridcolor": "#e2e8f0"},
+            showlegend=False,
+            height=240,
+        ),
     )
     return to_json(figure)
 
@@ -140,9 +162,13 @@ def cost_by(summary: Summary, group: str) -> str:
             marker={"color": COLORS[0]},
             hovertemplate="$%{x:.4f}<extra></extra>",
         ),
-        layout=_layout(hovermode="closest", yaxis={"autorange": "reversed", "automargin": True},
-                       xaxis={"gridcolor": "#e2e8f0", "tickprefix": "$"}, showlegend=False,
-                       height=max(160, 40 + 28 * len(items))),
+        layout=_layout(
+            hovermode="closest",
+            yaxis={"autorange": "reversed", "automargin": True},
+            xaxis={"gridcolor": "#e2e8f0", "tickprefix": "$"},
+            showlegend=False,
+            height=max(160, 40 + 28 * len(items)),
+        ),
     )
     return to_json(figure)
 

@@ -150,3 +150,18 @@ def parse_filters(args: t.Mapping[str, str], timezone: str, today: dt.date | Non
         page=int(raw_page),
         explicit_range=explicit,
     )
+
+
+def presets(f: Filters) -> list[tuple[str, dt.date, dt.date]]:
+    """Quick ranges for the filter bar, relative to today in the dashboard's timezone."""
+    today = dt.datetime.now(f.zone).date()
+    month_start = today.replace(day=1)
+    last_month_end = month_start - dt.timedelta(days=1)
+    return [
+        ("Today", today, today),
+        ("7 days", today - dt.timedelta(days=6), today),
+        ("30 days", today - dt.timedelta(days=29), today),
+        ("This month", month_start, today),
+        ("Last month", last_month_end.replace(day=1), last_month_end),
+        ("90 days", today - dt.timedelta(days=89), today),
+    ]

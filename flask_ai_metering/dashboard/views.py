@@ -6,8 +6,10 @@ CSRF protection and the same functions the CLI calls.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import typing as t
+from zoneinfo import ZoneInfo
 
 from flask import Response
 from flask import abort
@@ -18,6 +20,7 @@ from flask import send_file
 from flask import stream_with_context
 from flask import url_for
 
+from ..money import from_units
 from . import charts
 from . import pages
 from . import queries
@@ -25,6 +28,8 @@ from .export import stream_csv
 from .filters import FilterError
 from .filters import Filters
 from .filters import parse_filters
+from .filters import presets
+from .format import money
 
 if t.TYPE_CHECKING:
     from ..config import Settings
@@ -81,8 +86,16 @@ def plotly_version() -> str:
 
 
 def template_context(settings: Settings) -> dict[str, t.Any]:
+    zone = ZoneInfo(settings.timezone)
+
+    def local_time(at: dt.datetime | None) -> str:
+        return "" if at is None else at.astimezone(zone).strftime("%Y-%m-%d %H:%M")
+
     return {
         "ai_metering_base_template": settings.base_template,
+        "presets": presets,
+        "local_time": local_time,
+        "units_money": lambda units: money(from_units(int(units)), settings.currency),
         "ai_metering_currency": settings.currency,
         "ai_metering_timezone": settings.timezone,
         "ai_metering_plotly_url": lambda: url_for("ai_metering.plotly_js", version=plotly_version()),
@@ -117,7 +130,12 @@ def overview() -> str:
         "tokens": charts.token_types(data.current),
     }
     return render_template(
-        "ai_metering/overview.html", filters=f, data=data, figures=figures, group=group, ranked=pages.ranked,
+        "ai_metering/overview.html",
+        filters=f,
+        data=data,
+        figures=figures,
+        group=group,
+        ranked=pages.ranked,
         change=pages.change,
     )
 

@@ -14,7 +14,6 @@ from ..errors import ConfigurationError
 from ..usage import Extracted
 
 
-
 class StreamAccumulator(t.Protocol):
     """Collects usage from a stream's chunks as they pass through."""
 

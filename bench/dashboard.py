@@ -1,0 +1,219 @@
+"""Dashboard response times over a large ledger, with and without rollups.
+
+``run(rows, backends)`` bulk-loads ``rows`` usage rows (executemany on SQLite, COPY
+on PostgreSQL; never the ORM), builds the daily rollups, and times the overview
+and the explorer through the Flask test client, ledger first, then rollups.
+Data: 90 days, 500 billables with a skew (a few whales), 3 providers, 8 models,
+5 features. Each timing is the median of 5 requests after one warm-up.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import random
+import statistics
+import tempfile
+import time
+import typing as t
+
+import sqlalchemy as sa
+from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
+
+from flask_ai_metering import AiMetering
+from flask_ai_metering import migrations
+from flask_ai_metering.models import Usage
+from flask_ai_metering.rollups import aggregate
+
+MODELS = [
+    ("openai", "gpt-4o-mini", 0.15, 0.6),
+    ("openai", "gpt-4o", 2.5, 10.0),
+    ("openai", "o3-mini", 1.1, 4.4),
+    ("anthropic", "claude-sonnet-4-5", 3.0, 15.0),
+    ("anthropic", "claude-haiku-4-5", 1.0, 5.0),
+    ("google", "gemini-2.5-flash", 0.3, 2.5),
+    ("google", "gemini-2.5-pro", 1.25, 10.0),
+    ("openai", "gpt-4.1-nano", 0.1, 0.4),
+]
+FEATURES = ["chat", "summary", "search", "import", "agent"]
+COLUMNS = (
+    "billable_type",
+    "billable_id",
+    "tenant_id",
+    "provider",
+    "model",
+    "feature",
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "total_tokens",
+    "input_cost",
+    "output_cost",
+    "total_cost",
+    "currency",
+    "unpriced",
+    "estimated",
+    "billing_mode",
+    "occurred_at",
+    "created_at",
+)
+REPEATS = 5
+CHUNK = 50_000
+
+
+def _rows(n: int, now: dt.datetime) -> t.Iterator[tuple[t.Any, ...]]:
+    rng = random.Random(42)
+    span = 90 * 86400
+    for i in range(n):
+        provider, model, pin, pout = MODELS[min(int(rng.random() ** 2 * len(MODELS)), len(MODELS) - 1)]
+        inp, out = rng.randint(50, 4000), rng.randint(10, 1200)
+        cin, cout = int(inp * pin * 10**6), int(out * pout * 10**6)  # pico-units per token = $/1M × 10^6
+        at = (now - dt.timedelta(seconds=span * (n - i) / n)).replace(tzinfo=None)
+        yield (
+            "Team",
+            str(1 + int(500 * rng.random() ** 3)),
+            f"t{i % 7}",
+            provider,
+            model,
+            FEATURES[i % 5],
+            inp,
+            out,
+            inp // 4,
+            0,
+            0,
+            inp + out,
+            cin,
+            cout,
+            cin + cout,
+            "usd",
+            False,
+            False,
+            "plan",
+            at,
+            at,
+        )
+
+
+def _load(engine: sa.Engine, n: int, now: dt.datetime) -> None:
+    table = Usage.__table__
+    raw = engine.raw_connection()
+    try:
+        cur = raw.cursor()
+        if engine.dialect.name == "postgresql":
+            with cur.copy(f"COPY {table.name} ({', '.join(COLUMNS)}) FROM STDIN") as copy:  # type: ignore[attr-defined]
+                for row in _rows(n, now):
+                    copy.write_row(row)
+        else:
+            marks = ", ".join("?" for _ in COLUMNS)
+            sql = f"INSERT INTO {table.name} ({', '.join(COLUMNS)}) VALUES ({marks})"
+            batch: list[tuple[t.Any, ...]] = []
+            for row in _rows(n, now):
+                batch.append(row[:-2] + (row[-2].isoformat(sep=" "), row[-1].isoformat(sep=" ")))
+                if len(batch) == CHUNK:
+                    cur.executemany(sql, batch)
+                    batch.clear()
+            if batch:
+                cur.executemany(sql, batch)
+        raw.commit()
+    finally:
+        raw.close()
+    with engine.connect() as conn:
+        conn.exec_driver_sql("ANALYZE" if engine.dialect.name == "sqlite" else f"ANALYZE {table.name}")
+        conn.commit()
+
+
+def _database(backend: str) -> tuple[str, t.Callable[[], None]]:
+    if backend == "sqlite":
+        folder = tempfile.mkdtemp(prefix="aim-bench-")
+        return f"sqlite:///{folder}/bench.sqlite", lambda: None
+    admin_url = sa.make_url(
+        os.environ.get("AI_METERING_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    )
+    admin_url = admin_url.set(drivername="postgresql+psycopg")
+    name = f"aim_bench_{os.getpid()}"
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.dispose()
+
+    return admin_url.set(database=name).render_as_string(hide_password=False), drop
+
+
+def _app(url: str, rollups: bool) -> Flask:
+    app = Flask(f"bench_{rollups}")
+    app.config.update(SQLALCHEMY_DATABASE_URI=url, AI_METERING_AGGREGATION_TABLES=rollups)
+    db = SQLAlchemy()
+    db.init_app(app)
+    AiMetering(app, db=db).dashboard_authorizer(lambda user: True)
+    return app
+
+
+def _time(client: t.Any, path: str) -> float:
+    client.get(path).close()
+    samples = []
+    for _ in range(REPEATS):
+        started = time.perf_counter()
+        response = client.get(path)
+        assert response.status_code == 200, response.status_code
+        samples.append((time.perf_counter() - started) * 1000)
+    return round(statistics.median(samples), 1)
+
+
+def run(rows: int, backends: list[str]) -> list[dict[str, t.Any]]:
+    """Time the dashboard over ``rows`` usage rows on each backend; one result row per page and mode."""
+    results = []
+    now = dt.datetime.now(dt.timezone.utc)
+    for backend in backends:
+        url, drop = _database(backend)
+        try:
+            engine = sa.create_engine(url)
+            migrations.upgrade(engine)
+            started = time.perf_counter()
+            _load(engine, rows, now)
+            load_s = time.perf_counter() - started
+            engine.dispose()
+            rollup_s = 0.0
+            for use_rollups in (False, True):
+                app = _app(url, use_rollups)
+                with app.app_context():
+                    if use_rollups:
+                        started = time.perf_counter()
+                        aggregate(app.extensions["ai_metering"].runtime(), period="day")
+                        rollup_s = time.perf_counter() - started
+                    client = app.test_client()
+                    for page, path in (
+                        ("overview (30 days)", "/ai-metering/"),
+                        ("explorer page 1", "/ai-metering/usage"),
+                        ("explorer, one billable", "/ai-metering/usage?billable=Team:1"),
+                    ):
+                        results.append(
+                            {
+                                "backend": backend,
+                                "rows": rows,
+                                "rollups": use_rollups,
+                                "page": page,
+                                "median_ms": _time(client, path),
+                                "load_s": round(load_s, 1),
+                                "aggregate_s": round(rollup_s, 1),
+                            }
+                        )
+                    app.extensions["sqlalchemy"].engine.dispose()
+        finally:
+            drop()
+    return results
+
+
+if __name__ == "__main__":  # pragma: no cover - ad hoc: python -m bench.dashboard 100000 sqlite postgresql
+    import sys
+
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
+    for result in run(n, sys.argv[2:] or ["sqlite"]):
+        print(result)

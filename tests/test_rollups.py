@@ -1,0 +1,129 @@
+"""Daily rollups: equal to the ledger, incremental, safe to re-run, and blind to no late commit."""
+
+from __future__ import annotations
+
+import datetime as dt
+import typing as t
+
+import pytest
+import sqlalchemy as sa
+
+from flask_ai_metering.models import Usage
+from flask_ai_metering.models import UsageRollup
+from flask_ai_metering.rollups import aggregate
+from flask_ai_metering.rollups import last_run
+from tests.conftest import AppFactory
+
+UTC = dt.timezone.utc
+NOW = dt.datetime.now(UTC).replace(microsecond=0)
+usage = Usage.__table__
+rollup = UsageRollup.__table__
+
+
+def record(meter: t.Any, n: int, *, days_ago: int = 0, billable: str = "1", model: str = "gpt-4o-mini") -> None:
+    meter.record_batch(
+        [
+            {
+                "billable": ("Team", billable),
+                "provider": "openai",
+                "model": model,
+                "feature": "chat" if i % 2 else None,
+                "usage": {"input_tokens": 100 + i, "output_tokens": 7, "cached_input_tokens": 3},
+                "occurred_at": NOW - dt.timedelta(days=days_ago, minutes=i),
+            }
+            for i in range(n)
+        ]
+    )
+
+
+def ledger_totals(conn: sa.Connection) -> tuple[int, int, int]:
+    cost = sa.func.sum(sa.type_coerce(usage.c.total_cost, sa.BigInteger))
+    row = conn.execute(sa.select(sa.func.count(), sa.func.sum(usage.c.total_tokens), cost)).one()
+    return int(row[0]), int(row[1] or 0), int(row[2] or 0)
+
+
+def rollup_totals(conn: sa.Connection) -> tuple[int, int, int]:
+    cost = sa.func.sum(sa.type_coerce(rollup.c.total_cost, sa.BigInteger))
+    row = conn.execute(sa.select(sa.func.sum(rollup.c.calls), sa.func.sum(rollup.c.total_tokens), cost)).one()
+    return int(row[0] or 0), int(row[1] or 0), int(row[2] or 0)
+
+
+def test_rollups_equal_the_ledger_and_rerun_is_safe(make_app: AppFactory, backend: str) -> None:
+    app, db, meter = make_app()
+    with app.app_context():
+        record(meter, 10, days_ago=0)
+        record(meter, 5, days_ago=3, billable="2")
+        rt = meter.runtime()
+        assert aggregate(rt) > 0
+        with rt.store.engine.connect() as conn:
+            first = rollup_totals(conn)
+            assert first == ledger_totals(conn) and first[2] > 0
+            rows = conn.execute(sa.select(sa.func.count()).select_from(rollup)).scalar()
+            assert last_run(conn, rt.settings.timezone) is not None
+        aggregate(rt, period="month")
+        aggregate(rt)
+        with rt.store.engine.connect() as conn:
+            assert rollup_totals(conn) == first
+            assert conn.execute(sa.select(sa.func.count()).select_from(rollup)).scalar() == rows
+            # None keys are stored as '' so the unique key holds.
+            assert conn.execute(sa.select(sa.func.count()).select_from(rollup).where(rollup.c.feature == "")).scalar()
+
+
+def test_incremental_runs_pick_up_new_and_backfilled_rows(make_app: AppFactory) -> None:
+    app, _, meter = make_app()
+    with app.app_context():
+        rt = meter.runtime()
+        record(meter, 4)
+        aggregate(rt)
+        record(meter, 3, days_ago=20, billable="9")  # backfilled: an old day gets new rows
+        record(meter, 2)
+        aggregate(rt)
+        with rt.store.engine.connect() as conn:
+            assert rollup_totals(conn) == ledger_totals(conn)
+            assert rollup_totals(conn)[0] == 9
+
+
+def test_a_late_commit_with_a_lower_id_is_not_skipped(make_app: AppFactory, backend: str) -> None:
+    app, _, meter = make_app()
+    with app.app_context():
+        rt = meter.runtime()
+        record(meter, 3, days_ago=5)
+        with rt.store.engine.begin() as conn:
+            late = conn.execute(sa.select(usage).order_by(usage.c.id).limit(1)).one()._mapping
+            conn.execute(sa.delete(usage).where(usage.c.id == late["id"]))
+        record(meter, 2)
+        aggregate(rt)
+        # The row "commits" now, with an id below the watermark and an old day.
+        with rt.store.engine.begin() as conn:
+            conn.execute(sa.insert(usage).values(**late))
+        aggregate(rt)
+        with rt.store.engine.connect() as conn:
+            assert rollup_totals(conn) == ledger_totals(conn)
+            assert rollup_totals(conn)[0] == 5
+
+
+def test_days_are_local_to_the_configured_timezone(make_app: AppFactory) -> None:
+    app, _, meter = make_app(AI_METERING_TIMEZONE="Asia/Tokyo")
+    with app.app_context():
+        rt = meter.runtime()
+        at = dt.datetime(2026, 1, 10, 20, 0, tzinfo=UTC)  # 05:00 on the 11th in Tokyo
+        meter.record(
+            billable=("Team", "1"), provider="openai", model="gpt-4o-mini", usage={"input_tokens": 1}, occurred_at=at
+        )
+        aggregate(rt)
+        with rt.store.engine.connect() as conn:
+            assert conn.execute(sa.select(rollup.c.day)).scalar_one() == dt.date(2026, 1, 11)
+
+
+def test_aggregate_command(make_app: AppFactory) -> None:
+    app, _, meter = make_app()
+    with app.app_context():
+        record(meter, 3)
+    for period in ("day", "week", "month"):
+        result = app.test_cli_runner().invoke(args=["ai-metering", "aggregate", "--period", period])
+        assert result.exit_code == 0, result.output
+        assert "Aggregated" in result.output
+    result = app.test_cli_runner().invoke(args=["ai-metering", "aggregate", "--period", "year"])
+    assert result.exit_code == 2
+    with app.app_context(), pytest.raises(ValueError):
+        aggregate(meter.runtime(), period="year")
