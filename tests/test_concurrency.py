@@ -165,3 +165,46 @@ def test_killed_process_reservation_is_released_by_expiry(backend, make_app, db_
         assert (counter.used_tokens, counter.reserved_tokens) == (0, 0)
         assert meter.check(TEAM, tokens=1000).allowed is True
         assert reconcile(meter.runtime()) == []
+
+
+def test_sweeper_racing_live_commits_keeps_counters_exact(backend, make_app):
+    """Expire every reservation in flight while calls commit: each is counted once either way."""
+    app, db, meter = make_app()
+    with app.app_context():
+        add_plan(db, slug="p", token_limit=10**9)
+        meter.subscribe(TEAM, "p")
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def caller() -> None:
+        with app.app_context():
+            for _ in range(25):
+                try:
+                    meter.call(lambda: time.sleep(0.005), billable=TEAM, provider="manual", max_tokens=100,
+                               usage={"output_tokens": 60})
+                except BaseException as exc:  # pragma: no cover - reported below
+                    failures.append(exc)
+
+    def sweeper() -> None:
+        with app.app_context():
+            future = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)
+            while not stop.is_set():
+                meter.expire_reservations(now=future)
+
+    sweep = threading.Thread(target=sweeper)
+    sweep.start()
+    callers = [threading.Thread(target=caller) for _ in range(4)]
+    for th in callers:
+        th.start()
+    for th in callers:
+        th.join()
+    stop.set()
+    sweep.join()
+    assert failures == []
+    with app.app_context():
+        [counter] = table_rows(db, Counter)
+        statuses = [r.status for r in table_rows(db, Reservation)]
+        assert counter.used_tokens == 100 * 60 == sum(u.total_tokens for u in table_rows(db, Usage))
+        assert counter.reserved_tokens == 0
+        assert statuses.count("expired") > 0, "the sweeper never won a race: the test proves nothing"
+        assert reconcile(meter.runtime()) == []

@@ -326,3 +326,36 @@ def test_streams_commit_outside_the_app_context(meter, db, fake_llm, openai_clie
     threading.Thread(target=lambda: (list(result.response), done.set())).start()
     assert done.wait(10)
     assert result.usage.total_tokens == 7
+
+
+class EchoProvider:
+    """A custom provider: its responses are dicts with a ``tokens`` field."""
+
+    name = "echo"
+
+    def extract(self, response):
+        from flask_ai_metering.usage import Extracted
+        from flask_ai_metering.usage import TokenCounts
+
+        return Extracted(TokenCounts(input_tokens=response["tokens"], output_tokens=1), model="echo-1")
+
+    def is_stream(self, response):
+        return False
+
+    def accumulator(self):
+        raise NotImplementedError
+
+
+def test_custom_provider_registered_from_config(make_app):
+    app, db, meter = make_app(
+        AI_METERING_PROVIDERS={
+            "echo": {
+                "class": "tests.test_meter:EchoProvider",
+                "models": {"echo-1": {"input_price_per_1k": "0.002", "output_price_per_1k": "0.004"}},
+            }
+        }
+    )
+    with app.app_context():
+        result = meter.call(lambda: {"tokens": 1000}, billable=TEAM, provider="echo")
+    assert result.usage.model == "echo-1"
+    assert result.usage.total_cost == Decimal("0.002004")
