@@ -14,6 +14,25 @@ from ..errors import ConfigurationError
 from ..usage import Extracted
 
 
+def field(obj: t.Any, name: str) -> t.Any:
+    """``obj[name]`` for a mapping, ``obj.name`` otherwise; ``None`` when absent."""
+    if obj is None:
+        return None
+    if isinstance(obj, t.Mapping):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+def count(value: t.Any) -> t.Any:
+    """An absent count is 0; anything else goes to ``TokenCounts`` to be validated, not coerced."""
+    return 0 if value is None else value
+
+
+def model_of(obj: t.Any) -> str | None:
+    model = field(obj, "model")
+    return model if isinstance(model, str) and model else None
+
+
 class StreamAccumulator(t.Protocol):
     """Collects usage from a stream's chunks as they pass through."""
 

@@ -19,6 +19,9 @@ import typing as t
 from ..usage import Extracted
 from ..usage import TokenCounts
 from ..usage import check_token_count
+from . import count
+from . import field
+from . import model_of
 
 #: The usage fields a stream may report, each a running total that overwrites.
 _STREAM_COUNTS = (
@@ -36,41 +39,22 @@ _DELTA_TEXT_FIELDS = {
 }
 
 
-def _field(obj: t.Any, name: str) -> t.Any:
-    """``obj[name]`` for a mapping, ``obj.name`` otherwise; ``None`` when absent."""
-    if obj is None:
-        return None
-    if isinstance(obj, t.Mapping):
-        return obj.get(name)
-    return getattr(obj, name, None)
-
-
-def _count(value: t.Any) -> t.Any:
-    """An absent count is 0; anything else goes to ``TokenCounts`` to be validated, not coerced."""
-    return 0 if value is None else value
-
-
-def _model(obj: t.Any) -> str | None:
-    model = _field(obj, "model")
-    return model if isinstance(model, str) and model else None
-
-
 def _thinking_tokens(usage: t.Any) -> t.Any:
-    return _field(_field(usage, "output_tokens_details"), "thinking_tokens")
+    return field(field(usage, "output_tokens_details"), "thinking_tokens")
 
 
 def _tokens(counts: t.Mapping[str, t.Any], thinking_tokens: t.Any) -> TokenCounts:
     # Checked before they are added up, so a bad value is reported under its own name.
     uncached, cache_write, cache_read = (
-        check_token_count(_count(counts.get(name)), f"usage.{name}")
+        check_token_count(count(counts.get(name)), f"usage.{name}")
         for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
     )
     return TokenCounts(
         input_tokens=uncached + cache_write + cache_read,
-        output_tokens=_count(counts.get("output_tokens")),
+        output_tokens=count(counts.get("output_tokens")),
         cached_input_tokens=cache_read,
         cache_write_tokens=cache_write,
-        reasoning_tokens=_count(thinking_tokens),
+        reasoning_tokens=count(thinking_tokens),
     )
 
 
@@ -95,16 +79,16 @@ class AnthropicStreamAccumulator:
         return self._output_chars
 
     def feed(self, chunk: t.Any) -> None:
-        kind = _field(chunk, "type")
+        kind = field(chunk, "type")
         if kind == "message_start":
-            message = _field(chunk, "message")
-            self._model = _model(message) or self._model
-            self._merge(_field(message, "usage"))
+            message = field(chunk, "message")
+            self._model = model_of(message) or self._model
+            self._merge(field(message, "usage"))
         elif kind == "message_delta":
-            self._merge(_field(chunk, "usage"))
+            self._merge(field(chunk, "usage"))
         elif kind == "content_block_delta":
-            delta = _field(chunk, "delta")
-            text = _field(delta, _DELTA_TEXT_FIELDS.get(_field(delta, "type"), ""))
+            delta = field(chunk, "delta")
+            text = field(delta, _DELTA_TEXT_FIELDS.get(field(delta, "type"), ""))
             if isinstance(text, str):
                 self._output_chars += len(text)
 
@@ -115,7 +99,7 @@ class AnthropicStreamAccumulator:
 
     def _merge(self, usage: t.Any) -> None:
         for name in _STREAM_COUNTS:
-            value = _field(usage, name)
+            value = field(usage, name)
             if value is not None:
                 self._counts[name] = value
         thinking_tokens = _thinking_tokens(usage)
@@ -129,12 +113,12 @@ class AnthropicProvider:
     name = "anthropic"
 
     def extract(self, response: t.Any) -> Extracted | None:
-        usage = _field(response, "usage")
-        counts = {name: _field(usage, name) for name in _STREAM_COUNTS}
+        usage = field(response, "usage")
+        counts = {name: field(usage, name) for name in _STREAM_COUNTS}
         if counts["input_tokens"] is None and counts["output_tokens"] is None:
             # Not an Anthropic usage shape: better no reading than a fake zero.
             return None
-        return Extracted(tokens=_tokens(counts, _thinking_tokens(usage)), model=_model(response))
+        return Extracted(tokens=_tokens(counts, _thinking_tokens(usage)), model=model_of(response))
 
     def is_stream(self, response: t.Any) -> bool:
         """True for ``anthropic.Stream``/``AsyncStream`` and the ``MessageStream`` helpers.

@@ -13,6 +13,9 @@ import typing as t
 
 from ..usage import Extracted
 from ..usage import TokenCounts
+from . import count
+from . import field
+from . import model_of
 
 #: Responses API stream events whose ``delta`` is generated text (or tool arguments),
 #: counted for an estimate when a stream ends without usage.
@@ -35,25 +38,6 @@ _RESPONSES_SNAPSHOT_EVENTS = frozenset(
 )
 
 
-def _field(obj: t.Any, name: str) -> t.Any:
-    """``obj[name]`` for a mapping, ``obj.name`` otherwise; ``None`` when absent."""
-    if obj is None:
-        return None
-    if isinstance(obj, t.Mapping):
-        return obj.get(name)
-    return getattr(obj, name, None)
-
-
-def _count(value: t.Any) -> t.Any:
-    """An absent count is 0; anything else goes to ``TokenCounts`` to be validated, not coerced."""
-    return 0 if value is None else value
-
-
-def _model(obj: t.Any) -> str | None:
-    model = _field(obj, "model")
-    return model if isinstance(model, str) and model else None
-
-
 def tokens_from_usage(usage: t.Any) -> TokenCounts | None:
     """Counts from an OpenAI ``usage`` object or dict, in either of its two shapes.
 
@@ -64,24 +48,24 @@ def tokens_from_usage(usage: t.Any) -> TokenCounts | None:
     """
     if usage is None:
         return None
-    if _field(usage, "prompt_tokens") is not None:
-        prompt_details = _field(usage, "prompt_tokens_details")
+    if field(usage, "prompt_tokens") is not None:
+        prompt_details = field(usage, "prompt_tokens_details")
         return TokenCounts(
-            input_tokens=_count(_field(usage, "prompt_tokens")),
+            input_tokens=count(field(usage, "prompt_tokens")),
             # Embeddings have no completion side at all.
-            output_tokens=_count(_field(usage, "completion_tokens")),
-            cached_input_tokens=_count(_field(prompt_details, "cached_tokens")),
-            cache_write_tokens=_count(_field(prompt_details, "cache_write_tokens")),
-            reasoning_tokens=_count(_field(_field(usage, "completion_tokens_details"), "reasoning_tokens")),
+            output_tokens=count(field(usage, "completion_tokens")),
+            cached_input_tokens=count(field(prompt_details, "cached_tokens")),
+            cache_write_tokens=count(field(prompt_details, "cache_write_tokens")),
+            reasoning_tokens=count(field(field(usage, "completion_tokens_details"), "reasoning_tokens")),
         )
-    if _field(usage, "input_tokens") is not None:
-        input_details = _field(usage, "input_tokens_details")
+    if field(usage, "input_tokens") is not None:
+        input_details = field(usage, "input_tokens_details")
         return TokenCounts(
-            input_tokens=_count(_field(usage, "input_tokens")),
-            output_tokens=_count(_field(usage, "output_tokens")),
-            cached_input_tokens=_count(_field(input_details, "cached_tokens")),
-            cache_write_tokens=_count(_field(input_details, "cache_write_tokens")),
-            reasoning_tokens=_count(_field(_field(usage, "output_tokens_details"), "reasoning_tokens")),
+            input_tokens=count(field(usage, "input_tokens")),
+            output_tokens=count(field(usage, "output_tokens")),
+            cached_input_tokens=count(field(input_details, "cached_tokens")),
+            cache_write_tokens=count(field(input_details, "cache_write_tokens")),
+            reasoning_tokens=count(field(field(usage, "output_tokens_details"), "reasoning_tokens")),
         )
     return None
 
@@ -105,7 +89,7 @@ class OpenAIStreamAccumulator:
         return self._output_chars
 
     def feed(self, chunk: t.Any) -> None:
-        kind = _field(chunk, "type")
+        kind = field(chunk, "type")
         if isinstance(kind, str):
             self._feed_responses_event(kind, chunk)
         else:
@@ -117,29 +101,29 @@ class OpenAIStreamAccumulator:
         return Extracted(tokens=self._tokens, model=self._model)
 
     def _feed_chat_chunk(self, chunk: t.Any) -> None:
-        self._model = _model(chunk) or self._model
-        for choice in _field(chunk, "choices") or ():
-            delta = _field(choice, "delta")
-            for text in (_field(delta, "content"), _field(delta, "refusal")):
+        self._model = model_of(chunk) or self._model
+        for choice in field(chunk, "choices") or ():
+            delta = field(choice, "delta")
+            for text in (field(delta, "content"), field(delta, "refusal")):
                 if isinstance(text, str):
                     self._output_chars += len(text)
-            for call in _field(delta, "tool_calls") or ():
-                arguments = _field(_field(call, "function"), "arguments")
+            for call in field(delta, "tool_calls") or ():
+                arguments = field(field(call, "function"), "arguments")
                 if isinstance(arguments, str):
                     self._output_chars += len(arguments)
-        tokens = tokens_from_usage(_field(chunk, "usage"))
+        tokens = tokens_from_usage(field(chunk, "usage"))
         if tokens is not None:
             self._tokens = tokens
 
     def _feed_responses_event(self, kind: str, event: t.Any) -> None:
         if kind in _RESPONSES_TEXT_EVENTS:
-            delta = _field(event, "delta")
+            delta = field(event, "delta")
             if isinstance(delta, str):
                 self._output_chars += len(delta)
         elif kind in _RESPONSES_SNAPSHOT_EVENTS:
-            response = _field(event, "response")
-            self._model = _model(response) or self._model
-            tokens = tokens_from_usage(_field(response, "usage"))
+            response = field(event, "response")
+            self._model = model_of(response) or self._model
+            tokens = tokens_from_usage(field(response, "usage"))
             if tokens is not None:
                 self._tokens = tokens
 
@@ -150,10 +134,10 @@ class OpenAIProvider:
     name = "openai"
 
     def extract(self, response: t.Any) -> Extracted | None:
-        tokens = tokens_from_usage(_field(response, "usage"))
+        tokens = tokens_from_usage(field(response, "usage"))
         if tokens is None:
             return None
-        return Extracted(tokens=tokens, model=_model(response))
+        return Extracted(tokens=tokens, model=model_of(response))
 
     def is_stream(self, response: t.Any) -> bool:
         """True for the ``stream=True`` results, ``openai.Stream`` and ``openai.AsyncStream``.

@@ -1,0 +1,91 @@
+"""``make bench``: every benchmark in one run, printed as a table and saved under bench/results/.
+
+Figures are only comparable within one run (the machines are noisy): each bench
+measures its own baseline beside it — the database floor, the bare call, the
+naive check-then-increment — and reports ratios against it.
+
+Environment: ``AI_METERING_TEST_POSTGRES_URL`` (PostgreSQL benches run when it is
+reachable), ``BENCH_QUICK=1`` (shorter runs), ``BENCH_DASHBOARD_ROWS`` (default
+1,000,000; e.g. ``1000000,10000000``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import sys
+import typing as t
+from pathlib import Path
+
+from bench.common import postgres_available
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _table(rows: list[dict[str, t.Any]]) -> str:
+    lines = []
+    for bench in dict.fromkeys(r["bench"] for r in rows):
+        group = [r for r in rows if r["bench"] == bench]
+        columns = [c for c in dict.fromkeys(k for r in group for k in r) if c != "bench"]
+        widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in group)) for c in columns}
+        lines.append(f"\n## {bench}")
+        lines.append(" | ".join(c.ljust(widths[c]) for c in columns))
+        lines.append("-|-".join("-" * widths[c] for c in columns))
+        lines.extend(" | ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in group)
+    return "\n".join(lines)
+
+
+def main() -> int:
+    logging.getLogger("flask_ai_metering").setLevel(logging.ERROR)
+    quick = os.environ.get("BENCH_QUICK") == "1"
+    backends = ["sqlite"] + (["postgresql"] if postgres_available() else [])
+    if "postgresql" not in backends:
+        print("PostgreSQL not reachable (AI_METERING_TEST_POSTGRES_URL): SQLite only", file=sys.stderr)
+    rows: list[dict[str, t.Any]] = []
+    from bench import overhead
+    from bench import quota
+
+    print("call overhead…", file=sys.stderr)
+    rows += overhead.run(backends, calls=500 if quick else 2000)
+    print("quota throughput…", file=sys.stderr)
+    rows += quota.run(backends, concurrencies=(1, 8) if quick else (1, 8, 32))
+    for name, call in _optional_benches(backends, quick):
+        print(f"{name}…", file=sys.stderr)
+        rows += call()
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    RESULTS.mkdir(exist_ok=True)
+    meta = {"when": stamp, "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
+    (RESULTS / f"{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
+    text = _table(rows)
+    (RESULTS / "latest.md").write_text(f"# Bench results {stamp}\n{text}\n")
+    print(text)
+    print(f"\nsaved bench/results/{stamp}.json and bench/results/latest.md", file=sys.stderr)
+    return 0
+
+
+def _optional_benches(backends: list[str], quick: bool) -> list[tuple[str, t.Callable[[], list[dict[str, t.Any]]]]]:
+    """Benches of the dashboard and queued recording, when their modules are present."""
+    benches = []
+    try:
+        from bench import dashboard
+    except ImportError:
+        pass
+    else:
+        sizes = [int(n) for n in os.environ.get("BENCH_DASHBOARD_ROWS", "1000000").split(",")]
+        if quick:
+            sizes = [min(sizes[0], 100_000)]
+        benches.append(("dashboard", lambda: [r for n in sizes for r in dashboard.run(n, backends)]))
+    try:
+        from bench import queue
+    except ImportError:
+        pass
+    else:
+        benches.append(("queued recording", queue.run))
+    return benches
+
+
+if __name__ == "__main__":
+    sys.exit(main())
