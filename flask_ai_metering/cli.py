@@ -31,7 +31,7 @@ def parse_billable(value: str) -> tuple[str, str]:
     return kind, ident
 
 
-class _Billable(click.ParamType):
+class _Billable(click.ParamType):  # type: ignore[type-arg]
     name = "TYPE:ID"
 
     def convert(self, value: t.Any, param: t.Any, ctx: t.Any) -> tuple[str, str]:

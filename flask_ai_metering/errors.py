@@ -62,7 +62,7 @@ class _LimitResponse(HTTPException):
         return headers
 
 
-class AiLimitExceeded(_LimitResponse, AiMeteringError, TooManyRequests):  # type: ignore[misc]
+class AiLimitExceeded(_LimitResponse, AiMeteringError, TooManyRequests):
     """A token or cost limit is used up (HTTP 429).
 
     Raised by ``meter.call`` before the provider is called, and by

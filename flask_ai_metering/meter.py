@@ -25,6 +25,7 @@ from .errors import CreditsInsufficient
 from .errors import FeatureNotAllowed
 from .errors import IdempotencyConflict
 from .models import Usage as UsageRow
+from .models import table
 from .models import utcnow
 from .money import from_units
 from .money import to_units
@@ -46,7 +47,7 @@ if t.TYPE_CHECKING:
     from .storage import Store
 
 log = logging.getLogger("flask_ai_metering")
-usage_table = UsageRow.__table__
+usage_table = table(UsageRow)
 reservations = quota.reservations
 
 
@@ -560,7 +561,7 @@ def after_commit(
     rt: Runtime,
     billable: Billable,
     usage: Usage,
-    usage_id: int,
+    usage_id: int | None,
     feature: str | None,
     approaching: list[quota.LimitCheck],
     overages: list[dict[str, t.Any]],

@@ -73,6 +73,11 @@ class UTCDateTime(sa.TypeDecorator[dt.datetime]):
         return t.cast(dt.datetime, value).replace(tzinfo=dt.timezone.utc)
 
 
+def table(model: type[Base]) -> sa.Table:
+    """The Core ``Table`` of a model, typed as one (metering's hot path is Core, not ORM)."""
+    return t.cast(sa.Table, model.__table__)
+
+
 class Base(DeclarativeBase):
     """Declarative base of every metering model, with its own ``MetaData``."""
 

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from .models import Plan
 from .models import Subscription
 from .models import UsageLimitOverride
+from .models import table
 from .periods import Period
 from .periods import period_for
 
@@ -24,9 +25,9 @@ if t.TYPE_CHECKING:
 
 Billable = tuple[str, str]
 
-_subs = Subscription.__table__
-_plans = Plan.__table__
-_overrides = UsageLimitOverride.__table__
+_subs = table(Subscription)
+_plans = table(Plan)
+_overrides = table(UsageLimitOverride)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,14 +58,14 @@ class Policy:
         return not self.features or feature is None or feature in self.features
 
 
-_B_TYPE = sa.bindparam("b_type")
-_B_ID = sa.bindparam("b_id")
+_B_TYPE: sa.BindParameter[str] = sa.bindparam("b_type")
+_B_ID: sa.BindParameter[str] = sa.bindparam("b_id")
 _NOW = sa.bindparam("now", type_=_overrides.c.period_start.type)
 
 
 def _override_column(column: str) -> sa.ScalarSelect[t.Any]:
     """The newest override in force for ``column``, as a scalar subquery."""
-    col = _overrides.c[column]
+    col: sa.ColumnElement[t.Any] = _overrides.c[column]
     if column == "cost_limit":
         col = sa.type_coerce(col, sa.BigInteger)
     return (

@@ -26,11 +26,12 @@ import sqlalchemy as sa
 
 from . import quota
 from .models import Usage as UsageRow
+from .models import table
 from .policy import Policy
 
 counters = quota.counters
 reservations = quota.reservations
-usage_table = UsageRow.__table__
+usage_table = table(UsageRow)
 
 _RESERVATION_COLUMNS = (
     "billable_type",

@@ -25,6 +25,7 @@ import sqlalchemy as sa
 
 from .models import Counter
 from .models import Reservation
+from .models import table
 from .money import from_units
 from .policy import Billable
 from .policy import Policy
@@ -32,8 +33,8 @@ from .policy import Policy
 if t.TYPE_CHECKING:
     from .storage import Store
 
-counters = Counter.__table__
-reservations = Reservation.__table__
+counters = table(Counter)
+reservations = table(Reservation)
 
 USED_COLUMNS = _USED = (
     counters.c.used_tokens,

@@ -20,16 +20,17 @@ from .models import CreditTransaction
 from .models import CreditWallet
 from .models import Reservation
 from .models import Usage
+from .models import table
 from .models import utcnow
 
 if t.TYPE_CHECKING:
     from .meter import Runtime
 
-counters = Counter.__table__
-usage = Usage.__table__
-reservations = Reservation.__table__
-wallets = CreditWallet.__table__
-transactions = CreditTransaction.__table__
+counters = table(Counter)
+usage = table(Usage)
+reservations = table(Reservation)
+wallets = table(CreditWallet)
+transactions = table(CreditTransaction)
 
 _cost = sa.type_coerce(usage.c.total_cost, sa.BigInteger)
 

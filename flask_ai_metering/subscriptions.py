@@ -18,6 +18,7 @@ from . import signals
 from .errors import InvalidUsage
 from .models import Plan
 from .models import Subscription
+from .models import table
 from .models import utcnow
 from .policy import Billable
 from .validation import billing_mode as check_mode
@@ -27,8 +28,8 @@ if t.TYPE_CHECKING:
 
     from .meter import Runtime
 
-subs = Subscription.__table__
-plans = Plan.__table__
+subs = table(Subscription)
+plans = table(Plan)
 
 _DATES = ("started_at", "renews_at", "ends_at", "trial_ends_at", "grace_period_ends_at")
 
