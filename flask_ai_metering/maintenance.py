@@ -6,8 +6,9 @@ reservation, so expired claims go with them) and older than the same cutoff.
 What stays: rollups (they are the long-term history), counters, pending
 reservations (an outbox payload may still be waiting in one), wallets, overages.
 
-The cutoff never reaches into a period that ``reconcile`` checks or that is still
-running: counters must keep equalling the ledger (invariant 8). Rows are deleted
+The cutoff never reaches into a period that is still running, and cleanup records
+it (``pruned_before``) so ``reconcile`` checks exactly the periods whose usage is
+whole: counters keep equalling the ledger (invariant 8). Rows are deleted
 ``AI_METERING_BATCH_SIZE`` at a time, each batch its own short transaction, so a
 prune of millions of rows never holds a long lock.
 """
@@ -20,6 +21,7 @@ import typing as t
 
 import sqlalchemy as sa
 
+from .models import AggregationState
 from .models import Counter
 from .models import Reservation
 from .models import Usage
@@ -34,28 +36,19 @@ log = logging.getLogger("flask_ai_metering")
 usage = t.cast(sa.Table, Usage.__table__)
 reservations = t.cast(sa.Table, Reservation.__table__)
 counters = t.cast(sa.Table, Counter.__table__)
+state = t.cast(sa.Table, AggregationState.__table__)
 
 FINISHED = ("committed", "released", "expired")
 
 
 def prune_cutoff(rt: Runtime, days: int | None, now: dt.datetime) -> dt.datetime:
-    """The instant before which rows may go, clamped so no checked or running period loses rows.
+    """The instant before which rows may go: ``days`` (default the setting) ago, never inside a running period.
 
-    ``reconcile`` checks every period that starts within ``AI_METERING_PRUNE_AFTER_DAYS``;
-    a row older than the cutoff belongs to a period that started even earlier, so
-    it is never counted in a checked period. A running period (a yearly plan, say)
-    can start earlier still; the cutoff stops at its start too.
+    A running period (a yearly plan, say) can start before the cutoff; its
+    counter must keep equalling the ledger, so the cutoff stops at its start.
     """
     keep = rt.settings.prune_after_days if days is None else days
     cutoff = now - dt.timedelta(days=keep)
-    retained = now - dt.timedelta(days=rt.settings.prune_after_days)
-    if cutoff > retained:
-        log.warning(
-            "keeping %d days, not %d: reconcile checks periods back to AI_METERING_PRUNE_AFTER_DAYS",
-            rt.settings.prune_after_days,
-            keep,
-        )
-        cutoff = retained
     with rt.store.engine.connect() as conn:
         running = conn.execute(
             sa.select(sa.func.min(counters.c.period_start)).where(counters.c.period_end > now)
@@ -63,6 +56,26 @@ def prune_cutoff(rt: Runtime, days: int | None, now: dt.datetime) -> dt.datetime
     if running is not None and running < cutoff:
         cutoff = running
     return cutoff
+
+
+def _mark_pruned(rt: Runtime, cutoff: dt.datetime) -> None:
+    """Record that no usage before ``cutoff`` is kept, so ``reconcile`` checks only whole periods."""
+    from .reconcile import PRUNED_BEFORE
+
+    def work(conn: sa.Connection) -> None:
+        current = conn.execute(
+            sa.select(state.c.marked_at).where(state.c.name == PRUNED_BEFORE).with_for_update()
+        ).first()
+        if current is None:
+            conn.execute(
+                sa.insert(state).values(name=PRUNED_BEFORE, last_usage_id=0, marked_at=cutoff, updated_at=utcnow())
+            )
+        elif current.marked_at is None or current.marked_at < cutoff:
+            conn.execute(
+                sa.update(state).where(state.c.name == PRUNED_BEFORE).values(marked_at=cutoff, updated_at=utcnow())
+            )
+
+    rt.store.run(work)
 
 
 def _delete_in_batches(
@@ -110,6 +123,8 @@ def cleanup(
     """Delete (or with ``dry_run`` count) what is past retention; return rows per table label."""
     now = now or utcnow()
     cutoff = prune_cutoff(rt, days, now)
+    if not dry_run:
+        _mark_pruned(rt, cutoff)  # before deleting: a crash mid-way must not leave reconcile blind
     return {
         "usage rows": _delete_in_batches(rt, usage, usage.c.occurred_at < cutoff, dry_run=dry_run, progress=progress),
         "finished reservations": _delete_in_batches(

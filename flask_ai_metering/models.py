@@ -378,7 +378,7 @@ class Overage(Base):
 
     __tablename__ = PREFIX + "overages"
     __table_args__ = (
-        sa.Index(None, "billable_type", "billable_id", "period_start"),
+        sa.Index("ix_ai_metering_overages_billable", "billable_type", "billable_id", "period_start"),
         sa.Index(None, "status", "id"),
         sa.UniqueConstraint("usage_id"),
     )
@@ -407,8 +407,23 @@ class Overage(Base):
         return self.synced_at is not None
 
 
-class UsageRollup(Base):
-    """Daily totals per billable × tenant × provider × model × feature, for fast dashboards.
+class _RollupMetrics:
+    """The summed columns every rollup table carries."""
+
+    calls: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    input_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    output_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    cached_input_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    cache_write_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    reasoning_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    total_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    total_cost: Mapped[Decimal] = mapped_column(default=Decimal(0))
+    unpriced_calls: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class UsageRollup(_RollupMetrics, Base):
+    """Daily totals per billable × tenant × provider × model × feature: the detailed rollup.
 
     Empty strings stand for "none" in the key columns, because unique keys treat
     NULLs as distinct and would let a re-run duplicate rows.
@@ -429,25 +444,55 @@ class UsageRollup(Base):
     provider: Mapped[str] = mapped_column(sa.String(50))
     model: Mapped[str] = mapped_column(sa.String(150), default="")
     feature: Mapped[str] = mapped_column(sa.String(100), default="")
-    calls: Mapped[int] = mapped_column(sa.BigInteger, default=0)
-    input_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
-    output_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
-    cached_input_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
-    cache_write_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
-    reasoning_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
-    total_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
-    total_cost: Mapped[Decimal] = mapped_column(default=Decimal(0))
-    unpriced_calls: Mapped[int] = mapped_column(sa.BigInteger, default=0)
-    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class UsageTotalsRollup(_RollupMetrics, Base):
+    """Daily totals per tenant × provider × model × feature, without the billable.
+
+    Overviews across all billables read this table: its size grows with days and
+    models, not with customers, so a 30-day overview stays fast at any volume.
+    """
+
+    __tablename__ = PREFIX + "usage_daily_totals"
+    __table_args__ = (
+        sa.UniqueConstraint("day", "tenant_id", "provider", "model", "feature"),
+        sa.Index(None, "tenant_id", "day"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    day: Mapped[dt.date] = mapped_column(sa.Date)
+    tenant_id: Mapped[str] = mapped_column(sa.String(_ID), default="")
+    provider: Mapped[str] = mapped_column(sa.String(50))
+    model: Mapped[str] = mapped_column(sa.String(150), default="")
+    feature: Mapped[str] = mapped_column(sa.String(100), default="")
+
+
+class UsageBillableRollup(_RollupMetrics, Base):
+    """Daily totals per billable × tenant, for rankings of billables over any range."""
+
+    __tablename__ = PREFIX + "usage_daily_billables"
+    __table_args__ = (
+        sa.UniqueConstraint("day", "billable_type", "billable_id", "tenant_id"),
+        sa.Index("ix_ai_metering_daily_billables_billable", "billable_type", "billable_id", "day"),
+        sa.Index(None, "tenant_id", "day"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    day: Mapped[dt.date] = mapped_column(sa.Date)
+    billable_type: Mapped[str] = mapped_column(sa.String(_BILLABLE_TYPE), default="")
+    billable_id: Mapped[str] = mapped_column(sa.String(_ID), default="")
+    tenant_id: Mapped[str] = mapped_column(sa.String(_ID), default="")
 
 
 class AggregationState(Base):
-    """Where incremental aggregation stopped: the highest usage id already rolled up."""
+    """Markers of background work: where aggregation stopped, what cleanup pruned."""
 
     __tablename__ = PREFIX + "aggregation_state"
 
     name: Mapped[str] = mapped_column(sa.String(50), primary_key=True)
     last_usage_id: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    #: A time the marker records (e.g. ``pruned_before``: no usage older than this is kept).
+    marked_at: Mapped[dt.datetime | None]
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
@@ -462,6 +507,9 @@ __all__ = [
     "Reservation",
     "Subscription",
     "Usage",
+    "UsageBillableRollup",
     "UsageLimitOverride",
     "UsageRollup",
+    "UsageTotalsRollup",
+    "table",
 ]

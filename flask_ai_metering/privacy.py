@@ -40,11 +40,11 @@ if t.TYPE_CHECKING:
     from .meter import Runtime
     from .policy import Billable
 
-usage = Usage.__table__
-reservations = Reservation.__table__
-counters = Counter.__table__
-rollups = UsageRollup.__table__
-overages = Overage.__table__
+usage = t.cast(sa.Table, Usage.__table__)
+reservations = t.cast(sa.Table, Reservation.__table__)
+counters = t.cast(sa.Table, Counter.__table__)
+rollups = t.cast(sa.Table, UsageRollup.__table__)
+overages = t.cast(sa.Table, Overage.__table__)
 _DELETED = (
     ("reservations", reservations),
     ("usage rows", usage),
@@ -52,8 +52,8 @@ _DELETED = (
     ("counters", counters),
 )
 _KEPT = (
-    ("subscriptions (pseudonymized)", Subscription.__table__),
-    ("credit wallets (pseudonymized)", CreditWallet.__table__),
+    ("subscriptions (pseudonymized)", t.cast(sa.Table, Subscription.__table__)),
+    ("credit wallets (pseudonymized)", t.cast(sa.Table, CreditWallet.__table__)),
     ("overages (pseudonymized)", overages),
 )
 _ROLLUP_MEASURES = (
@@ -90,7 +90,9 @@ def forget(rt: Runtime, billable: Billable, dry_run: bool = False) -> dict[str, 
 
     def work(conn: sa.Connection) -> dict[str, int]:
         counts = {
-            label: int(conn.execute(sa.select(sa.func.count()).select_from(table).where(_of(table, billable))).scalar())
+            label: int(
+                conn.execute(sa.select(sa.func.count()).select_from(table).where(_of(table, billable))).scalar_one()
+            )
             for label, table in _DELETED + _KEPT
         }
         if dry_run:
@@ -150,7 +152,7 @@ def anonymize(rt: Runtime, before: dt.datetime, dry_run: bool = False) -> int:
     where = _identifying(before)
     if dry_run:
         with rt.store.engine.connect() as conn:
-            return int(conn.execute(sa.select(sa.func.count()).select_from(usage).where(where)).scalar())
+            return int(conn.execute(sa.select(sa.func.count()).select_from(usage).where(where)).scalar_one())
     size = rt.settings.batch_size
 
     def batch(conn: sa.Connection) -> int:

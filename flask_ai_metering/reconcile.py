@@ -15,18 +15,19 @@ import typing as t
 
 import sqlalchemy as sa
 
+from .models import AggregationState
 from .models import Counter
 from .models import CreditTransaction
 from .models import CreditWallet
 from .models import Reservation
 from .models import Usage
 from .models import table
-from .models import utcnow
 
 if t.TYPE_CHECKING:
     from .meter import Runtime
 
 counters = table(Counter)
+state = table(AggregationState)
 usage = table(Usage)
 reservations = table(Reservation)
 wallets = table(CreditWallet)
@@ -54,12 +55,16 @@ def _ledger_sums(counter_ids: sa.Select[t.Any]) -> dict[str, sa.ScalarSelect[t.A
     }
 
 
-def retained_since(rt: Runtime, now: dt.datetime | None = None) -> dt.datetime:
-    """Periods starting at or after this instant have all their usage retained."""
-    return (now or utcnow()) - dt.timedelta(days=rt.settings.prune_after_days)
+#: The marker ``cleanup`` writes: no usage older than its ``marked_at`` is kept.
+PRUNED_BEFORE = "pruned_before"
 
 
-def counter_drift(conn: sa.Connection, since: dt.datetime) -> list[tuple[t.Any, dict[str, tuple[int, int]]]]:
+def retained_since(conn: sa.Connection) -> dt.datetime | None:
+    """Periods starting at or after this instant have all their usage; None: nothing was pruned."""
+    return conn.execute(sa.select(state.c.marked_at).where(state.c.name == PRUNED_BEFORE)).scalar()
+
+
+def counter_drift(conn: sa.Connection, since: dt.datetime | None) -> list[tuple[t.Any, dict[str, tuple[int, int]]]]:
     """Counters whose amounts differ from the ledger: ``(row, {column: (counter, ledger)})``."""
     sums = _ledger_sums(sa.select(counters.c.id))
     columns = list(sums)
@@ -71,7 +76,7 @@ def counter_drift(conn: sa.Connection, since: dt.datetime) -> list[tuple[t.Any, 
             counters.c.period_start,
             *(counters.c[c] for c in columns),
             *(sums[c].label("ledger_" + c) for c in columns),
-        ).where(counters.c.period_start >= since)
+        ).where(sa.true() if since is None else counters.c.period_start >= since)
     )
     drifted = []
     for row in rows:
@@ -121,13 +126,12 @@ def wallet_drift(conn: sa.Connection) -> list[tuple[t.Any, dict[str, tuple[int, 
     return out
 
 
-def reconcile(rt: Runtime, *, fix: bool = False, now: dt.datetime | None = None) -> list[str]:
+def reconcile(rt: Runtime, *, fix: bool = False) -> list[str]:
     """One line per drift found; with ``fix`` each drifting value is set from its ledger."""
-    since = retained_since(rt, now)
 
     def work(conn: sa.Connection) -> list[str]:
         problems = []
-        for row, diff in counter_drift(conn, since):
+        for row, diff in counter_drift(conn, retained_since(conn)):
             parts = ", ".join(f"{c} {have} != ledger {want}" for c, (have, want) in diff.items())
             problems.append(
                 f"counter {row.id} ({row.billable_type}:{row.billable_id}, period {row.period_start:%Y-%m-%d}): {parts}"

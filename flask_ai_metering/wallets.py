@@ -22,6 +22,7 @@ from .errors import CreditsInsufficient
 from .errors import InvalidUsage
 from .models import CreditTransaction
 from .models import CreditWallet
+from .models import table
 from .models import utcnow
 from .money import from_units
 from .money import parse_money
@@ -33,8 +34,8 @@ if t.TYPE_CHECKING:
 
 log = logging.getLogger("flask_ai_metering")
 
-wallets = CreditWallet.__table__
-transactions = CreditTransaction.__table__
+wallets = table(CreditWallet)
+transactions = table(CreditTransaction)
 _balance = sa.type_coerce(wallets.c.balance, sa.BigInteger)
 _held = sa.type_coerce(wallets.c.held, sa.BigInteger)
 
@@ -104,7 +105,7 @@ def settle(
     """
     row = conn.execute(sa.select(_balance, _held).where(wallets.c.id == wallet_id).with_for_update()).one()
     available = int(row[0]) - (int(row[1]) - hold_units)
-    charge = cost_units
+    charge = cost_units if overdraft else max(0, min(cost_units, available))
     meta = None
     if charge < cost_units:
         meta = {"uncollected": str(from_units(cost_units - charge))}

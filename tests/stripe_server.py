@@ -106,8 +106,8 @@ def _serve(pickle_path: str) -> None:
     def try_load_from_disk(self: t.Any) -> None:
         return None
 
-    resources.Store.dump_to_disk = dump_to_disk  # type: ignore[method-assign]
-    resources.Store.try_load_from_disk = try_load_from_disk  # type: ignore[method-assign]
+    resources.Store.dump_to_disk = dump_to_disk
+    resources.Store.try_load_from_disk = try_load_from_disk
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     print(sock.getsockname()[1], flush=True)

@@ -92,7 +92,7 @@ def test_cleanup_never_reaches_into_a_checked_or_running_period(make_app: AppFac
     with app.app_context():
         rt = meter.runtime()
         record(meter, 3, days_ago=20)
-        # --days shorter than the retention window is clamped: reconcile checks those periods.
+        # --days reaching into the running period stops at its start: those rows stay.
         assert cleanup(rt, days=1) == {"usage rows": 0, "finished reservations": 0}
         # A yearly plan's running period started long ago: its rows stay.
         plan = add_plan(db, slug="yearly", period="yearly", token_limit=10**9)
@@ -120,3 +120,16 @@ def test_cleanup_command(make_app: AppFactory) -> None:
     assert dry.exit_code == 0 and "Would delete 2 usage rows" in dry.output
     done = runner.invoke(args=["ai-metering", "cleanup", "--days", "365"])
     assert done.exit_code == 0 and "Deleted 2 usage rows" in done.output
+
+
+def test_days_shorter_than_the_setting_prunes_ended_periods(make_app: AppFactory) -> None:
+    app, _, meter = make_app(AI_METERING_PRUNE_AFTER_DAYS=365)
+    with app.app_context():
+        rt = meter.runtime()
+        record(meter, 4, days_ago=70)
+        record(meter, 2, days_ago=1)
+        assert cleanup(rt, days=40)["usage rows"] == 4
+        # the pruned periods are no longer whole: reconcile skips them, and checks the rest
+        assert reconcile(rt) == []
+        with rt.store.engine.connect() as conn:
+            assert count(conn, usage, sa.true()) == 2

@@ -56,7 +56,11 @@ class MemoryBiller(OverageSyncer):
     def create_remote(self, claim: Claim) -> str:
         with self.lock:
             item_id = f"item_{len(self.items) + 1}"
-            self.items[item_id] = {"overage_id": claim.overage_id, "amount": claim.amount_minor, "key": claim.idempotency_key}
+            self.items[item_id] = {
+                "overage_id": claim.overage_id,
+                "amount": claim.amount_minor,
+                "key": claim.idempotency_key,
+            }
             return item_id
 
 
@@ -84,6 +88,10 @@ def charging_app(make_app: AppFactory, price: str = "0.01", **config: t.Any) -> 
         # By slug: touching the expired Plan instance would open a session snapshot on MySQL.
         meter.subscribe(TEAM, "pro", stripe_customer_id="cus_test")
     return app, db, meter
+
+
+def syncer(meter: AiMetering) -> OverageSyncer:
+    return t.cast(OverageSyncer, meter.runtime().billing)
 
 
 def use(meter: AiMetering, tokens: int, billable: tuple[str, str] = TEAM) -> t.Any:
@@ -138,7 +146,7 @@ def test_sub_cent_remainders_are_carried_exactly(make_app: AppFactory, biller: t
     rng = random.Random(4)
     with app.app_context():
         use(meter, 1000)
-        driver = meter.runtime().billing
+        driver = syncer(meter)
         for round_ in range(4):
             for _ in range(12):
                 use(meter, rng.randint(1, 700))
@@ -163,7 +171,7 @@ def test_two_concurrent_syncs_bill_each_overage_once(make_app: AppFactory, bille
         use(meter, 1000)
         for _ in range(30):
             use(meter, 7)  # 7 cents each: nothing carried
-        driver = meter.runtime().billing
+        driver = syncer(meter)
     reports: list[t.Any] = []
     start = threading.Barrier(2)
 
@@ -183,24 +191,21 @@ def test_two_concurrent_syncs_bill_each_overage_once(make_app: AppFactory, bille
 
 
 def test_a_sync_that_died_after_the_remote_create_is_finished_without_a_duplicate(
-    make_app: AppFactory, biller: t.Any
+    make_app: AppFactory, biller: t.Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     app, _, meter = charging_app(make_app, price="10")
     with app.app_context():
         use(meter, 1000)
         use(meter, 500)
-        driver = meter.runtime().billing
+        driver = syncer(meter)
 
         def die(*args: t.Any, **kwargs: t.Any) -> bool:
             raise SystemExit("killed after the remote create")
 
-        original = sync_module.mark_synced
-        sync_module.mark_synced = die
-        try:
+        with monkeypatch.context() as patch:
+            patch.setattr(sync_module, "mark_synced", die)
             with pytest.raises(SystemExit):
                 driver.sync_overages()
-        finally:
-            sync_module.mark_synced = original
         assert len(biller.items) == 1 and rows(meter)[0].status == "syncing"
         assert driver.sync_overages().synced == 0  # not stale yet: the claim is respected
         later = utcnow() + dt.timedelta(hours=1)
@@ -213,18 +218,21 @@ def test_a_sync_that_died_after_the_remote_create_is_finished_without_a_duplicat
         assert (row.status, row.stripe_id, row.sync_attempts) == ("synced", "item_1", 2)
 
 
-def test_a_failed_push_keeps_its_amount_for_the_retry(make_app: AppFactory, biller: t.Any) -> None:
+def test_a_failed_push_keeps_its_amount_for_the_retry(
+    make_app: AppFactory, biller: t.Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     app, _, meter = charging_app(make_app)
     with app.app_context():
         use(meter, 1000)
         use(meter, 1234)
-        driver = meter.runtime().billing
-        original = MemoryBiller.create_remote
-        MemoryBiller.create_remote = lambda self, claim: (_ for _ in ()).throw(OSError("network down"))  # type: ignore[method-assign]
-        try:
+        driver = syncer(meter)
+
+        def network_down(self: MemoryBiller, claim: Claim) -> str:
+            raise OSError("network down")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(MemoryBiller, "create_remote", network_down)
             report = driver.sync_overages()
-        finally:
-            MemoryBiller.create_remote = original  # type: ignore[method-assign]
         assert report.failed == 1 and "network down" in report.errors[0] and "1 failed" in str(report)
         row = rows(meter)[0]
         assert (row.status, row.synced_amount_minor, row.last_error) == ("pending", 1, "OSError: network down")
@@ -249,7 +257,7 @@ def test_limit_progress_and_billables_without_a_customer(make_app: AppFactory, b
             def update(self, n: int) -> None:
                 events.append(("update", n))
 
-        driver = meter.runtime().billing
+        driver = syncer(meter)
         first = driver.sync_overages(limit=1, progress=Progress())
         assert (first.synced, first.waiting) == (1, 2) and events == [("start", 1), ("update", 1)]
         assert "2 wait for a billing customer" in str(first)
@@ -261,7 +269,7 @@ def test_immediate_strategy_syncs_in_the_background(make_app: AppFactory, biller
     with app.app_context():
         use(meter, 1000)
         use(meter, 1500)
-        meter.runtime().billing.wait(30)
+        syncer(meter).wait(30)
         assert [(r.status, r.synced_amount_minor) for r in rows(meter)] == [("synced", 1)]
 
 
@@ -278,7 +286,11 @@ def test_custom_driver_must_implement_the_interface(make_app: AppFactory) -> Non
 
 @pytest.mark.parametrize(
     ("currency", "units", "minor"),
-    [("usd", 10**12 * 123 // 100 + 1, 123), ("jpy", 10**12 * 99 + 10**12 - 1, 99), ("kwd", 10**12 * 1239 // 1000, 1230)],
+    [
+        ("usd", 10**12 * 123 // 100 + 1, 123),
+        ("jpy", 10**12 * 99 + 10**12 - 1, 99),
+        ("kwd", 10**12 * 1239 // 1000, 1230),
+    ],
 )
 def test_minor_units_round_down_per_currency(currency: str, units: int, minor: int) -> None:
     assert floor_minor(units, currency) == minor

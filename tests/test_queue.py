@@ -143,12 +143,12 @@ def wait_for(predicate: t.Callable[[], bool], timeout: float, what: str) -> None
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (see workers.log in tmp_path)")
         time.sleep(0.05)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_a_real_worker_killed_mid_batch_loses_nothing(make_app, db_url, tmp_path):
     broker = redis_url()
     queue = f"aim-test-{uuid.uuid4().hex[:8]}"
@@ -159,6 +159,9 @@ def test_a_real_worker_killed_mid_batch_loses_nothing(make_app, db_url, tmp_path
         # a short visibility timeout so the killed worker's message comes back within the test.
         "broker_transport_options": {
             "visibility_timeout": 2,
+            # Sweep for abandoned messages every second (kombu's default is every ~100 s).
+            "unacked_restore_interval": 1,
+            "unacked_restore_throttle": 1,
             "unacked_key": f"{queue}:unacked",
             "unacked_index_key": f"{queue}:unacked_index",
             "unacked_mutex_key": f"{queue}:unacked_mutex",
@@ -173,14 +176,14 @@ def test_a_real_worker_killed_mid_batch_loses_nothing(make_app, db_url, tmp_path
             workers.append(start_worker(config, queue, log))
             results = [call(meter, i) for i in range(60)]
             assert all(r.usage_id is None for r in results)  # nothing was written in the request
-            wait_for(lambda: count(meter, Usage) >= 10, 30, "the first worker to write some rows")
+            wait_for(lambda: count(meter, Usage) >= 10, 60, "the first worker to write some rows")
             os.kill(workers[0].pid, signal.SIGKILL)
             workers[0].wait(10)
             written = count(meter, Usage)
             assert written < 60, "the worker finished before it could be killed mid-batch"
             results += [call(meter, i) for i in range(60, 80)]  # queued while no worker runs
             workers.append(start_worker(config, queue, log))
-            wait_for(lambda: count(meter, Usage) == 80 and not outbox(meter), 60, "every row to be written")
+            wait_for(lambda: count(meter, Usage) == 80 and not outbox(meter), 90, "every row to be written")
             time.sleep(0.5)  # a duplicate delivery would land now
             with meter.runtime().store.engine.connect() as conn:
                 ids = list(conn.execute(sa.select(Usage.reservation_id)).scalars())

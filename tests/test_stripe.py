@@ -23,6 +23,7 @@ from flask import Flask
 from flask_ai_metering import AiMetering
 from flask_ai_metering import signals
 from flask_ai_metering.billing import sync as sync_module
+from flask_ai_metering.billing.sync import OverageSyncer
 from flask_ai_metering.billing.webhooks import handle_stripe_webhook
 from flask_ai_metering.models import Overage
 from flask_ai_metering.models import Subscription
@@ -53,9 +54,7 @@ def client(stripe_server: StripeServer) -> t.Any:
     return stripe.StripeClient(API_KEY, base_addresses={"api": stripe_server.url}, max_network_retries=0)
 
 
-def stripe_app(
-    make_app: AppFactory, server: StripeServer, client: t.Any, price: str
-) -> tuple[Flask, AiMetering, str]:
+def stripe_app(make_app: AppFactory, server: StripeServer, client: t.Any, price: str) -> tuple[Flask, AiMetering, str]:
     """An app billing overage to a fresh localstripe customer."""
     app, db, meter = make_app(
         AI_METERING_OVERAGE_BEHAVIOR="charge",
@@ -69,6 +68,10 @@ def stripe_app(
         add_plan(db, slug="pro", token_limit=1000, overage_price_per_1k_tokens=Decimal(price))
         meter.subscribe(TEAM, "pro", stripe_customer_id=customer)
     return app, meter, customer
+
+
+def syncer(meter: AiMetering) -> OverageSyncer:
+    return t.cast(OverageSyncer, meter.runtime().billing)
 
 
 def use(meter: AiMetering, tokens: int) -> None:
@@ -113,7 +116,7 @@ def test_two_syncs_at_the_same_time_create_each_item_once(
         use(meter, 1000)
         for _ in range(12):
             use(meter, 3)
-        driver = meter.runtime().billing
+        driver = syncer(meter)
     start = threading.Barrier(2)
     reports: list[t.Any] = []
 
@@ -140,7 +143,7 @@ def test_a_sync_killed_after_stripe_accepted_the_item_bills_once(
         use(meter, 1000)
         use(meter, 420)
         use(meter, 80)
-        driver = meter.runtime().billing
+        driver = syncer(meter)
 
         def killed(*args: t.Any, **kwargs: t.Any) -> bool:
             raise SystemExit("process killed before it wrote down the invoice item")
@@ -167,7 +170,7 @@ def test_remainders_are_carried_to_the_next_sync_exactly(
     app, meter, customer = stripe_app(make_app, stripe_server, client, price="0.013")
     with app.app_context():
         use(meter, 1000)
-        driver = meter.runtime().billing
+        driver = syncer(meter)
         for tokens in (100, 250, 333, 999, 1, 777, 500, 640):
             use(meter, tokens)
             driver.sync_overages()
@@ -197,7 +200,7 @@ def test_immediate_strategy_syncs_after_the_commit(
         add_plan(db, slug="pro", token_limit=10, overage_price_per_1k_tokens=Decimal("100"))
         meter.subscribe(TEAM, "pro", stripe_customer_id=customer)
         use(meter, 15)
-        meter.runtime().billing.wait(30)
+        syncer(meter).wait(30)
         assert [i.amount for i in invoice_items(client, customer)] == [50]
 
 

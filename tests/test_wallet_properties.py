@@ -160,7 +160,8 @@ def make_machine(app: Flask, meter: AiMetering, overdraft: bool) -> type[RuleBas
         @rule()
         def expire(self) -> None:
             later = utcnow() + dt.timedelta(seconds=self.rt.settings.reservation_ttl + 1)
-            assert pipeline.expire_reservations(self.rt, now=later) == len(self.pending)
+            # Other examples' holds may be pending too (a failed example leaves them): at least ours.
+            assert pipeline.expire_reservations(self.rt, now=later) >= len(self.pending)
             self.held = 0
             self.expired.extend(self.pending)
             self.pending.clear()
@@ -183,7 +184,7 @@ def test_wallet_invariants_hold_after_every_step(make_app: AppFactory, overdraft
     run_state_machine_as_test(
         machine,
         settings=settings(
-            max_examples=30 if not overdraft else 15,
+            max_examples=60 if not overdraft else 30,
             stateful_step_count=30,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow],

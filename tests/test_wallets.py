@@ -25,6 +25,7 @@ TEAM = ("team", "1")
 #: One price for input and output, so a call's hold (max_tokens at the higher
 #: price) equals its actual cost when its usage totals max_tokens.
 PRICES = {"manual": {"models": {"m": {"input_price_per_1k": "0.002", "output_price_per_1k": "0.002"}}}}
+ZERO = Decimal(0)
 CALL_COST = Decimal("0.002")  # 1000 tokens at 0.002 per 1k
 
 
@@ -67,7 +68,7 @@ def test_every_change_is_a_ledger_row_and_the_balance_is_their_sum(meter: AiMete
     assert first.amount == Decimal("10.5") and taken.amount == Decimal("-3.25")
     assert wallet.balance == Decimal("7.250000000001")
     assert wallet.has_sufficient_balance("7.250000000001") and not wallet.has_sufficient_balance("7.26")
-    assert ledger(meter) == (Decimal("7.250000000001"), 0, Decimal("7.250000000001"))
+    assert ledger(meter) == (Decimal("7.250000000001"), ZERO, Decimal("7.250000000001"))
     rows = wallet.transactions()
     assert [r["reason"] for r in rows] == ["refund", "top-up", "top-up"]
     assert rows[-1]["meta"] == {"payment_id": "pay_1"}
@@ -109,7 +110,7 @@ def test_a_deduction_never_overdraws_without_overdraft(meter: AiMetering) -> Non
     with pytest.raises(CreditsInsufficient) as info:
         wallet.deduct_credits("1.01")
     assert info.value.code == 402
-    assert ledger(meter) == (1, 0, 1)
+    assert ledger(meter) == (Decimal(1), ZERO, Decimal(1))
 
 
 def test_overdraft_lets_a_wallet_go_below_zero(make_app: AppFactory) -> None:
@@ -118,7 +119,7 @@ def test_overdraft_lets_a_wallet_go_below_zero(make_app: AppFactory) -> None:
         meter.wallet(TEAM).add_credits("0.001")
         manual_call(meter)
         meter.wallet(TEAM).deduct_credits("1")
-        assert ledger(meter) == (Decimal("-1.001"), 0, Decimal("-1.001"))
+        assert ledger(meter) == (Decimal("-1.001"), ZERO, Decimal("-1.001"))
 
 
 def test_a_credits_call_holds_its_cost_and_deducts_what_it_spent(make_app: AppFactory) -> None:
@@ -142,8 +143,8 @@ def test_a_credits_call_holds_its_cost_and_deducts_what_it_spent(make_app: AppFa
             usage={"input_tokens": 300, "output_tokens": 200},  # costs 0.001
         )
         assert during == [Decimal("0.002")]
-        assert result.usage.total_cost == Decimal("0.001")
-        assert ledger(meter) == (Decimal("0.009"), 0, Decimal("0.009"))
+        assert result.usage is not None and result.usage.total_cost == Decimal("0.001")
+        assert ledger(meter) == (Decimal("0.009"), ZERO, Decimal("0.009"))
         assert wallet.transactions()[0]["reason"] == "usage"
         assert reconcile(meter.runtime()) == []
 
@@ -154,10 +155,16 @@ def test_an_empty_wallet_refuses_the_call_before_it_runs(make_app: AppFactory) -
         meter.wallet(TEAM).add_credits("0.0019")
         ran: list[bool] = []
         with pytest.raises(CreditsInsufficient) as info:
-            meter.call(lambda: ran.append(True), billable=TEAM, provider="manual", model="m",
-                       billing_mode="credits", max_tokens=1000)
+            meter.call(
+                lambda: ran.append(True),
+                billable=TEAM,
+                provider="manual",
+                model="m",
+                billing_mode="credits",
+                max_tokens=1000,
+            )
         assert ran == [] and info.value.code == 402
-        assert ledger(meter) == (Decimal("0.0019"), 0, Decimal("0.0019"))
+        assert ledger(meter) == (Decimal("0.0019"), ZERO, Decimal("0.0019"))
 
 
 def test_a_failed_call_returns_its_hold(make_app: AppFactory) -> None:
@@ -170,9 +177,9 @@ def test_a_failed_call_returns_its_hold(make_app: AppFactory) -> None:
 
         with pytest.raises(RuntimeError):
             meter.call(boom, billable=TEAM, provider="manual", model="m", billing_mode="credits", max_tokens=1000)
-        assert ledger(meter) == (Decimal("0.002"), 0, Decimal("0.002"))
+        assert ledger(meter) == (Decimal("0.002"), ZERO, Decimal("0.002"))
         manual_call(meter)
-        assert ledger(meter) == (0, 0, 0)
+        assert ledger(meter) == (ZERO, ZERO, ZERO)
 
 
 def test_eight_threads_spend_a_wallet_worth_fifty_calls_exactly(make_app: AppFactory, backend: str) -> None:
@@ -205,6 +212,6 @@ def test_eight_threads_spend_a_wallet_worth_fifty_calls_exactly(make_app: AppFac
     assert errors == []
     assert outcomes.count("ok") == 50 and outcomes.count("refused") == 8
     with app.app_context():
-        assert ledger(meter) == (0, 0, 0)
+        assert ledger(meter) == (ZERO, ZERO, ZERO)
         assert len(meter.wallet(TEAM).transactions(limit=100)) == 51
         assert reconcile(meter.runtime()) == []

@@ -3,6 +3,21 @@
 ``AI_METERING_BILLING_DRIVER`` is ``"null"`` (the default: overage is recorded
 and reported, never sent anywhere), ``"stripe"``, or a dotted path to a class
 implementing :class:`BillingDriver`.
+
+To bill through another provider exactly once, subclass
+:class:`~flask_ai_metering.billing.sync.OverageSyncer` and implement two methods::
+
+    class LagoDriver(OverageSyncer):
+        requires_customer = False
+
+        def find_remote(self, claim: Claim) -> str | None:
+            ...  # the id of an item already created for claim.overage_id, if any
+
+        def create_remote(self, claim: Claim) -> str:
+            ...  # create it, sending claim.idempotency_key; return its id
+
+The base class claims, prices in minor units (carrying remainders), retries and
+records; see :mod:`flask_ai_metering.billing.sync` for the guarantees.
 """
 
 from __future__ import annotations
@@ -20,6 +35,8 @@ class BillingDriver(t.Protocol):
     """The interface a billing driver implements.
 
     A driver is built once per app with ``driver_class(store, settings)``.
+    ``sync_overages`` returns a report whose ``str()`` the CLI prints (the
+    built-in drivers return :class:`~flask_ai_metering.billing.sync.SyncReport`).
     """
 
     name: str

@@ -15,13 +15,14 @@ from decimal import Decimal
 import sqlalchemy as sa
 
 from ..models import Overage
+from ..models import table
 from ..money import round_money
 
 if t.TYPE_CHECKING:
     from ..policy import Policy
     from ..quota import CounterState
 
-overages = Overage.__table__
+overages = table(Overage)
 
 
 def overage_tokens(limit: int, used_after: int, added: int) -> int:

@@ -19,6 +19,7 @@ import typing as t
 import sqlalchemy as sa
 
 from ..models import Overage
+from ..models import table
 from ..models import utcnow
 from .overages import floor_minor
 from .sync import OverageSyncer
@@ -26,7 +27,7 @@ from .sync import OverageSyncer
 if t.TYPE_CHECKING:
     from ..meter import Runtime
 
-overages = Overage.__table__
+overages = table(Overage)
 _amount = sa.type_coerce(overages.c.amount, sa.BigInteger)
 
 

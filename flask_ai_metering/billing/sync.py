@@ -40,6 +40,7 @@ import sqlalchemy as sa
 
 from ..models import Overage
 from ..models import Subscription
+from ..models import table
 from ..models import utcnow
 from ..money import to_units
 from .overages import floor_minor
@@ -51,8 +52,8 @@ if t.TYPE_CHECKING:
 
 log = logging.getLogger("flask_ai_metering")
 
-overages = Overage.__table__
-subs = Subscription.__table__
+overages = table(Overage)
+subs = table(Subscription)
 _amount = sa.type_coerce(overages.c.amount, sa.BigInteger)
 
 

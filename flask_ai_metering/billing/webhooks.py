@@ -41,12 +41,13 @@ import sqlalchemy as sa
 from .. import signals
 from ..errors import ConfigurationError
 from ..models import Subscription
+from ..models import table
 from ..models import utcnow
 
 if t.TYPE_CHECKING:
     from ..meter import Runtime
 
-subs = Subscription.__table__
+subs = table(Subscription)
 
 _LIVE = ("active", "trialing")
 _ENDED = ("canceled", "incomplete_expired")
