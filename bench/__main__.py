@@ -83,7 +83,7 @@ def _optional_benches(backends: list[str], quick: bool) -> list[tuple[str, t.Cal
     except ImportError:
         pass
     else:
-        benches.append(("queued recording", queue.run))
+        benches.append(("queued recording", lambda: queue.run(backends, calls=300 if quick else 1000)))
     return benches
 
 

@@ -73,9 +73,17 @@ def _status(message: str, **style: t.Any) -> None:
 
 @cli.command("expire-reservations")
 def expire_reservations_command() -> None:
-    """Release reservations whose calls never committed (safe to run from cron)."""
+    """Release reservations whose calls never committed, and write queued rows whose task was lost.
+
+    Safe to run from cron while traffic flows.
+    """
+    from .queueing import flush_outbox
+
     released = _meter().expire_reservations()
-    _status(f"Released {released} expired reservation(s).", fg="green")
+    rt = _meter().runtime()
+    # The safety net of queued recording: rows whose task was lost are written here.
+    written = flush_outbox(rt, older_than=dt.timedelta(seconds=rt.settings.reservation_ttl))
+    _status(f"Released {released} expired reservation(s); wrote {written} queued usage row(s).", fg="green")
 
 
 @cli.command("reconcile")
@@ -138,7 +146,7 @@ def validate_command() -> None:
     """Check configuration, database and data integrity; exit 1 with one line per problem."""
     from .health import validate
 
-    problems = validate(current_app, _meter().runtime())
+    problems = validate(current_app)
     for problem in problems:
         click.echo(problem)
     if problems:
@@ -177,7 +185,15 @@ def sync_overages_command(limit: int | None) -> None:
     """Send pending overages to the billing driver, each exactly once."""
     with Progress("Syncing overages") as progress:
         report = _meter().runtime().billing.sync_overages(limit=limit, progress=progress)
-    _status(str(report) if report is not None else "The null billing driver syncs nothing.", fg="green")
+    if report is None:
+        _status("The null billing driver syncs nothing.", fg="yellow")
+        return
+    if not getattr(report, "ok", True):
+        for error in getattr(report, "errors", []):
+            click.echo(str(error), err=True)
+        _status(str(report), fg="red")
+        raise SystemExit(1)
+    _status(str(report), fg="green")
 
 
 @cli.command("forget")

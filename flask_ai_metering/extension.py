@@ -391,10 +391,10 @@ class AiMetering:
         return subscribe(self.runtime(), state.db, self.resolve_billable(billable), plan, **options)
 
     def subscription(self, billable: t.Any) -> Subscription | None:
-        """The billable's subscription, if it has one (a fresh read through ``db.session``)."""
+        """The billable's subscription, if it has one: a fresh read, attached to ``db.session``."""
         from .subscriptions import subscription_of
 
-        return subscription_of(self._state().db, self.resolve_billable(billable))
+        return subscription_of(self.runtime(), self._state().db, self.resolve_billable(billable))
 
     def wallet(self, billable: t.Any) -> Wallet:
         """The billable's credit wallet (created empty on its first top-up)."""
@@ -407,6 +407,7 @@ class AiMetering:
             currency=rt.settings.currency,
             overdraft=rt.settings.credit_overdraft,
             sender=rt.app,
+            max_meta_bytes=rt.settings.max_meta_bytes,
         )
 
     # -- fluent form ---------------------------------------------------------------------

@@ -90,6 +90,11 @@ class CallSpec:
     usage: TokenCounts | None = None
     billing_mode: str | None = None
 
+    @property
+    def scope(self) -> str:
+        """The idempotency scope: keys are unique per billable and tenant."""
+        return self.tenant_id or ""
+
 
 @dataclasses.dataclass(frozen=True)
 class Hold:
@@ -146,12 +151,13 @@ def to_units_ceil(amount: t.Any) -> int:
     return to_units(amount.quantize(QUANTUM, rounding=ROUND_CEILING))
 
 
-def find_replay(conn: sa.Connection, billable: Billable, key: str) -> Replay | None:
-    """The usage already recorded under ``key`` for ``billable``, if any."""
+def find_replay(conn: sa.Connection, billable: Billable, key: str, scope: str) -> Replay | None:
+    """The usage already recorded under ``key`` for ``billable`` in tenant ``scope``, if any."""
     row = conn.execute(
         sa.select(usage_table).where(
             usage_table.c.billable_type == billable[0],
             usage_table.c.billable_id == billable[1],
+            usage_table.c.idempotency_scope == scope,
             usage_table.c.idempotency_key == key,
         )
     ).first()
@@ -191,7 +197,7 @@ def reserve(rt: Runtime, spec: CallSpec, now: dt.datetime | None = None) -> Hold
     def claim_and_policy(conn: sa.Connection, at: dt.datetime) -> Replay | Policy:
         key = spec.idempotency_key
         if key is not None:
-            replay = find_replay(conn, spec.billable, key) or _claimed(conn, spec.billable, key)
+            replay = find_replay(conn, spec.billable, key, spec.scope) or _claimed(conn, spec.billable, key, spec.scope)
             if replay is not None:
                 return replay
         policy = resolve_policy(conn, spec.billable, at, rt.settings)
@@ -214,6 +220,7 @@ def reserve(rt: Runtime, spec: CallSpec, now: dt.datetime | None = None) -> Hold
             cost_units,
             enforce=enforce,
             idempotency_key=spec.idempotency_key,
+            scope=spec.scope,
             expires_at=at + dt.timedelta(seconds=rt.settings.reservation_ttl),
             now=at,
         )
@@ -259,6 +266,7 @@ def reserve(rt: Runtime, spec: CallSpec, now: dt.datetime | None = None) -> Hold
             tokens=tokens,
             cost_units=cost_units,
             idempotency_key=spec.idempotency_key,
+            scope=spec.scope,
             expires_at=at + dt.timedelta(seconds=rt.settings.reservation_ttl),
             now=at,
             wallet_id=wallet_id,
@@ -285,12 +293,13 @@ def reserve(rt: Runtime, spec: CallSpec, now: dt.datetime | None = None) -> Hold
     raise IdempotencyConflict(f"idempotency key {spec.idempotency_key!r} is still in flight")
 
 
-def _claimed(conn: sa.Connection, billable: Billable, key: str) -> Replay | None:
+def _claimed(conn: sa.Connection, billable: Billable, key: str, scope: str) -> Replay | None:
     """Look at the reservation holding ``key``: in flight raises; queued replays its outbox."""
     row = conn.execute(
         sa.select(reservations.c.status, reservations.c.payload).where(
             reservations.c.billable_type == billable[0],
             reservations.c.billable_id == billable[1],
+            reservations.c.idempotency_scope == scope,
             reservations.c.idempotency_key == key,
         )
     ).first()
@@ -309,12 +318,12 @@ def release(rt: Runtime, hold: Hold, *, status: str = "released") -> bool:
     """Return a hold whose call raised (the key is freed so a retry can run)."""
 
     def work(conn: sa.Connection) -> bool:
-        return _release_reservation(rt, conn, hold.reservation_id, status, utcnow())
+        return release_reservation(rt, conn, hold.reservation_id, status, utcnow())
 
     return rt.store.run(work)
 
 
-def _release_reservation(rt: Runtime, conn: sa.Connection, reservation_id: int, status: str, now: dt.datetime) -> bool:
+def release_reservation(rt: Runtime, conn: sa.Connection, reservation_id: int, status: str, now: dt.datetime) -> bool:
     if not quota.settle_reservation(conn, reservation_id, status, now, keep_key=False):
         return False
     settled = quota.held_by(conn, reservation_id)
@@ -334,7 +343,7 @@ def expire_reservations(rt: Runtime, *, now: dt.datetime | None = None, batch: i
         def work(conn: sa.Connection) -> tuple[int, int]:
             at = now or utcnow()
             ids = quota.pending_expired(conn, at, batch)
-            return len(ids), sum(_release_reservation(rt, conn, rid, "expired", at) for rid in ids)
+            return len(ids), sum(release_reservation(rt, conn, rid, "expired", at) for rid in ids)
 
         seen, released = rt.store.run(work)
         total += released
@@ -359,6 +368,7 @@ def commit(
     cost_units = to_units(costs.total_cost)
     approaching: list[quota.LimitCheck] = []
     overages: list[dict[str, t.Any]] = []
+    charged: list[tuple[int, int]] = []
 
     simple = (
         postgres.usable(rt.store)
@@ -391,6 +401,7 @@ def commit(
     def work(conn: sa.Connection) -> tuple[int | None, quota.LimitCheck]:
         approaching.clear()
         overages.clear()
+        charged.clear()
         won = quota.settle_reservation(conn, hold.reservation_id, "committed", at, keep_key=True)
         # A commit that lost to the sweeper still records what the provider spent;
         # the sweeper already returned the hold, so only the usage is added.
@@ -417,14 +428,16 @@ def commit(
         else:
             usage_id = insert_usage(conn, values)
         if hold.wallet_id is not None:
-            wallets.settle(
-                conn,
-                hold.wallet_id,
-                hold_units=hold.credit_units if won else 0,
-                cost_units=cost_units,
-                usage_id=usage_id,
-                overdraft=rt.settings.credit_overdraft,
-                now=at,
+            charged.append(
+                wallets.settle(
+                    conn,
+                    hold.wallet_id,
+                    hold_units=hold.credit_units if won else 0,
+                    cost_units=cost_units,
+                    usage_id=usage_id,
+                    overdraft=rt.settings.credit_overdraft,
+                    now=at,
+                )
             )
         check = quota.limit_check(hold.policy, state, warning_threshold=rt.settings.warning_threshold)
         if hold.policy.limited and check.approaching and quota.mark_approaching(conn, hold.counter_id):
@@ -442,6 +455,16 @@ def commit(
         usage_id = enqueue(rt, hold.reservation_id)
     usage = Usage.of(tokens, costs, provider=spec.provider, model=model, estimated=extracted.estimated)
     after_commit(rt, spec.billable, usage, usage_id, spec.feature, approaching, overages)
+    for deducted, balance in charged:
+        if deducted:
+            signals.credits_deducted.send(
+                rt.app,
+                billable=spec.billable,
+                amount=from_units(deducted),
+                balance=from_units(balance),
+                transaction_id=None,
+                reason="usage",
+            )
     return Recorded(usage, usage_id, check)
 
 
@@ -496,6 +519,7 @@ def usage_values(
         "estimated": estimated,
         "billing_mode": hold.billing_mode if hold else (spec.billing_mode or "plan"),
         "idempotency_key": spec.idempotency_key,
+        "idempotency_scope": spec.scope,
         "meta": spec.meta,
         "duration_ms": duration_ms,
         "counter_id": hold.counter_id if hold else counter_id,

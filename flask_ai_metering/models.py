@@ -85,7 +85,8 @@ class Base(DeclarativeBase):
     type_annotation_map = {
         dt.datetime: UTCDateTime(),
         Decimal: MoneyType(),
-        dict[str, t.Any]: sa.JSON(),
+        # None is SQL NULL, not the JSON literal null, so "IS NULL" finds it.
+        dict[str, t.Any]: sa.JSON(none_as_null=True),
     }
 
 
@@ -108,7 +109,7 @@ class Plan(Base):
     cost_limit: Mapped[Decimal | None]
     overage_price_per_1k_tokens: Mapped[Decimal | None]
     #: Allowed feature names; None allows every feature.
-    features: Mapped[list[str] | None] = mapped_column(sa.JSON)
+    features: Mapped[list[str] | None] = mapped_column(sa.JSON(none_as_null=True))
     #: ``daily``/``weekly``/``monthly``/``yearly``/``rolling``; None: AI_METERING_PERIOD_TYPE.
     period: Mapped[str | None] = mapped_column(sa.String(20))
     is_active: Mapped[bool] = mapped_column(default=True, server_default=sa.true())
@@ -256,7 +257,7 @@ class Reservation(Base):
 
     __tablename__ = PREFIX + "reservations"
     __table_args__ = (
-        sa.UniqueConstraint("billable_type", "billable_id", "idempotency_key"),
+        sa.UniqueConstraint("billable_type", "billable_id", "idempotency_scope", "idempotency_key"),
         sa.Index(None, "status", "expires_at"),
         sa.Index(None, "counter_id"),
     )
@@ -266,6 +267,8 @@ class Reservation(Base):
     billable_type: Mapped[str] = mapped_column(sa.String(_BILLABLE_TYPE))
     billable_id: Mapped[str] = mapped_column(sa.String(_ID))
     idempotency_key: Mapped[str | None] = mapped_column(sa.String(_KEY))
+    #: The tenant the key was claimed under ('' for none): one tenant can never replay another's key.
+    idempotency_scope: Mapped[str] = mapped_column(sa.String(_ID), default="", server_default="")
     status: Mapped[str] = mapped_column(sa.String(16), default="pending")
     tokens: Mapped[int] = mapped_column(sa.BigInteger)
     cost_units: Mapped[int] = mapped_column(sa.BigInteger, default=0)
@@ -285,7 +288,7 @@ class Usage(Base):
 
     __tablename__ = PREFIX + "usage"
     __table_args__ = (
-        sa.UniqueConstraint("billable_type", "billable_id", "idempotency_key"),
+        sa.UniqueConstraint("billable_type", "billable_id", "idempotency_scope", "idempotency_key"),
         # A queued write of a reservation's usage may run twice; only one row lands.
         sa.UniqueConstraint("reservation_id", name="uq_ai_metering_usage_reservation"),
         sa.Index(None, "billable_type", "billable_id", "occurred_at"),
@@ -320,6 +323,8 @@ class Usage(Base):
     estimated: Mapped[bool] = mapped_column(default=False)
     billing_mode: Mapped[str] = mapped_column(sa.String(20), default="plan")
     idempotency_key: Mapped[str | None] = mapped_column(sa.String(_KEY))
+    #: The tenant the key was claimed under ('' for none): one tenant can never replay another's key.
+    idempotency_scope: Mapped[str] = mapped_column(sa.String(_ID), default="", server_default="")
     meta: Mapped[dict[str, t.Any] | None]
     #: Wall time of the provider call, when metered by ``meter.call``.
     duration_ms: Mapped[int | None]
@@ -392,7 +397,8 @@ class Overage(Base):
     currency: Mapped[str] = mapped_column(sa.String(3), default="usd")
     period_start: Mapped[dt.datetime]
     period_end: Mapped[dt.datetime | None]
-    #: ``pending`` → ``syncing`` → ``synced`` (or ``skipped`` for a zero amount).
+    #: ``pending`` → ``syncing`` → ``synced`` (an amount that rounds to 0 minor units is
+    #: ``synced`` with ``synced_amount_minor`` 0 and no ``stripe_id``: it was carried).
     status: Mapped[str] = mapped_column(sa.String(16), default="pending", server_default="pending")
     #: Minor units (cents) this overage put on the invoice; remainders carry to the next.
     synced_amount_minor: Mapped[int | None] = mapped_column(sa.BigInteger)

@@ -37,6 +37,7 @@ _RESERVATION_COLUMNS = (
     "billable_type",
     "billable_id",
     "idempotency_key",
+    "idempotency_scope",
     "status",
     "tokens",
     "cost_units",
@@ -69,6 +70,7 @@ def reserve(
     *,
     enforce: bool,
     idempotency_key: str | None,
+    scope: str,
     expires_at: dt.datetime,
     now: dt.datetime,
 ) -> tuple[int, int] | None:
@@ -84,6 +86,7 @@ def reserve(
         r_billable_type=policy.billable[0],
         r_billable_id=policy.billable[1],
         r_idempotency_key=idempotency_key,
+        r_idempotency_scope=scope,
         r_status="pending",
         r_tokens=tokens,
         r_cost_units=cost_units,

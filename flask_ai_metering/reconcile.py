@@ -15,6 +15,7 @@ import typing as t
 
 import sqlalchemy as sa
 
+from .billing.reconcile import check_overages
 from .models import AggregationState
 from .models import Counter
 from .models import CreditTransaction
@@ -126,8 +127,11 @@ def wallet_drift(conn: sa.Connection) -> list[tuple[t.Any, dict[str, tuple[int, 
     return out
 
 
-def reconcile(rt: Runtime, *, fix: bool = False) -> list[str]:
-    """One line per drift found; with ``fix`` each drifting value is set from its ledger."""
+def reconcile(rt: Runtime, *, fix: bool = False, now: dt.datetime | None = None) -> list[str]:
+    """One line per drift found; with ``fix`` each drifting value is set from its ledger.
+
+    Overages are checked against what was synced (``now`` dates a sync as stuck).
+    """
 
     def work(conn: sa.Connection) -> list[str]:
         problems = []
@@ -151,16 +155,7 @@ def reconcile(rt: Runtime, *, fix: bool = False) -> list[str]:
                     .where(wallets.c.id == row.id)
                     .values({c: sa.literal(want, sa.BigInteger) for c, (_, want) in diff.items()})
                 )
-        problems.extend(_extra_checks(rt, conn, fix))
+        problems.extend(check_overages(rt, conn, fix=fix, now=now))
         return problems
 
     return rt.store.run(work)
-
-
-def _extra_checks(rt: Runtime, conn: sa.Connection, fix: bool) -> list[str]:
-    """Checks contributed by the billing module (overages against what was synced)."""
-    try:
-        from .billing.reconcile import check_overages
-    except ImportError:
-        return []
-    return check_overages(rt, conn, fix=fix)

@@ -7,6 +7,7 @@ are enforced by the ledger's unique key, so a replay records nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import typing as t
@@ -15,12 +16,13 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
 from . import quota
-from . import signals
+from .billing.overages import record_overage
 from .errors import InvalidUsage
 from .meter import CallSpec
 from .meter import Recorded
 from .meter import Runtime
 from .meter import after_commit
+from .meter import current_check
 from .meter import find_replay
 from .meter import insert_usage
 from .meter import usage_table
@@ -41,9 +43,24 @@ def _when(occurred_at: t.Any, field: str) -> dt.datetime:
     return occurred_at.astimezone(dt.timezone.utc)
 
 
-def _write(
-    rt: Runtime, conn: sa.Connection, spec: CallSpec, at: dt.datetime, approaching: list[quota.LimitCheck]
-) -> Recorded:
+@dataclasses.dataclass
+class _Written:
+    """One row written, with what must be signalled once its transaction commits."""
+
+    spec: CallSpec
+    recorded: Recorded
+    approaching: list[quota.LimitCheck]
+    overages: list[dict[str, t.Any]]
+
+    def announce(self, rt: Runtime) -> MeterResult:
+        item = self.recorded
+        after_commit(
+            rt, self.spec.billable, item.usage, item.usage_id, self.spec.feature, self.approaching, self.overages
+        )
+        return MeterResult(None, item.usage, item.check, usage_id=item.usage_id)
+
+
+def _write(rt: Runtime, conn: sa.Connection, spec: CallSpec, at: dt.datetime) -> _Written:
     tokens = spec.usage
     assert tokens is not None
     costs = rt.prices.cost(spec.provider, spec.model, tokens, at)
@@ -56,34 +73,32 @@ def _write(
     )
     usage_id = insert_usage(conn, usage_values(spec, tokens, costs, spec.model, at, counter_id=counter_id))
     check = quota.limit_check(policy, state, warning_threshold=rt.settings.warning_threshold)
+    written = _Written(
+        spec, Recorded(Usage.of(tokens, costs, provider=spec.provider, model=spec.model), usage_id, check), [], []
+    )
     if policy.limited and check.approaching and quota.mark_approaching(conn, counter_id):
-        approaching.append(check)
-    return Recorded(Usage.of(tokens, costs, provider=spec.provider, model=spec.model), usage_id, check)
+        written.approaching.append(check)
+    if rt.settings.overage_behavior == "charge":
+        overage = record_overage(conn, policy, state, tokens.total_tokens, usage_id, at, rt.settings.currency)
+        if overage is not None:
+            written.overages.append(overage)
+    return written
 
 
 def record_one(rt: Runtime, spec: CallSpec, occurred_at: t.Any) -> MeterResult:
     at = _when(occurred_at, "occurred_at")
-    approaching: list[quota.LimitCheck] = []
-
-    def work(conn: sa.Connection) -> Recorded:
-        approaching.clear()
-        return _write(rt, conn, spec, at, approaching)
-
     try:
-        recorded = rt.store.run(work)
+        written = rt.store.run(lambda conn: _write(rt, conn, spec, at))
     except sa_exc.IntegrityError as error:
         if spec.idempotency_key is None or not is_duplicate(error):
             raise
         with rt.store.engine.connect() as conn:
-            replay = find_replay(conn, spec.billable, spec.idempotency_key)
+            replay = find_replay(conn, spec.billable, spec.idempotency_key, spec.scope)
         assert replay is not None, "a duplicate key that cannot be found again"
-        from .meter import current_check
-
         return MeterResult(
             None, replay.usage, current_check(rt, spec.billable), replayed=True, usage_id=replay.usage_id
         )
-    after_commit(rt, spec.billable, recorded.usage, recorded.usage_id, spec.feature, approaching, [])
-    return MeterResult(None, recorded.usage, recorded.check, usage_id=recorded.usage_id)
+    return written.announce(rt)
 
 
 def record_many(rt: Runtime, items: list[tuple[CallSpec, t.Any]]) -> list[MeterResult]:
@@ -93,10 +108,10 @@ def record_many(rt: Runtime, items: list[tuple[CallSpec, t.Any]]) -> list[MeterR
     the batch is refused before anything is written.
     """
     prepared = [(spec, _when(when, f"rows[{i}].occurred_at")) for i, (spec, when) in enumerate(items)]
-    seen: set[tuple[str, str, str]] = set()
+    seen: set[tuple[str, str, str, str]] = set()
     for index, (spec, _) in enumerate(prepared):
         if spec.idempotency_key is not None:
-            key = (*spec.billable, spec.idempotency_key)
+            key = (*spec.billable, spec.scope, spec.idempotency_key)
             if key in seen:
                 raise InvalidUsage(f"rows[{index}].idempotency_key {spec.idempotency_key!r} appears twice")
             seen.add(key)
@@ -104,38 +119,24 @@ def record_many(rt: Runtime, items: list[tuple[CallSpec, t.Any]]) -> list[MeterR
     size = rt.settings.batch_size
     for start in range(0, len(prepared), size):
         chunk = prepared[start : start + size]
-        approaching: list[tuple[t.Any, quota.LimitCheck]] = []
-        outcome = rt.store.run(functools.partial(_write_chunk, rt, chunk, approaching))
-        for (spec, _), item in zip(chunk, outcome, strict=True):
-            if isinstance(item, MeterResult):
-                results.append(item)
-                continue
-            after_commit(rt, spec.billable, item.usage, item.usage_id, spec.feature, [], [])
-            results.append(MeterResult(None, item.usage, item.check, usage_id=item.usage_id))
-        for billable, check in approaching:
-            signals.limit_approaching.send(rt.app, billable=billable, check=check)
+        outcome = rt.store.run(functools.partial(_write_chunk, rt, chunk))
+        results.extend(item if isinstance(item, MeterResult) else item.announce(rt) for item in outcome)
     return results
 
 
 def _write_chunk(
-    rt: Runtime,
-    chunk: list[tuple[CallSpec, dt.datetime]],
-    approaching: list[tuple[t.Any, quota.LimitCheck]],
-    conn: sa.Connection,
-) -> list[MeterResult | Recorded]:
+    rt: Runtime, chunk: list[tuple[CallSpec, dt.datetime]], conn: sa.Connection
+) -> list[MeterResult | _Written]:
     """One transaction of a batch: replay keys already recorded, write the rest."""
-    approaching.clear()
     existing = _existing_keys(conn, [spec for spec, _ in chunk])
-    out: list[MeterResult | Recorded] = []
+    out: list[MeterResult | _Written] = []
     for spec, at in chunk:
-        key = None if spec.idempotency_key is None else (*spec.billable, spec.idempotency_key)
+        key = None if spec.idempotency_key is None else (*spec.billable, spec.scope, spec.idempotency_key)
         if key in existing:
-            replay = existing[key]
-            out.append(MeterResult(None, replay[0], None, replayed=True, usage_id=replay[1]))
+            usage, usage_id = existing[key]
+            out.append(MeterResult(None, usage, None, replayed=True, usage_id=usage_id))
         else:
-            crossed: list[quota.LimitCheck] = []
-            out.append(_write(rt, conn, spec, at, crossed))
-            approaching.extend((spec.billable, check) for check in crossed)
+            out.append(_write(rt, conn, spec, at))
     return out
 
 
@@ -149,10 +150,10 @@ def _existing_keys(conn: sa.Connection, specs: list[CallSpec]) -> dict[t.Any, tu
     rows = conn.execute(
         sa.select(usage_table).where(usage_table.c.idempotency_key.in_({s.idempotency_key for s in keyed}))
     )
-    wanted = {(*s.billable, s.idempotency_key) for s in keyed}
+    wanted = {(*s.billable, s.scope, s.idempotency_key) for s in keyed}
     found = {}
     for row in rows:
-        key = (row.billable_type, row.billable_id, row.idempotency_key)
+        key = (row.billable_type, row.billable_id, row.idempotency_scope, row.idempotency_key)
         if key in wanted:
             found[key] = (usage_from_row(row), int(row.id))
     return found

@@ -13,6 +13,7 @@ import datetime as dt
 import typing as t
 
 import sqlalchemy as sa
+from sqlalchemy.orm import make_transient_to_detached
 
 from . import signals
 from .errors import InvalidUsage
@@ -127,20 +128,30 @@ def subscribe(
             continue
     for old, new_slug in changes:
         signals.plan_changed.send(rt.app, billable=billable, old_plan=old, new_plan=new_slug, subscription_id=sub_id)
-    with db.session.no_autoflush:
-        sub = db.session.get(Subscription, sub_id, populate_existing=True)
-    assert sub is not None
-    return sub
+    with rt.store.engine.connect() as conn:
+        row = conn.execute(sa.select(subs).where(subs.c.id == sub_id)).one()
+    return _attach(db, row)
 
 
 class _Retry(Exception):
     pass
 
 
-def subscription_of(db: SQLAlchemy, billable: Billable) -> Subscription | None:
-    with db.session.no_autoflush:
-        return db.session.execute(
-            sa.select(Subscription)
-            .where(Subscription.billable_type == billable[0], Subscription.billable_id == billable[1])
-            .execution_options(populate_existing=True)
-        ).scalar_one_or_none()
+def subscription_of(rt: Runtime, db: SQLAlchemy, billable: Billable) -> Subscription | None:
+    with rt.store.engine.connect() as conn:
+        row = conn.execute(
+            sa.select(subs).where(subs.c.billable_type == billable[0], subs.c.billable_id == billable[1])
+        ).first()
+    return None if row is None else _attach(db, row)
+
+
+def _attach(db: SQLAlchemy, row: t.Any) -> Subscription:
+    """The committed row as a ``Subscription`` in the app's session, without any SQL.
+
+    Read through metering's own connection, because the app's session may hold an
+    older snapshot (MySQL's REPEATABLE READ) that cannot see what we just committed;
+    then merged in with ``load=False``, so the app's pending objects are not flushed.
+    """
+    sub = Subscription(**dict(row._mapping))
+    make_transient_to_detached(sub)
+    return db.session.merge(sub, load=False)

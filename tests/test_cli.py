@@ -82,7 +82,7 @@ def test_expire_reservations(runner, meter):
     pipeline.reserve(rt, CallSpec(billable=TEAM, provider="manual", max_tokens=50), now=past)
     pipeline.reserve(rt, CallSpec(billable=TEAM, provider="manual", max_tokens=50))  # still live
     result = run(runner, "expire-reservations")
-    assert result.exit_code == 0 and "Released 1 expired reservation(s)." in result.stderr
+    assert result.exit_code == 0 and "Released 1 expired reservation(s); wrote 0 queued usage row(s)." in result.stderr
     assert meter.check(TEAM).reserved_tokens == 50
     assert "Released 0" in run(runner, "expire-reservations").stderr
 

@@ -254,3 +254,13 @@ def test_reconcile_reports_and_fixes_drift(meter, db, app):
     assert reconcile(meter.runtime(), fix=True) == problems
     assert reconcile(meter.runtime()) == []
     assert runner.invoke(args=["ai-metering", "reconcile"]).exit_code == 0
+
+
+def test_subscribe_returns_the_new_row_even_when_the_apps_session_holds_an_old_snapshot(meter, db, backend):
+    plan = add_plan(db, slug="p", token_limit=10)
+    assert plan.id  # reading the expired plan opens a transaction (a snapshot on MariaDB) in db.session
+    sub = meter.subscribe(TEAM, plan)
+    assert sub.plan.slug == "p" and meter.subscription(TEAM).id == sub.id
+    add_plan(db, slug="q", token_limit=20)
+    assert meter.subscribe(TEAM, "q").plan.slug == "q"
+    assert meter.subscription(TEAM).plan_version == 1

@@ -116,11 +116,6 @@ def test_one_tenant_can_never_replay_anothers_key(make_app):
         assert [(r.billable_id, r.input_tokens) for r in usage_rows(meter)] == [("acme", 1000), ("globex", 3)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: idempotency keys are scoped per billable, not per tenant; a billable shared by two tenants"
-    " replays the first tenant's usage (needs tenant_id in the claim's unique key and in find_replay)",
-)
 def test_a_billable_shared_by_two_tenants_does_not_replay_across_them(meter):
     manual(meter, billable=("User", "1"), tenant=ACME, idempotency_key="req-1", usage={"input_tokens": 1000})
     other = manual(meter, billable=("User", "1"), tenant=GLOBEX, idempotency_key="req-1")

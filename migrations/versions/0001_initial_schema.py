@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-23 17:51:17.825445
+Create Date: 2026-11-23 17:52:18.576476
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def upgrade() -> None:
         sa.Column("balance", flask_ai_metering.money.MoneyType(), server_default="0", nullable=False),
         sa.Column("held", flask_ai_metering.money.MoneyType(), server_default="0", nullable=False),
         sa.Column("currency", sa.String(length=3), nullable=False),
-        sa.Column("meta", sa.JSON(), nullable=True),
+        sa.Column("meta", sa.JSON(none_as_null=True), nullable=True),
         sa.Column("created_at", flask_ai_metering.models.UTCDateTime(), nullable=False),
         sa.Column("updated_at", flask_ai_metering.models.UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_ai_metering_credit_wallets")),
@@ -106,11 +106,11 @@ def upgrade() -> None:
         sa.Column("token_limit", sa.BigInteger(), nullable=True),
         sa.Column("cost_limit", flask_ai_metering.money.MoneyType(), nullable=True),
         sa.Column("overage_price_per_1k_tokens", flask_ai_metering.money.MoneyType(), nullable=True),
-        sa.Column("features", sa.JSON(), nullable=True),
+        sa.Column("features", sa.JSON(none_as_null=True), nullable=True),
         sa.Column("period", sa.String(length=20), nullable=True),
         sa.Column("is_active", sa.Boolean(), server_default=sa.true(), nullable=False),
         sa.Column("trial_days", sa.Integer(), nullable=True),
-        sa.Column("meta", sa.JSON(), nullable=True),
+        sa.Column("meta", sa.JSON(none_as_null=True), nullable=True),
         sa.Column("created_at", flask_ai_metering.models.UTCDateTime(), nullable=False),
         sa.Column("updated_at", flask_ai_metering.models.UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_ai_metering_plans")),
@@ -239,7 +239,7 @@ def upgrade() -> None:
         sa.Column("wallet_id", sa.Integer(), nullable=False),
         sa.Column("amount", flask_ai_metering.money.MoneyType(), nullable=False),
         sa.Column("reason", sa.String(length=255), nullable=True),
-        sa.Column("meta", sa.JSON(), nullable=True),
+        sa.Column("meta", sa.JSON(none_as_null=True), nullable=True),
         sa.Column("idempotency_key", sa.String(length=255), nullable=True),
         sa.Column("usage_id", sa.BigInteger(), nullable=True),
         sa.Column("created_at", flask_ai_metering.models.UTCDateTime(), nullable=False),
@@ -263,6 +263,7 @@ def upgrade() -> None:
         sa.Column("billable_type", sa.String(length=100), nullable=False),
         sa.Column("billable_id", sa.String(length=100), nullable=False),
         sa.Column("idempotency_key", sa.String(length=255), nullable=True),
+        sa.Column("idempotency_scope", sa.String(length=100), server_default="", nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("tokens", sa.BigInteger(), nullable=False),
         sa.Column("cost_units", sa.BigInteger(), nullable=False),
@@ -271,7 +272,7 @@ def upgrade() -> None:
         sa.Column("expires_at", flask_ai_metering.models.UTCDateTime(), nullable=False),
         sa.Column("created_at", flask_ai_metering.models.UTCDateTime(), nullable=False),
         sa.Column("settled_at", flask_ai_metering.models.UTCDateTime(), nullable=True),
-        sa.Column("payload", sa.JSON(), nullable=True),
+        sa.Column("payload", sa.JSON(none_as_null=True), nullable=True),
         sa.ForeignKeyConstraint(
             ["counter_id"], ["ai_metering_counters.id"], name=op.f("fk_ai_metering_reservations_counter_id")
         ),
@@ -280,7 +281,11 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_ai_metering_reservations")),
         sa.UniqueConstraint(
-            "billable_type", "billable_id", "idempotency_key", name=op.f("uq_ai_metering_reservations")
+            "billable_type",
+            "billable_id",
+            "idempotency_scope",
+            "idempotency_key",
+            name=op.f("uq_ai_metering_reservations"),
         ),
     )
     with op.batch_alter_table("ai_metering_reservations", schema=None) as batch_op:
@@ -306,7 +311,7 @@ def upgrade() -> None:
         sa.Column("plan_version", sa.Integer(), server_default="0", nullable=False),
         sa.Column("stripe_customer_id", sa.String(length=255), nullable=True),
         sa.Column("stripe_subscription_id", sa.String(length=255), nullable=True),
-        sa.Column("meta", sa.JSON(), nullable=True),
+        sa.Column("meta", sa.JSON(none_as_null=True), nullable=True),
         sa.Column("created_at", flask_ai_metering.models.UTCDateTime(), nullable=False),
         sa.Column("updated_at", flask_ai_metering.models.UTCDateTime(), nullable=False),
         sa.ForeignKeyConstraint(
@@ -351,7 +356,8 @@ def upgrade() -> None:
         sa.Column("estimated", sa.Boolean(), nullable=False),
         sa.Column("billing_mode", sa.String(length=20), nullable=False),
         sa.Column("idempotency_key", sa.String(length=255), nullable=True),
-        sa.Column("meta", sa.JSON(), nullable=True),
+        sa.Column("idempotency_scope", sa.String(length=100), server_default="", nullable=False),
+        sa.Column("meta", sa.JSON(none_as_null=True), nullable=True),
         sa.Column("duration_ms", sa.Integer(), nullable=True),
         sa.Column("counter_id", sa.Integer(), nullable=True),
         sa.Column("reservation_id", sa.BigInteger(), nullable=True),
@@ -361,7 +367,9 @@ def upgrade() -> None:
             ["counter_id"], ["ai_metering_counters.id"], name=op.f("fk_ai_metering_usage_counter_id")
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_ai_metering_usage")),
-        sa.UniqueConstraint("billable_type", "billable_id", "idempotency_key", name=op.f("uq_ai_metering_usage")),
+        sa.UniqueConstraint(
+            "billable_type", "billable_id", "idempotency_scope", "idempotency_key", name=op.f("uq_ai_metering_usage")
+        ),
         sa.UniqueConstraint("reservation_id", name="uq_ai_metering_usage_reservation"),
     )
     with op.batch_alter_table("ai_metering_usage", schema=None) as batch_op:
