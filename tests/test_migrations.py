@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -39,7 +40,22 @@ def test_cli_downgrade_current_upgrade(app):
     assert "alembic_version" not in sa.inspect(engine).get_table_names()  # ours is ai_metering_alembic_version
 
 
-def test_app_flask_migrate_autogenerate_ignores_our_tables(tmp_path, db_url):
+@pytest.fixture
+def keep_loggers():
+    """Flask-Migrate's env.py calls logging.config.fileConfig, which disables every existing logger."""
+    import logging
+
+    before = {
+        name: logger.disabled
+        for name, logger in logging.root.manager.loggerDict.items()
+        if isinstance(logger, logging.Logger)
+    }
+    yield
+    for name, disabled in before.items():
+        logging.getLogger(name).disabled = disabled
+
+
+def test_app_flask_migrate_autogenerate_ignores_our_tables(tmp_path, db_url, keep_loggers):
     from flask_migrate import Migrate
 
     app = Flask("host")
