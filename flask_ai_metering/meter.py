@@ -370,29 +370,33 @@ def commit(
     overages: list[dict[str, t.Any]] = []
     charged: list[tuple[int, int]] = []
 
-    simple = (
-        postgres.usable(rt.store)
-        and hold.wallet_id is None
-        and not rt.settings.queue_recording
-        and rt.settings.overage_behavior != "charge"
-    )
+    # PostgreSQL: one autocommitted statement settles, trues up and writes (or queues) the row.
+    one_statement = postgres.usable(rt.store) and hold.wallet_id is None and rt.settings.overage_behavior != "charge"
 
-    def fast(conn: sa.Connection) -> tuple[int | None, quota.LimitCheck]:
+    def fast(conn: sa.Connection) -> tuple[int | None, quota.LimitCheck] | None:
         approaching.clear()
         values = usage_values(
             spec, tokens, costs, model, at, estimated=extracted.estimated, hold=hold, duration_ms=duration_ms
         )
-        usage_id, state = postgres.commit(
-            conn,
-            hold.reservation_id,
-            hold.counter_id,
-            at=at,
-            used_tokens=tokens.total_tokens,
-            used_cost_units=cost_units,
-            hold_tokens=hold.tokens,
-            hold_cost_units=hold.cost_units,
-            values={**values, "created_at": utcnow()},
-        )
+        amounts = {
+            "at": at,
+            "used_tokens": tokens.total_tokens,
+            "used_cost_units": cost_units,
+            "hold_tokens": hold.tokens,
+            "hold_cost_units": hold.cost_units,
+        }
+        usage_id: int | None = None
+        if rt.settings.queue_recording:
+            queued = postgres.commit_queued(
+                conn, hold.reservation_id, hold.counter_id, payload=to_payload(values), **amounts
+            )
+            if queued is None:
+                return None  # the sweeper expired the hold first: the transactional path records it
+            state = queued
+        else:
+            usage_id, state = postgres.commit(
+                conn, hold.reservation_id, hold.counter_id, values={**values, "created_at": utcnow()}, **amounts
+            )
         check = quota.limit_check(hold.policy, state, warning_threshold=rt.settings.warning_threshold)
         if hold.policy.limited and check.approaching and quota.mark_approaching(conn, hold.counter_id):
             approaching.append(check)
@@ -450,7 +454,8 @@ def commit(
                 overages.append(overage)
         return usage_id, check
 
-    usage_id, check = rt.store.run(fast, autocommit=True) if simple else rt.store.run(work)
+    outcome = rt.store.run(fast, autocommit=True) if one_statement else None
+    usage_id, check = outcome if outcome is not None else rt.store.run(work)
     if usage_id is None:
         usage_id = enqueue(rt, hold.reservation_id)
     usage = Usage.of(tokens, costs, provider=spec.provider, model=model, estimated=extracted.estimated)

@@ -98,13 +98,11 @@ def reserve(
     return None if row is None else (int(row[0]), int(row[1]))
 
 
-@functools.lru_cache(maxsize=1)
-def _commit_statement() -> t.Any:
-    settled = quota.settle_statement(keep_key=True).returning(reservations.c.id).cte("settled")
-    won = sa.exists(sa.select(settled.c.id))
-    counter = (
+def _true_up(won: sa.Exists, *conditions: sa.ColumnElement[bool]) -> t.Any:
+    """The counter UPDATE of a commit: add the usage, return the hold if we settled it."""
+    return (
         sa.update(counters)
-        .where(counters.c.id == sa.bindparam("cid"))
+        .where(counters.c.id == sa.bindparam("cid"), *conditions)
         .values(
             used_tokens=counters.c.used_tokens + sa.bindparam("ut", type_=sa.BigInteger),
             used_cost_units=counters.c.used_cost_units + sa.bindparam("uc", type_=sa.BigInteger),
@@ -117,6 +115,12 @@ def _commit_statement() -> t.Any:
         .returning(*quota.USED_COLUMNS)
         .cte("counted")
     )
+
+
+@functools.lru_cache(maxsize=1)
+def _commit_statement() -> t.Any:
+    settled = quota.settle_statement(keep_key=True).returning(reservations.c.id).cte("settled")
+    counter = _true_up(sa.exists(sa.select(settled.c.id)))
     ledger = (
         sa.insert(usage_table)
         .values({c.name: _param(c, "u_" + c.name) for c in usage_table.c if c.name != "id"})
@@ -157,6 +161,51 @@ def commit(
     }
     row = conn.execute(_commit_statement(), params).one()
     return int(row[-1]), quota.CounterState.of(row[:4])
+
+
+@functools.lru_cache(maxsize=1)
+def _queued_statement() -> t.Any:
+    settled = (
+        quota.settle_statement(keep_key=True)
+        .values(payload=_param(reservations.c.payload))
+        .returning(reservations.c.id)
+        .cte("settled")
+    )
+    won = sa.exists(sa.select(settled.c.id))
+    # Only when the guarded settle won: otherwise nothing changes and the caller
+    # takes the transactional path, which records a commit that lost to the sweeper.
+    return sa.select(*_true_up(won, won).c)
+
+
+def commit_queued(
+    conn: sa.Connection,
+    reservation_id: int,
+    counter_id: int,
+    *,
+    at: dt.datetime,
+    used_tokens: int,
+    used_cost_units: int,
+    hold_tokens: int,
+    hold_cost_units: int,
+    payload: dict[str, t.Any],
+) -> quota.CounterState | None:
+    """Queued recording: settle, true up and leave the ledger row in the outbox, in one statement.
+
+    None when the sweeper had already expired the reservation (nothing was changed).
+    """
+    params = {
+        "rid": reservation_id,
+        "status": "committed",
+        "at": at,
+        "cid": counter_id,
+        "ut": used_tokens,
+        "uc": used_cost_units,
+        "rt": hold_tokens,
+        "rc": hold_cost_units,
+        "payload": payload,
+    }
+    row = conn.execute(_queued_statement(), params).first()
+    return None if row is None else quota.CounterState.of(row)
 
 
 def usable(store: t.Any) -> bool:

@@ -10,9 +10,10 @@ and a task writes it. Nothing is lost on the way:
 * writing is idempotent (:func:`flask_ai_metering.meter.write_outbox`: a row
   lock, a unique ``reservation_id``, the payload cleared in the same
   transaction), so a redelivered or duplicated task writes nothing twice;
-* a publish that fails writes the row in the request instead, and
+* the request does not wait for the broker: a per-process thread publishes,
+  and a publish that fails is written by that thread instead;
   :func:`flush_outbox` writes whatever is still pending (run it from cron
-  through ``flask ai-metering expire-reservations``).
+  through ``flask ai-metering expire-reservations``), e.g. after a process died.
 
 Wiring, in the web app and in the worker, from the same app factory::
 
@@ -33,6 +34,8 @@ no set-up: the first queued commit builds the Celery app the same way.
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import queue
 import threading
 import typing as t
 import weakref
@@ -42,6 +45,7 @@ from sqlalchemy import exc as sa_exc
 
 from .meter import write_outbox
 from .models import Reservation
+from .models import table
 from .models import utcnow
 
 if t.TYPE_CHECKING:
@@ -63,14 +67,15 @@ CELERY_DEFAULTS: dict[str, t.Any] = {
     "broker_transport_options": {"visibility_timeout": 300},
 }
 
-# A publish that cannot reach the broker quickly falls back to writing in the request.
+# A publish that cannot reach the broker quickly is written by the publisher thread.
 _PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.05, "interval_max": 0.1}
 
-reservations = Reservation.__table__
+reservations = table(Reservation)
 
 _apps: weakref.WeakKeyDictionary[Flask, Celery] = weakref.WeakKeyDictionary()
 _flask_of: weakref.WeakKeyDictionary[Celery, Flask] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
+log = logging.getLogger("flask_ai_metering")
 
 
 def make_celery(app: Flask, celery: Celery | None = None) -> Celery:
@@ -117,15 +122,73 @@ def celery_for(app: Flask) -> Celery:
     return celery if celery is not None else make_celery(app)
 
 
-def enqueue_usage(rt: Runtime, reservation_id: int) -> None:
-    """Publish the task that writes ``reservation_id``'s usage row; raise if the broker refuses.
+class _Publisher:
+    """One daemon thread per process that hands queued rows to the broker.
 
-    Called by the commit after its transaction: the row is already safe in the
-    outbox, so the caller falls back to writing it itself when this raises.
+    The request only drops a reservation id on an in-memory queue: a broker round
+    trip costs more than the INSERT it saves. The row is already durable in the
+    outbox, so nothing is lost if this process dies before publishing (cron's
+    ``expire-reservations`` flushes it), and a publish the broker refuses is
+    written right here, off the request path.
     """
-    celery_for(rt.app).send_task(
-        TASK_NAME, args=(reservation_id,), ignore_result=True, retry=True, retry_policy=_PUBLISH_RETRY
-    )
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Runtime, int]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start = threading.Lock()
+        #: Submitted ids not yet handed on: drain() waits for this, not for an empty queue.
+        self._pending = 0
+        self._idle = threading.Condition()
+
+    def submit(self, rt: Runtime, reservation_id: int) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            with self._start:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._run, name="ai-metering-publisher", daemon=True)
+                    self._thread.start()
+        with self._idle:
+            self._pending += 1
+        self._queue.put((rt, reservation_id))
+
+    def _run(self) -> None:
+        while True:
+            rt, reservation_id = self._queue.get()
+            try:
+                self._hand_on(rt, reservation_id)
+            finally:
+                with self._idle:
+                    self._pending -= 1
+                    self._idle.notify_all()
+
+    def _hand_on(self, rt: Runtime, reservation_id: int) -> None:
+        try:
+            celery_for(rt.app).send_task(
+                TASK_NAME, args=(reservation_id,), ignore_result=True, retry=True, retry_policy=_PUBLISH_RETRY
+            )
+        except Exception:
+            log.warning("could not queue usage of reservation %s; writing it now", reservation_id, exc_info=True)
+            try:
+                write_outbox(rt.store, reservation_id)
+            except Exception:
+                log.exception("usage of reservation %s stays in the outbox until the next flush", reservation_id)
+
+    def drain(self, timeout: float = 10.0) -> bool:
+        """Wait until every submitted id was handed on (for tests and clean shut-downs)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+
+
+_publisher = _Publisher()
+
+
+def enqueue_usage(rt: Runtime, reservation_id: int) -> None:
+    """Queue the task that writes ``reservation_id``'s usage row, without waiting for the broker."""
+    _publisher.submit(rt, reservation_id)
+
+
+def drain(timeout: float = 10.0) -> bool:
+    """Wait until this process has handed every queued row to the broker (or written it)."""
+    return _publisher.drain(timeout)
 
 
 def flush_outbox(rt: Runtime, *, older_than: dt.timedelta = dt.timedelta(0)) -> int:
@@ -136,11 +199,11 @@ def flush_outbox(rt: Runtime, *, older_than: dt.timedelta = dt.timedelta(0)) -> 
     rows to the queue.
     """
     cutoff = utcnow() - older_than
-    # A JSON column holds the JSON literal null once a payload is written: not pending.
+    # Any settled reservation with a payload: a late commit that lost to the sweeper
+    # leaves its row on an ``expired`` reservation, and that row must land too.
     pending = sa.and_(
-        reservations.c.status == "committed",
+        reservations.c.status != "pending",
         reservations.c.payload.is_not(None),
-        sa.cast(reservations.c.payload, sa.Text) != "null",
         reservations.c.settled_at <= cutoff,
     )
     written = 0

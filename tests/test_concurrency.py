@@ -167,9 +167,12 @@ def test_killed_process_reservation_is_released_by_expiry(backend, make_app, db_
         assert reconcile(meter.runtime()) == []
 
 
-def test_sweeper_racing_live_commits_keeps_counters_exact(backend, make_app):
+@pytest.mark.parametrize("queued", [False, True], ids=["direct", "queued"])
+def test_sweeper_racing_live_commits_keeps_counters_exact(backend, make_app, queued):
     """Expire every reservation in flight while calls commit: each is counted once either way."""
-    app, db, meter = make_app()
+    # Queued: an unreachable broker makes the publisher thread write each row itself.
+    config = {"AI_METERING_QUEUE_RECORDING": True, "CELERY": {"broker_url": "redis://127.0.0.1:9/0"}} if queued else {}
+    app, db, meter = make_app(**config)
     with app.app_context():
         add_plan(db, slug="p", token_limit=10**9)
         meter.subscribe(TEAM, "p")
@@ -180,8 +183,13 @@ def test_sweeper_racing_live_commits_keeps_counters_exact(backend, make_app):
         with app.app_context():
             for _ in range(25):
                 try:
-                    meter.call(lambda: time.sleep(0.005), billable=TEAM, provider="manual", max_tokens=100,
-                               usage={"output_tokens": 60})
+                    meter.call(
+                        lambda: time.sleep(0.005),
+                        billable=TEAM,
+                        provider="manual",
+                        max_tokens=100,
+                        usage={"output_tokens": 60},
+                    )
                 except BaseException as exc:  # pragma: no cover - reported below
                     failures.append(exc)
 
@@ -202,6 +210,12 @@ def test_sweeper_racing_live_commits_keeps_counters_exact(backend, make_app):
     sweep.join()
     assert failures == []
     with app.app_context():
+        if queued:
+            from flask_ai_metering.queueing import drain
+            from flask_ai_metering.queueing import flush_outbox
+
+            assert drain()
+            flush_outbox(meter.runtime())  # what the publisher has not written yet
         [counter] = table_rows(db, Counter)
         statuses = [r.status for r in table_rows(db, Reservation)]
         assert counter.used_tokens == 100 * 60 == sum(u.total_tokens for u in table_rows(db, Usage))
