@@ -165,22 +165,8 @@ def find_replay(conn: sa.Connection, billable: Billable, key: str, scope: str) -
 
 
 def usage_from_row(row: t.Any) -> Usage:
-    return Usage(
-        input_tokens=row.input_tokens,
-        output_tokens=row.output_tokens,
-        cached_input_tokens=row.cached_input_tokens,
-        cache_write_tokens=row.cache_write_tokens,
-        reasoning_tokens=row.reasoning_tokens,
-        total_tokens=row.total_tokens,
-        input_cost=row.input_cost,
-        output_cost=row.output_cost,
-        total_cost=row.total_cost,
-        currency=row.currency,
-        unpriced=row.unpriced,
-        estimated=row.estimated,
-        provider=row.provider,
-        model=row.model,
-    )
+    """A ``Usage`` from a ledger row (or anything with its column names as attributes)."""
+    return Usage(**{f.name: getattr(row, f.name) for f in dataclasses.fields(Usage)})
 
 
 def reserve(rt: Runtime, spec: CallSpec, now: dt.datetime | None = None) -> Hold | Replay:

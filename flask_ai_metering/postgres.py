@@ -98,6 +98,22 @@ def reserve(
     return None if row is None else (int(row[0]), int(row[1]))
 
 
+def _settle_params(
+    reservation_id: int, counter_id: int, at: dt.datetime, ut: int, uc: int, rt: int, rc: int
+) -> dict[str, t.Any]:
+    """Parameters of the settle and true-up shared by both commit statements."""
+    return {
+        "rid": reservation_id,
+        "status": "committed",
+        "at": at,
+        "cid": counter_id,
+        "ut": ut,
+        "uc": uc,
+        "rt": rt,
+        "rc": rc,
+    }
+
+
 def _true_up(won: sa.Exists, *conditions: sa.ColumnElement[bool]) -> t.Any:
     """The counter UPDATE of a commit: add the usage, return the hold if we settled it."""
     return (
@@ -149,14 +165,7 @@ def commit(
     (the sweeper did), but the usage is still added and recorded.
     """
     params = {
-        "rid": reservation_id,
-        "status": "committed",
-        "at": at,
-        "cid": counter_id,
-        "ut": used_tokens,
-        "uc": used_cost_units,
-        "rt": hold_tokens,
-        "rc": hold_cost_units,
+        **_settle_params(reservation_id, counter_id, at, used_tokens, used_cost_units, hold_tokens, hold_cost_units),
         **{"u_" + name: value for name, value in values.items()},
     }
     row = conn.execute(_commit_statement(), params).one()
@@ -194,14 +203,7 @@ def commit_queued(
     None when the sweeper had already expired the reservation (nothing was changed).
     """
     params = {
-        "rid": reservation_id,
-        "status": "committed",
-        "at": at,
-        "cid": counter_id,
-        "ut": used_tokens,
-        "uc": used_cost_units,
-        "rt": hold_tokens,
-        "rc": hold_cost_units,
+        **_settle_params(reservation_id, counter_id, at, used_tokens, used_cost_units, hold_tokens, hold_cost_units),
         "payload": payload,
     }
     row = conn.execute(_queued_statement(), params).first()

@@ -140,6 +140,13 @@ def _find(conn: sa.Connection, wallet_id: int, key: str) -> dict[str, t.Any] | N
     return None if row is None else dict(row._mapping)
 
 
+def _positive_units(amount: t.Any) -> int:
+    value = parse_money(amount, "amount")
+    if value <= 0:
+        raise InvalidUsage(f"amount must be positive, got {amount!r}")
+    return to_units(value)
+
+
 class Wallet:
     """A billable's credit wallet, as ``meter.wallet(billable)`` returns it.
 
@@ -193,10 +200,7 @@ class Wallet:
         idempotency_key: str | None = None,
     ) -> CreditTransaction:
         """Add ``amount`` (> 0); a replayed ``idempotency_key`` returns the first transaction."""
-        value = parse_money(amount, "amount")
-        if value <= 0:
-            raise InvalidUsage(f"amount must be positive, got {amount!r}")
-        return self._apply(to_units(value), reason, meta, idempotency_key)
+        return self._apply(_positive_units(amount), reason, meta, idempotency_key)
 
     def deduct_credits(
         self,
@@ -207,10 +211,7 @@ class Wallet:
         idempotency_key: str | None = None,
     ) -> CreditTransaction:
         """Take ``amount`` (> 0) off the available balance, or raise :class:`CreditsInsufficient`."""
-        value = parse_money(amount, "amount")
-        if value <= 0:
-            raise InvalidUsage(f"amount must be positive, got {amount!r}")
-        return self._apply(-to_units(value), reason, meta, idempotency_key)
+        return self._apply(-_positive_units(amount), reason, meta, idempotency_key)
 
     def _apply(self, units: int, reason: str, meta: dict[str, t.Any] | None, key: str | None) -> CreditTransaction:
         from .storage import is_duplicate

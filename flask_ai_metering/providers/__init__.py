@@ -33,6 +33,18 @@ def model_of(obj: t.Any) -> str | None:
     return model if isinstance(model, str) and model else None
 
 
+class TextTally:
+    """What every built-in stream accumulator keeps: the model, and the characters of output seen."""
+
+    def __init__(self) -> None:
+        self._model: str | None = None
+        self._output_chars = 0
+
+    @property
+    def output_chars(self) -> int:
+        return self._output_chars
+
+
 class StreamAccumulator(t.Protocol):
     """Collects usage from a stream's chunks as they pass through."""
 

@@ -19,6 +19,7 @@ import typing as t
 from ..usage import Extracted
 from ..usage import TokenCounts
 from ..usage import check_token_count
+from . import TextTally
 from . import count
 from . import field
 from . import model_of
@@ -58,7 +59,7 @@ def _tokens(counts: t.Mapping[str, t.Any], thinking_tokens: t.Any) -> TokenCount
     )
 
 
-class AnthropicStreamAccumulator:
+class AnthropicStreamAccumulator(TextTally):
     """Follows one Messages stream.
 
     ``message_start`` carries the model and the input and cache counts (with
@@ -69,14 +70,9 @@ class AnthropicStreamAccumulator:
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self._counts: dict[str, t.Any] = {}
         self._thinking_tokens: t.Any = None
-        self._model: str | None = None
-        self._output_chars = 0
-
-    @property
-    def output_chars(self) -> int:
-        return self._output_chars
 
     def feed(self, chunk: t.Any) -> None:
         kind = field(chunk, "type")

@@ -13,6 +13,7 @@ import typing as t
 
 from ..usage import Extracted
 from ..usage import TokenCounts
+from . import TextTally
 from . import count
 from . import field
 from . import model_of
@@ -70,7 +71,7 @@ def tokens_from_usage(usage: t.Any) -> TokenCounts | None:
     return None
 
 
-class OpenAIStreamAccumulator:
+class OpenAIStreamAccumulator(TextTally):
     """Follows one OpenAI stream: chat completion chunks or Responses API events.
 
     A chat stream reports usage only in a last chunk with ``choices=[]``, and only
@@ -80,13 +81,8 @@ class OpenAIStreamAccumulator:
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self._tokens: TokenCounts | None = None
-        self._model: str | None = None
-        self._output_chars = 0
-
-    @property
-    def output_chars(self) -> int:
-        return self._output_chars
 
     def feed(self, chunk: t.Any) -> None:
         kind = field(chunk, "type")
