@@ -364,7 +364,7 @@ def commit(
         values = usage_values(
             spec, tokens, costs, model, at, estimated=extracted.estimated, hold=hold, duration_ms=duration_ms
         )
-        amounts = {
+        amounts: dict[str, t.Any] = {
             "at": at,
             "used_tokens": tokens.total_tokens,
             "used_cost_units": cost_units,

@@ -36,7 +36,7 @@ def record_overage(
     policy: Policy,
     state: CounterState,
     added_tokens: int,
-    usage_id: int,
+    usage_id: int | None,
     at: dt.datetime,
     currency: str,
 ) -> dict[str, t.Any] | None:
