@@ -440,6 +440,7 @@ class UsageRollup(_RollupMetrics, Base):
         sa.UniqueConstraint("day", "billable_type", "billable_id", "tenant_id", "provider", "model", "feature"),
         sa.Index(None, "billable_type", "billable_id", "day"),
         sa.Index(None, "tenant_id", "day"),
+        sa.Index(None, "model", "day"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

@@ -12,9 +12,10 @@ flight are released first, so counters and wallets keep equalling their ledgers
 (``reconcile`` is clean after); such a call's later commit fails.
 
 ``anonymize`` clears ``user_id``, ``tenant_id`` and ``meta`` on usage older than
-a cutoff. Tokens and cost are untouched, so counters stay as they are; rollup
-rows of whole days before the cutoff are folded into their tenant-less row, so
-per-tenant reports from the rollups agree with the ledger.
+a cutoff. Tokens and cost are untouched, so counters stay as they are; detailed
+rollup rows of whole days before the cutoff are folded into their tenant-less row
+and those days' other rollups re-derived from them, so per-tenant reports and the
+dashboard agree with the ledger.
 """
 
 from __future__ import annotations
@@ -33,8 +34,16 @@ from .models import Overage
 from .models import Reservation
 from .models import Subscription
 from .models import Usage
-from .models import UsageRollup
 from .models import utcnow
+from .rollups import BILLABLES
+from .rollups import DERIVED
+from .rollups import DETAILED
+from .rollups import TOKEN_COLUMNS
+from .rollups import TOTALS
+from .rollups import RollupSpec
+from .rollups import as_date
+from .rollups import lock_watermark
+from .rollups import refill
 
 if t.TYPE_CHECKING:
     from .meter import Runtime
@@ -43,12 +52,13 @@ if t.TYPE_CHECKING:
 usage = t.cast(sa.Table, Usage.__table__)
 reservations = t.cast(sa.Table, Reservation.__table__)
 counters = t.cast(sa.Table, Counter.__table__)
-rollups = t.cast(sa.Table, UsageRollup.__table__)
+rollups = DETAILED.table
 overages = t.cast(sa.Table, Overage.__table__)
 _DELETED = (
     ("reservations", reservations),
     ("usage rows", usage),
     ("rollup rows", rollups),
+    ("billable rollup rows", BILLABLES.table),
     ("counters", counters),
 )
 _KEPT = (
@@ -56,17 +66,7 @@ _KEPT = (
     ("credit wallets (pseudonymized)", t.cast(sa.Table, CreditWallet.__table__)),
     ("overages (pseudonymized)", overages),
 )
-_ROLLUP_MEASURES = (
-    "calls",
-    "input_tokens",
-    "output_tokens",
-    "cached_input_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-    "total_tokens",
-    "total_cost",
-    "unpriced_calls",
-)
+_ROLLUP_MEASURES = ("calls", *TOKEN_COLUMNS, "total_cost", "unpriced_calls")
 
 
 def pseudonym(rt: Runtime, billable: Billable) -> str:
@@ -97,9 +97,16 @@ def forget(rt: Runtime, billable: Billable, dry_run: bool = False) -> dict[str, 
         }
         if dry_run:
             return counts
+        lock_watermark(conn, rt.settings.timezone)
         _release_pending(rt, conn, billable)
+        days = {
+            as_date(day)
+            for rows in (rollups, BILLABLES.table)
+            for day in conn.execute(sa.select(rows.c.day).where(_of(rows, billable)).distinct()).scalars()
+        }
         for _, table in _DELETED:
             conn.execute(sa.delete(table).where(_of(table, billable)))
+        _rederive(conn, rt, days, (TOTALS,))
         for _, table in _KEPT:
             _rename(conn, table, billable, alias)
         return counts
@@ -109,14 +116,14 @@ def forget(rt: Runtime, billable: Billable, dry_run: bool = False) -> dict[str, 
 
 def _release_pending(rt: Runtime, conn: sa.Connection, billable: Billable) -> None:
     """Return the holds of calls in flight, as the sweeper would, before their rows go."""
-    from .meter import _release_reservation
+    from .meter import release_reservation
 
     now = utcnow()
     pending = conn.execute(
         sa.select(reservations.c.id).where(_of(reservations, billable), reservations.c.status == "pending")
     ).scalars()
     for reservation_id in list(pending):
-        _release_reservation(rt, conn, reservation_id, "released", now)
+        release_reservation(rt, conn, reservation_id, "released", now)
 
 
 def _rename(conn: sa.Connection, table: sa.Table, billable: Billable, alias: str) -> None:
@@ -169,12 +176,21 @@ def anonymize(rt: Runtime, before: dt.datetime, dry_run: bool = False) -> int:
         total += done
         if done < size:
             break
-    rt.store.run(lambda conn: _fold_rollup_tenants(conn, before.astimezone(ZoneInfo(rt.settings.timezone)).date()))
+    first_kept_day = before.astimezone(ZoneInfo(rt.settings.timezone)).date()
+    rt.store.run(lambda conn: _fold_rollup_tenants(conn, rt, first_kept_day))
     return total
 
 
-def _fold_rollup_tenants(conn: sa.Connection, first_kept_day: dt.date) -> None:
-    """Move rollup rows of days before ``first_kept_day`` into their tenant-less row."""
+def _rederive(conn: sa.Connection, rt: Runtime, days: t.Iterable[dt.date], specs: t.Sequence[RollupSpec]) -> None:
+    """Rebuild ``specs`` (rollups derived from the detailed one) for ``days``, after it changed in place."""
+    zone = ZoneInfo(rt.settings.timezone)
+    for day in sorted(days):
+        refill(conn, day, zone, specs)
+
+
+def _fold_rollup_tenants(conn: sa.Connection, rt: Runtime, first_kept_day: dt.date) -> None:
+    """Move detailed rollup rows of days before ``first_kept_day`` into their tenant-less row."""
+    lock_watermark(conn, rt.settings.timezone)
     key = ("day", "billable_type", "billable_id", "provider", "model", "feature")
     rows = conn.execute(sa.select(rollups).where(rollups.c.day < first_kept_day, rollups.c.tenant_id != "")).all()
     for row in rows:
@@ -184,6 +200,7 @@ def _fold_rollup_tenants(conn: sa.Connection, first_kept_day: dt.date) -> None:
             conn.execute(sa.delete(rollups).where(rollups.c.id == row.id))
         else:
             conn.execute(sa.update(rollups).where(rollups.c.id == row.id).values(tenant_id=""))
+    _rederive(conn, rt, {as_date(row.day) for row in rows}, DERIVED)
 
 
 def _raw(row: t.Any, name: str) -> int:

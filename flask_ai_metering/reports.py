@@ -19,13 +19,14 @@ from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 
-from .models import AggregationState
 from .models import Plan
 from .models import Subscription
 from .models import Usage
 from .models import UsageRollup
 from .models import utcnow
 from .money import from_units
+from .rollups import day_bounds
+from .rollups import fresh_days
 
 if t.TYPE_CHECKING:
     from .meter import Runtime
@@ -34,7 +35,6 @@ usage = Usage.__table__
 rollups = UsageRollup.__table__
 plans = Plan.__table__
 subs = Subscription.__table__
-states = AggregationState.__table__
 
 #: The sections of a report, and the columns each one groups by.
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -116,54 +116,24 @@ def _sources(
         where += [usage.c.billable_type == billable[0], usage.c.billable_id == billable[1]]
     if tenant is not None:
         where.append(usage.c.tenant_id == tenant)
-    if not rt.settings.aggregation_tables:
-        return [(sa.select(usage).where(*where).subquery(), False)]
+    ledger = [(sa.select(usage).where(*where).subquery(), False)]
+    fresh = fresh_days(conn, rt.settings.timezone) if rt.settings.aggregation_tables else None
+    if fresh is None:
+        return ledger
     zone = ZoneInfo(rt.settings.timezone)
-    fresh = _days_written_since_aggregate(conn, rt, window, zone)
-    rolled = [rollups.c.day >= days[0], rollups.c.day < days[1], rollups.c.day.not_in(fresh)]
+    tail = sorted(day for day in fresh if days[0] <= day < days[1])
+    rolled = [rollups.c.day >= days[0], rollups.c.day < days[1], rollups.c.day.not_in(tail)]
     if billable is not None:
         rolled += [rollups.c.billable_type == billable[0], rollups.c.billable_id == billable[1]]
     if tenant is not None:
         rolled.append(rollups.c.tenant_id == tenant)
     on_fresh_days = sa.or_(
-        sa.false(), *(sa.and_(usage.c.occurred_at >= s, usage.c.occurred_at < e) for s, e in _bounds(fresh, zone))
+        sa.false(),
+        *(sa.and_(usage.c.occurred_at >= s, usage.c.occurred_at < e) for s, e in (day_bounds(d, zone) for d in tail)),
     )
     return [
         (sa.select(rollups).where(*rolled).subquery(), True),
         (sa.select(usage).where(*where, on_fresh_days).subquery(), False),
-    ]
-
-
-def _days_written_since_aggregate(
-    conn: sa.Connection, rt: Runtime, window: tuple[dt.datetime, dt.datetime], zone: ZoneInfo
-) -> list[dt.date]:
-    """Local days of the window holding usage above the aggregation watermark (every day if never run)."""
-    from .rollups import state_name
-    from .rollups import utc_date
-
-    watermark = conn.execute(
-        sa.select(states.c.last_usage_id).where(states.c.name == state_name(rt.settings.timezone))
-    ).scalar()
-    day = utc_date(usage.c.occurred_at, rt.store.dialect)
-    in_window = [usage.c.occurred_at >= window[0], usage.c.occurred_at < window[1], usage.c.id > (watermark or 0)]
-    local: set[dt.date] = set()
-    for value in conn.execute(sa.select(day).where(*in_window).group_by(day)).scalars():
-        # A UTC day overlaps one local day, or two off UTC.
-        midnight = dt.datetime.combine(dt.date.fromisoformat(str(value)[:10]), dt.time(), dt.timezone.utc)
-        local |= {
-            midnight.astimezone(zone).date(),
-            (midnight + dt.timedelta(days=1, microseconds=-1)).astimezone(zone).date(),
-        }
-    return sorted(local)
-
-
-def _bounds(days: list[dt.date], zone: ZoneInfo) -> list[tuple[dt.datetime, dt.datetime]]:
-    return [
-        (
-            dt.datetime.combine(d, dt.time(), zone).astimezone(dt.timezone.utc),
-            dt.datetime.combine(d + dt.timedelta(days=1), dt.time(), zone).astimezone(dt.timezone.utc),
-        )
-        for d in days
     ]
 
 

@@ -371,6 +371,13 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     fake: FakeLLMServer
 
+    def handle_error(self, request: t.Any, client_address: t.Any) -> None:
+        """A client that hangs up mid-stream (an abandoned stream) is expected, not an error."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
+
 
 class _Handler(BaseHTTPRequestHandler):
     # HTTP/1.1 so the SDKs keep connections alive and streams use chunked encoding.

@@ -16,8 +16,10 @@ from jinja2 import StrictUndefined
 
 from flask_ai_metering import AiMetering
 from flask_ai_metering.dashboard import pages
+from flask_ai_metering.dashboard import queries
 from flask_ai_metering.dashboard.export import safe_cell
 from flask_ai_metering.dashboard.filters import FilterError
+from flask_ai_metering.dashboard.filters import Filters
 from flask_ai_metering.dashboard.filters import parse_filters
 from flask_ai_metering.dashboard.format import money
 from flask_ai_metering.rollups import aggregate
@@ -197,30 +199,81 @@ def test_csv_exports_exactly_the_filtered_rows_safely(dash: tuple[Flask, AiMeter
     assert safe_cell("-1+2") == "'-1+2" and safe_cell(-3) == -3 and safe_cell("@SUM") == "'@SUM"
 
 
+#: Filters that send each aggregate to a different rollup table (see ``queries.rollup_for``).
+VARIANTS: list[dict[str, str]] = [
+    {},  # totals table for the charts, per-billable totals for the ranking
+    {"provider": "openai", "tenant": "acme"},  # the ranking from the detailed rollup
+    {"billable": "Team:2"},  # everything from the detailed rollup
+]
+
+
+def figures(meter: AiMetering, query: dict[str, str]) -> list[t.Any]:
+    """Every aggregate the overview, the explorer and a billable's page show for ``query``."""
+    rt = meter.runtime()
+    f = parse_filters({"start": (NOW - dt.timedelta(days=35)).date().isoformat(), **query}, "Europe/Berlin")
+    data = pages.overview(rt, f)
+    current = data.current
+    mine = pages.billable_page(rt, ("Team", "1"), f).summary
+    return [
+        (current.totals, data.previous.totals, current.by_day, current.by_provider, current.by_model),
+        (current.by_feature, current.by_day_model, current.unpriced),
+        [(e["billable"], e["totals"]) for e in data.top],
+        (mine.totals, mine.by_day, mine.by_model),
+    ]
+
+
+def sources(meter: AiMetering, query: dict[str, str], *, by_billable: bool) -> list[str]:
+    f = parse_filters({"start": (NOW - dt.timedelta(days=35)).date().isoformat(), **query}, "Europe/Berlin")
+    with meter.runtime().store.engine.connect() as conn:
+        found = queries.sources(conn, f, use_rollups=True, by_billable=by_billable)
+    return [str(source.name) for source, _ in found]
+
+
 def test_rollups_give_the_same_numbers_as_the_ledger(make_app: AppFactory, backend: str) -> None:
     ledger_app, db, meter = make_app(AI_METERING_VALIDATE_FEATURES=False, AI_METERING_TIMEZONE="Europe/Berlin")
-    rollup_app, _, rollup_meter = make_app(AI_METERING_AGGREGATION_TABLES=True, AI_METERING_TIMEZONE="Europe/Berlin")
+    rollup_app, _, rollup_meter = make_app(
+        AI_METERING_VALIDATE_FEATURES=False, AI_METERING_AGGREGATION_TABLES=True, AI_METERING_TIMEZONE="Europe/Berlin"
+    )
     with ledger_app.app_context():
         seed(meter, db)
     with rollup_app.app_context():
         assert aggregate(rollup_meter.runtime()) > 0
-    results = []
-    for app, m in ((ledger_app, meter), (rollup_app, rollup_meter)):
-        with app.app_context(), app.test_request_context():
-            f = parse_filters({"start": (NOW - dt.timedelta(days=35)).date().isoformat()}, "Europe/Berlin")
-            data = pages.overview(m.runtime(), f)
-            results.append(
-                (
-                    data.current.totals,
-                    data.previous.totals,
-                    data.current.by_day,
-                    data.current.by_model,
-                    data.current.unpriced,
-                    [(e["billable"], e["totals"]) for e in data.top],
-                )
-            )
-    assert results[0] == results[1]
-    assert results[0][0].calls == 26
+        # Each variant reads the table it should: the smallest that can answer.
+        assert sources(rollup_meter, {}, by_billable=False) == ["ai_metering_usage_daily_totals"]
+        assert sources(rollup_meter, {}, by_billable=True) == ["ai_metering_usage_daily_billables"]
+        assert sources(rollup_meter, VARIANTS[1], by_billable=True) == ["ai_metering_usage_daily"]
+        assert sources(rollup_meter, VARIANTS[2], by_billable=False) == ["ai_metering_usage_daily"]
+
+    def compare() -> None:
+        for query in VARIANTS:
+            with ledger_app.app_context():
+                expected = figures(meter, query)
+            with rollup_app.app_context():
+                assert figures(rollup_meter, query) == expected, query
+            assert expected[0][0].calls > 0
+
+    compare()
+    with ledger_app.app_context():
+        assert figures(meter, {})[0][0].calls == 26
+        # Written after the last aggregate run, today and on a back-filled day: read from the ledger.
+        meter.record_batch(
+            [
+                {"billable": ("Team", "2"), "provider": "openai", "model": "gpt-4o", "usage": {"input_tokens": 9}},
+                {
+                    "billable": ("Team", "7"),
+                    "tenant": ("Org", "acme"),
+                    "provider": "openai",
+                    "model": "gpt-4o-mini",
+                    "usage": {"input_tokens": 10**6},
+                    "occurred_at": NOW - dt.timedelta(days=12),
+                },
+            ]
+        )
+    with rollup_app.app_context():
+        assert sources(rollup_meter, {}, by_billable=True) == ["ai_metering_usage_daily_billables", "ai_metering_usage"]
+    compare()
+    with ledger_app.app_context():
+        assert figures(meter, {})[2][0][0] == ("Team", "7")  # the back-filled whale tops the ranking
 
 
 def test_filters_parse_and_round_trip() -> None:
@@ -262,3 +315,20 @@ def test_base_template_is_configurable(make_app: AppFactory, tmp_path: t.Any) ->
     app.template_folder = str(tmp_path)
     meter.dashboard_authorizer(lambda user: True)
     assert "HOST CHROME" in app.test_client().get("/ai-metering/plans").get_data(as_text=True)
+
+
+@pytest.mark.parametrize(
+    ("query", "by_billable", "expected"),
+    [
+        ({}, False, "ai_metering_usage_daily_totals"),
+        ({"tenant": "acme", "model": "m"}, False, "ai_metering_usage_daily_totals"),
+        ({}, True, "ai_metering_usage_daily_billables"),
+        ({"tenant": "acme"}, True, "ai_metering_usage_daily_billables"),
+        ({"feature": "chat"}, True, "ai_metering_usage_daily"),
+        ({"billable": "Team:1"}, False, "ai_metering_usage_daily"),
+        ({"billable": "Team:1"}, True, "ai_metering_usage_daily"),
+    ],
+)
+def test_the_smallest_rollup_that_can_answer_is_chosen(query: dict[str, str], by_billable: bool, expected: str) -> None:
+    f: Filters = parse_filters(query, "UTC")
+    assert queries.rollup_for(f, by_billable=by_billable).name == expected

@@ -21,10 +21,12 @@ from flask_ai_metering.models import Overage
 from flask_ai_metering.models import Reservation
 from flask_ai_metering.models import Subscription
 from flask_ai_metering.models import Usage
+from flask_ai_metering.models import UsageBillableRollup
 from flask_ai_metering.models import UsageRollup
 from flask_ai_metering.reconcile import reconcile
 from flask_ai_metering.rollups import aggregate
 from tests.conftest import add_plan
+from tests.test_rollups import assert_rollups_match_ledger
 
 UTC = dt.timezone.utc
 ALICE = ("User", "alice")
@@ -84,6 +86,7 @@ def test_forget_erases_usage_and_keeps_financial_records_under_a_pseudonym(make_
             "reservations": 4,
             "usage rows": 3,
             "rollup rows": 1,
+            "billable rollup rows": 1,
             "counters": 1,
             "subscriptions (pseudonymized)": 1,
             "credit wallets (pseudonymized)": 1,
@@ -93,8 +96,19 @@ def test_forget_erases_usage_and_keeps_financial_records_under_a_pseudonym(make_
 
         alias = privacy.pseudonym(rt, ALICE)
         assert alias.startswith("forgotten-") and "alice" not in alias
-        for model in (Usage, Reservation, Counter, UsageRollup, Subscription, CreditWallet, Overage):
+        for model in (
+            Usage,
+            Reservation,
+            Counter,
+            UsageRollup,
+            UsageBillableRollup,
+            Subscription,
+            CreditWallet,
+            Overage,
+        ):
             assert rows(meter, model, billable_id="alice") == []
+        # The totals across billables lost Alice's share too: every rollup equals the ledger.
+        assert_rollups_match_ledger(rt.store.engine)
         [sub] = rows(meter, Subscription, billable_id=alias)
         assert sub.stripe_customer_id == "cus_1"  # overage can still be invoiced
         assert len(rows(meter, Overage, billable_id=alias)) == 2
@@ -158,6 +172,7 @@ def test_anonymize_clears_attribution_before_the_cutoff_only(make_app, backend):
         assert reports.build_report(rt, dt.date(2026, 1, 1)) == report_before
         rollup_tenants = {(r.day.day, r.tenant_id) for r in rows(meter, UsageRollup) if r.billable_id == "alice"}
         assert rollup_tenants == {(1, ""), (2, ""), (3, "acme"), (3, "globex")}
+        assert_rollups_match_ledger(rt.store.engine)
         acme = reports.build_report(rt, dt.date(2026, 1, 1), tenant="acme")
         assert acme["totals"]["calls"] == 1
 

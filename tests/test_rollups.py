@@ -10,14 +10,23 @@ import sqlalchemy as sa
 
 from flask_ai_metering.models import Usage
 from flask_ai_metering.models import UsageRollup
+from flask_ai_metering.models import table
+from flask_ai_metering.rollups import BILLABLES
+from flask_ai_metering.rollups import DETAILED
+from flask_ai_metering.rollups import TOTALS
+from flask_ai_metering.rollups import RollupSpec
 from flask_ai_metering.rollups import aggregate
+from flask_ai_metering.rollups import as_date
 from flask_ai_metering.rollups import last_run
+from flask_ai_metering.rollups import ledger_key
+from flask_ai_metering.rollups import measures
+from flask_ai_metering.rollups import utc_date
 from tests.conftest import AppFactory
 
 UTC = dt.timezone.utc
 NOW = dt.datetime.now(UTC).replace(microsecond=0)
-usage = Usage.__table__
-rollup = UsageRollup.__table__
+usage = table(Usage)
+rollup = table(UsageRollup)
 
 
 def record(meter: t.Any, n: int, *, days_ago: int = 0, billable: str = "1", model: str = "gpt-4o-mini") -> None:
@@ -48,6 +57,27 @@ def rollup_totals(conn: sa.Connection) -> tuple[int, int, int]:
     return int(row[0] or 0), int(row[1] or 0), int(row[2] or 0)
 
 
+def grouped(conn: sa.Connection, spec: RollupSpec) -> tuple[dict[t.Any, t.Any], dict[t.Any, t.Any]]:
+    """``spec``'s table and the ledger, each summed by day (UTC) and the table's key."""
+    day = utc_date(usage.c.occurred_at, conn.dialect.name)
+    out = []
+    for source, keys in (
+        (usage, [day, *(ledger_key(k) for k in spec.keys)]),
+        (spec.table, [spec.table.c.day, *(spec.table.c[k] for k in spec.keys)]),
+    ):
+        rows = conn.execute(sa.select(*keys, *measures(source)).group_by(*keys))
+        out.append({(as_date(r[0]), *r[1 : len(keys)]): tuple(int(v or 0) for v in r[len(keys) :]) for r in rows})
+    return out[0], out[1]
+
+
+def assert_rollups_match_ledger(engine: sa.Engine) -> None:
+    """Every rollup table equals the ledger, key by key (for an app in UTC)."""
+    with engine.connect() as conn:
+        for spec in (DETAILED, TOTALS, BILLABLES):
+            ledger, rolled = grouped(conn, spec)
+            assert rolled == ledger, spec.table.name
+
+
 def test_rollups_equal_the_ledger_and_rerun_is_safe(make_app: AppFactory, backend: str) -> None:
     app, db, meter = make_app()
     with app.app_context():
@@ -58,7 +88,7 @@ def test_rollups_equal_the_ledger_and_rerun_is_safe(make_app: AppFactory, backen
         with rt.store.engine.connect() as conn:
             first = rollup_totals(conn)
             assert first == ledger_totals(conn) and first[2] > 0
-            rows = conn.execute(sa.select(sa.func.count()).select_from(rollup)).scalar()
+            rows = conn.execute(sa.select(sa.func.count()).select_from(rollup)).scalar_one()
             assert last_run(conn, rt.settings.timezone) is not None
         aggregate(rt, period="month")
         aggregate(rt)
@@ -67,6 +97,11 @@ def test_rollups_equal_the_ledger_and_rerun_is_safe(make_app: AppFactory, backen
             assert conn.execute(sa.select(sa.func.count()).select_from(rollup)).scalar() == rows
             # None keys are stored as '' so the unique key holds.
             assert conn.execute(sa.select(sa.func.count()).select_from(rollup).where(rollup.c.feature == "")).scalar()
+            sizes = [
+                conn.execute(sa.select(sa.func.count()).select_from(s.table)).scalar_one() for s in (TOTALS, BILLABLES)
+            ]
+            assert 0 < sizes[0] <= rows and 0 < sizes[1] < rows
+        assert_rollups_match_ledger(rt.store.engine)
 
 
 def test_incremental_runs_pick_up_new_and_backfilled_rows(make_app: AppFactory) -> None:
@@ -81,6 +116,7 @@ def test_incremental_runs_pick_up_new_and_backfilled_rows(make_app: AppFactory) 
         with rt.store.engine.connect() as conn:
             assert rollup_totals(conn) == ledger_totals(conn)
             assert rollup_totals(conn)[0] == 9
+        assert_rollups_match_ledger(rt.store.engine)
 
 
 def test_a_late_commit_with_a_lower_id_is_not_skipped(make_app: AppFactory, backend: str) -> None:
@@ -100,6 +136,7 @@ def test_a_late_commit_with_a_lower_id_is_not_skipped(make_app: AppFactory, back
         with rt.store.engine.connect() as conn:
             assert rollup_totals(conn) == ledger_totals(conn)
             assert rollup_totals(conn)[0] == 5
+        assert_rollups_match_ledger(rt.store.engine)
 
 
 def test_days_are_local_to_the_configured_timezone(make_app: AppFactory) -> None:
@@ -112,7 +149,8 @@ def test_days_are_local_to_the_configured_timezone(make_app: AppFactory) -> None
         )
         aggregate(rt)
         with rt.store.engine.connect() as conn:
-            assert conn.execute(sa.select(rollup.c.day)).scalar_one() == dt.date(2026, 1, 11)
+            for spec in (DETAILED, TOTALS, BILLABLES):
+                assert as_date(conn.execute(sa.select(spec.table.c.day)).scalar_one()) == dt.date(2026, 1, 11)
 
 
 def test_aggregate_command(make_app: AppFactory) -> None:

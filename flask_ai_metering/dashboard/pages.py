@@ -101,6 +101,7 @@ def change(current: int, previous: int) -> float | None:
 class Overview:
     filters: Filters
     current: Summary
+    #: Only its ``totals`` are filled: the page shows the change against them.
     previous: Summary
     top: list[dict[str, t.Any]]
     near_limits: list[tuple[tuple[str, str], LimitCheck]]
@@ -109,12 +110,14 @@ class Overview:
 
 
 def overview(rt: Runtime, f: Filters) -> Overview:
-    """Everything the overview shows, in two aggregate queries plus a few limit checks."""
+    """Everything the overview shows, in three aggregate queries plus a few limit checks."""
     use_rollups = rt.settings.aggregation_tables
     prev = f.previous()
-    both = dataclasses.replace(f, start=prev.start)
+    # The previous window shows only its totals: one row per source, not a breakdown.
+    previous = summarize((), prev.start, prev.end)
     with rt.store.engine.connect() as conn:
-        rows = queries.buckets(conn, both, use_rollups=use_rollups)
+        rows = queries.buckets(conn, f, use_rollups=use_rollups)
+        previous.totals = queries.totals(conn, prev, use_rollups=use_rollups)
         top = queries.top_billables(conn, f, use_rollups=use_rollups)
         as_of = last_run(conn, rt.settings.timezone) if use_rollups else None
         candidates = _limit_candidates(conn)
@@ -123,7 +126,7 @@ def overview(rt: Runtime, f: Filters) -> Overview:
     return Overview(
         filters=f,
         current=summarize(rows, f.start, f.end),
-        previous=summarize(rows, prev.start, prev.end),
+        previous=previous,
         top=top,
         near_limits=near_limits(rt, candidates),
         rollups_as_of=as_of,

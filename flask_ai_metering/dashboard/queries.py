@@ -1,11 +1,16 @@
 """The dashboard's reads: the same numbers from the ledger or from the daily rollups.
 
-With ``AI_METERING_AGGREGATION_TABLES`` on, aggregates come from
-``ai_metering_usage_daily`` (days local to ``AI_METERING_TIMEZONE``); otherwise
-from the ledger, bucketed in SQL by UTC hour (or day, or quarter hour, whatever the
-zone needs) and folded into local days here, so both sources agree exactly. The
-row list (explorer, CSV) always reads the ledger. Money is summed as raw
-pico-units and converted once with :func:`~flask_ai_metering.money.from_units`.
+With ``AI_METERING_AGGREGATION_TABLES`` on, each aggregate reads the smallest rollup
+that can answer it (:func:`rollup_for`): the totals across billables for overviews,
+the per-billable totals for rankings, the detailed rollup once a billable (or, for a
+ranking, a provider, model or feature) is chosen. Days written since the last
+``aggregate`` run come from the ledger instead (:func:`sources`), so the figures stay
+exact while ``aggregate`` lags behind. Rollup days are local to
+``AI_METERING_TIMEZONE``; the ledger is bucketed in SQL by UTC hour (or day, or
+quarter hour, whatever the zone needs) and folded into local days here, so both
+sources agree exactly. The row list (explorer, CSV) always reads the ledger. Money
+is summed as raw pico-units and converted once with
+:func:`~flask_ai_metering.money.from_units`.
 """
 
 from __future__ import annotations
@@ -17,22 +22,23 @@ import typing as t
 import sqlalchemy as sa
 
 from ..models import Usage
-from ..models import UsageRollup
+from ..models import table
+from ..rollups import BILLABLES
+from ..rollups import DETAILED
+from ..rollups import TOKEN_COLUMNS
+from ..rollups import TOTALS
+from ..rollups import as_date
+from ..rollups import day_bounds
+from ..rollups import fresh_days
 from ..rollups import local_day
+from ..rollups import measures
 from .filters import Filters
 
-usage = t.cast(sa.Table, Usage.__table__)
-rollup = t.cast(sa.Table, UsageRollup.__table__)
+usage = table(Usage)
 
-TOKEN_COLUMNS = (
-    "input_tokens",
-    "output_tokens",
-    "cached_input_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-    "total_tokens",
-)
 _UTC = dt.timezone.utc
+#: Where some of a page's figures come from: a table and the conditions that select them.
+Source = tuple[sa.Table, list[sa.ColumnElement[bool]]]
 
 
 @dataclasses.dataclass
@@ -73,36 +79,65 @@ class Bucket:
     totals: Totals
 
 
-def _conditions(table: sa.Table, f: Filters, *, is_rollup: bool) -> list[sa.ColumnElement[bool]]:
+def rollup_for(f: Filters, *, by_billable: bool) -> sa.Table:
+    """The smallest rollup table whose key covers ``f``'s filters and the grouping asked for.
+
+    The detailed rollup holds nearly a row per call at scale; the other two grow
+    with days × models and days × billables, which is what keeps an overview of
+    10M calls under a second.
+    """
+    if f.billable is not None:
+        return DETAILED.table
+    if by_billable:
+        narrowed = f.provider is not None or f.model is not None or f.feature is not None
+        return DETAILED.table if narrowed else BILLABLES.table
+    return TOTALS.table
+
+
+def _conditions(source: sa.Table, f: Filters) -> list[sa.ColumnElement[bool]]:
     out: list[sa.ColumnElement[bool]] = []
     for name in ("provider", "model", "feature"):
         value = getattr(f, name)
         if value is not None:
-            out.append(table.c[name] == value)
+            out.append(source.c[name] == value)
     if f.tenant is not None:
-        out.append(table.c.tenant_id == f.tenant)
+        out.append(source.c.tenant_id == f.tenant)
     if f.billable is not None:
-        out.append(table.c.billable_type == f.billable[0])
-        out.append(table.c.billable_id == f.billable[1])
-    if is_rollup:
-        out.append(rollup.c.day.between(f.start, f.end))
-    else:
+        out.append(source.c.billable_type == f.billable[0])
+        out.append(source.c.billable_id == f.billable[1])
+    if source is usage:
         out.append(usage.c.occurred_at >= f.since)
         out.append(usage.c.occurred_at < f.until)
+    else:
+        out.append(source.c.day.between(f.start, f.end))
     return out
 
 
-def _sums(table: sa.Table, *, is_rollup: bool) -> list[sa.ColumnElement[t.Any]]:
-    calls = sa.func.sum(rollup.c.calls) if is_rollup else sa.func.count()
-    unpriced = (
-        sa.func.sum(rollup.c.unpriced_calls) if is_rollup else sa.func.sum(sa.case((usage.c.unpriced, 1), else_=0))
-    )
+def _on_days(days: list[dt.date], f: Filters) -> sa.ColumnElement[bool]:
+    """``occurred_at`` within one of the local ``days`` (sorted), consecutive days as one range."""
+    ranges: list[list[dt.datetime]] = []
+    for day in days:
+        start, end = day_bounds(day, f.zone)
+        if ranges and ranges[-1][1] == start:
+            ranges[-1][1] = end
+        else:
+            ranges.append([start, end])
+    return sa.or_(*(sa.and_(usage.c.occurred_at >= s, usage.c.occurred_at < e) for s, e in ranges))
+
+
+def sources(conn: sa.Connection, f: Filters, *, use_rollups: bool, by_billable: bool = False) -> list[Source]:
+    """Where ``f``'s aggregates come from, as sources that never cover the same day twice."""
+    ledger: Source = (usage, _conditions(usage, f))
+    fresh = fresh_days(conn, str(f.zone.key)) if use_rollups else None
+    if fresh is None:
+        return [ledger]
+    rollup = rollup_for(f, by_billable=by_billable)
+    tail = sorted(day for day in fresh if f.start <= day <= f.end)
+    if not tail:
+        return [(rollup, _conditions(rollup, f))]
     return [
-        calls.label("calls"),
-        *(sa.func.sum(table.c[c]).label(c) for c in TOKEN_COLUMNS),
-        # Raw pico-units: arithmetic through MoneyType would treat them as currency units.
-        sa.func.sum(sa.type_coerce(table.c.total_cost, sa.BigInteger)).label("cost_units"),
-        unpriced.label("unpriced_calls"),
+        (rollup, [*_conditions(rollup, f), rollup.c.day.not_in(tail)]),
+        (usage, [*ledger[1], _on_days(tail, f)]),
     ]
 
 
@@ -136,31 +171,30 @@ def epoch_bucket(column: t.Any, seconds: int, dialect: str) -> sa.ColumnElement[
 
 def buckets(conn: sa.Connection, f: Filters, *, use_rollups: bool) -> list[Bucket]:
     """Usage in ``f``'s range per local day × provider × model × feature."""
-    if use_rollups:
-        keys = [rollup.c.day, rollup.c.provider, rollup.c.model, rollup.c.feature]
-        rows = conn.execute(
-            sa.select(*keys, *_sums(rollup, is_rollup=True))
-            .where(*_conditions(rollup, f, is_rollup=True))
-            .group_by(*keys)
-        )
-        return [
-            Bucket(
-                row.day if isinstance(row.day, dt.date) else dt.date.fromisoformat(str(row.day)),
-                row.provider,
-                row.model or "",
-                row.feature or "",
-                _totals(row),
-            )
-            for row in rows
-        ]
+    out: list[Bucket] = []
+    for source, where in sources(conn, f, use_rollups=use_rollups):
+        if source is usage:
+            out += _ledger_buckets(conn, f, where)
+            continue
+        keys = [source.c.day, source.c.provider, source.c.model, source.c.feature]
+        rows = conn.execute(sa.select(*keys, *measures(source)).where(*where).group_by(*keys))
+        out += [Bucket(as_date(r.day), r.provider, r.model or "", r.feature or "", _totals(r)) for r in rows]
+    return out
+
+
+def totals(conn: sa.Connection, f: Filters, *, use_rollups: bool) -> Totals:
+    """The sums of ``f``'s range without a breakdown: all a "change vs previous" figure needs."""
+    out = Totals()
+    for source, where in sources(conn, f, use_rollups=use_rollups):
+        out.add(_totals(conn.execute(sa.select(*measures(source)).where(*where)).one()))
+    return out
+
+
+def _ledger_buckets(conn: sa.Connection, f: Filters, where: list[sa.ColumnElement[bool]]) -> list[Bucket]:
     seconds = bucket_seconds(f)
     slot = epoch_bucket(usage.c.occurred_at, seconds, conn.dialect.name).label("slot")
-    ledger_keys: list[sa.ColumnElement[t.Any]] = [slot, usage.c.provider, usage.c.model, usage.c.feature]
-    rows = conn.execute(
-        sa.select(*ledger_keys, *_sums(usage, is_rollup=False))
-        .where(*_conditions(usage, f, is_rollup=False))
-        .group_by(*ledger_keys)
-    )
+    keys: list[sa.ColumnElement[t.Any]] = [slot, usage.c.provider, usage.c.model, usage.c.feature]
+    rows = conn.execute(sa.select(*keys, *measures(usage)).where(*where).group_by(*keys))
     merged: dict[tuple[dt.date, str, str, str], Totals] = {}
     for row in rows:
         at = dt.datetime.fromtimestamp(int(row.slot) * seconds, _UTC)
@@ -170,15 +204,19 @@ def buckets(conn: sa.Connection, f: Filters, *, use_rollups: bool) -> list[Bucke
 
 
 def top_billables(conn: sa.Connection, f: Filters, *, use_rollups: bool, limit: int = 10) -> list[dict[str, t.Any]]:
-    """The billables that cost the most in ``f``'s range."""
-    table = rollup if use_rollups else usage
-    cost = sa.func.sum(sa.type_coerce(table.c.total_cost, sa.BigInteger))
-    present = table.c.billable_type != "" if use_rollups else table.c.billable_type.is_not(None)
+    """The billables that cost the most in ``f``'s range, ranked in SQL over every source."""
+    parts = []
+    for source, where in sources(conn, f, use_rollups=use_rollups, by_billable=True):
+        kind, ident = source.c.billable_type, source.c.billable_id
+        present = kind.is_not(None) if source is usage else kind != ""
+        parts.append(sa.select(kind, ident, *measures(source)).where(*where, present).group_by(kind, ident))
+    both = sa.union_all(*parts).subquery()
+    names = ("calls", *TOKEN_COLUMNS, "cost_units", "unpriced_calls")
+    sums = [sa.func.sum(both.c[name]).label(name) for name in names]
     rows = conn.execute(
-        sa.select(table.c.billable_type, table.c.billable_id, *_sums(table, is_rollup=use_rollups))
-        .where(*_conditions(table, f, is_rollup=use_rollups), present)
-        .group_by(table.c.billable_type, table.c.billable_id)
-        .order_by(cost.desc(), table.c.billable_type, table.c.billable_id)
+        sa.select(both.c.billable_type, both.c.billable_id, *sums)
+        .group_by(both.c.billable_type, both.c.billable_id)
+        .order_by(sums[-2].desc(), both.c.billable_type, both.c.billable_id)
         .limit(limit)
     )
     return [{"billable": (row.billable_type, row.billable_id), "totals": _totals(row)} for row in rows]
@@ -213,7 +251,7 @@ def ledger_select(f: Filters) -> sa.Select[t.Any]:
     """The filtered ledger rows, newest first (what the explorer pages and the CSV streams)."""
     return (
         sa.select(*(usage.c[c] for c in LEDGER_COLUMNS))
-        .where(*_conditions(usage, f, is_rollup=False))
+        .where(*_conditions(usage, f))
         .order_by(usage.c.occurred_at.desc(), usage.c.id.desc())
     )
 

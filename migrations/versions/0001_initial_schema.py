@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-23 17:52:18.576476
+Create Date: 2026-11-23 18:15:56.055329
 """
 
 from __future__ import annotations
@@ -154,6 +154,7 @@ def upgrade() -> None:
             ["billable_type", "billable_id", "day"],
             unique=False,
         )
+        batch_op.create_index(batch_op.f("ix_ai_metering_usage_daily_model_day"), ["model", "day"], unique=False)
         batch_op.create_index(
             batch_op.f("ix_ai_metering_usage_daily_tenant_id_day"), ["tenant_id", "day"], unique=False
         )
@@ -432,6 +433,7 @@ def downgrade() -> None:
     op.drop_table("ai_metering_usage_daily_billables")
     with op.batch_alter_table("ai_metering_usage_daily", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_ai_metering_usage_daily_tenant_id_day"))
+        batch_op.drop_index(batch_op.f("ix_ai_metering_usage_daily_model_day"))
         batch_op.drop_index(batch_op.f("ix_ai_metering_usage_daily_billable_type_billable_id_day"))
 
     op.drop_table("ai_metering_usage_daily")
