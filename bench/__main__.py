@@ -52,12 +52,14 @@ def main() -> int:
     rows += overhead.run(backends, calls=500 if quick else 2000)
     print("quota throughput…", file=sys.stderr)
     rows += quota.run(backends, concurrencies=(1, 8) if quick else (1, 8, 32))
-    for name, call in _optional_benches(backends, quick):
-        print(f"{name}…", file=sys.stderr)
-        rows += call()
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     RESULTS.mkdir(exist_ok=True)
     meta = {"when": stamp, "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
+    for name, call in _optional_benches(backends, quick):
+        print(f"{name}…", file=sys.stderr)
+        rows += call()
+        # Saved after each bench, so a failure later keeps what was measured.
+        (RESULTS / f"{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
     (RESULTS / f"{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
     text = _table(rows)
     (RESULTS / "latest.md").write_text(f"# Bench results {stamp}\n{text}\n")
@@ -77,7 +79,12 @@ def _optional_benches(backends: list[str], quick: bool) -> list[tuple[str, t.Cal
         sizes = [int(n) for n in os.environ.get("BENCH_DASHBOARD_ROWS", "1000000").split(",")]
         if quick:
             sizes = [min(sizes[0], 100_000)]
-        benches.append(("dashboard", lambda: [r for n in sizes for r in dashboard.run(n, backends)]))
+        benches.append(
+            (
+                "dashboard",
+                lambda: [{"bench": "dashboard page time", **r} for n in sizes for r in dashboard.run(n, backends)],
+            )
+        )
     try:
         from bench import queue
     except ImportError:
