@@ -13,7 +13,6 @@ from alembic import op
 import flask_ai_metering.models
 import flask_ai_metering.money
 
-
 revision = "0001"
 down_revision = None
 branch_labels = None
