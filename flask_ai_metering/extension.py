@@ -21,6 +21,7 @@ from .builder import MeterCall
 from .config import Settings
 from .config import apply_defaults
 from .errors import InvalidUsage
+from .leases import keeper
 from .meter import CallSpec
 from .meter import Hold
 from .meter import Replay
@@ -234,6 +235,7 @@ class AiMetering:
         outcome = pipeline.reserve(rt, spec)
         if isinstance(outcome, Replay):
             return self._replayed(rt, spec, outcome)
+        keeper.hold(rt.store, outcome.reservation_id, rt.settings.reservation_ttl)
         started = time.perf_counter()
         try:
             response = fn()
@@ -253,9 +255,18 @@ class AiMetering:
         spec = self._spec(rt, **options)
         if not rt.settings.enabled:
             return MeterResult(await fn(), None, None)
-        outcome = await asyncio.to_thread(pipeline.reserve, rt, spec)
+        reserving = asyncio.ensure_future(asyncio.to_thread(pipeline.reserve, rt, spec))
+        try:
+            outcome = await asyncio.shield(reserving)
+        except asyncio.CancelledError:
+            # Cancelled while the reservation was being made: wait for it, then give it back.
+            held = await reserving
+            if isinstance(held, Hold):
+                await asyncio.to_thread(pipeline.release, rt, held)
+            raise
         if isinstance(outcome, Replay):
             return await asyncio.to_thread(self._replayed, rt, spec, outcome)
+        keeper.hold(rt.store, outcome.reservation_id, rt.settings.reservation_ttl)
         started = time.perf_counter()
         try:
             response = await fn()
@@ -269,6 +280,7 @@ class AiMetering:
         return MeterResult(None, replay.usage, check, replayed=True, usage_id=replay.usage_id)
 
     def _failed(self, rt: Runtime, spec: CallSpec, hold: Hold, error: BaseException) -> None:
+        keeper.drop(hold.reservation_id)
         try:
             pipeline.release(rt, hold)
         except Exception:
@@ -287,7 +299,10 @@ class AiMetering:
 
             def finish(extracted: Extracted) -> None:
                 duration = int((time.perf_counter() - started) * 1000)
-                recorded = pipeline.commit(rt, spec, hold, extracted, duration_ms=duration)
+                try:
+                    recorded = pipeline.commit(rt, spec, hold, extracted, duration_ms=duration)
+                finally:
+                    keeper.drop(hold.reservation_id)
                 result.usage, result.limit, result.usage_id = recorded.usage, recorded.check, recorded.usage_id
 
             result.response = wrap_stream(response, provider.accumulator(), finish, spec.model)
@@ -300,7 +315,10 @@ class AiMetering:
             self._failed(rt, spec, hold, error)
             raise
         duration = int((time.perf_counter() - started) * 1000)
-        recorded = pipeline.commit(rt, spec, hold, extracted, duration_ms=duration)
+        try:
+            recorded = pipeline.commit(rt, spec, hold, extracted, duration_ms=duration)
+        finally:
+            keeper.drop(hold.reservation_id)
         return MeterResult(response, recorded.usage, recorded.check, usage_id=recorded.usage_id)
 
     @staticmethod

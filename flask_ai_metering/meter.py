@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import typing as t
 
@@ -24,9 +25,11 @@ from .errors import AiLimitExceeded
 from .errors import CreditsInsufficient
 from .errors import FeatureNotAllowed
 from .errors import IdempotencyConflict
+from .errors import InvalidUsage
 from .models import Usage as UsageRow
 from .models import table
 from .models import utcnow
+from .money import MAX_UNITS
 from .money import from_units
 from .money import to_units
 from .policy import Billable
@@ -66,8 +69,6 @@ class Runtime:
         try:
             return self.providers[name]
         except KeyError:
-            from .errors import InvalidUsage
-
             known = ", ".join(sorted(self.providers))
             raise InvalidUsage(
                 f"provider {name!r} is not registered (known: {known}); add it to AI_METERING_PROVIDERS"
@@ -139,6 +140,8 @@ def reservation_size(rt: Runtime, spec: CallSpec) -> tuple[int, int]:
         tokens = spec.usage.total_tokens if spec.usage is not None else rt.settings.default_max_tokens
     price = rt.prices.max_token_price(spec.provider, spec.model) if spec.model else None
     cost = 0 if price is None else to_units_ceil(price * tokens)
+    if cost > MAX_UNITS:
+        raise InvalidUsage(f"max_tokens {tokens} at the price of {spec.model!r} costs more than can be held")
     return tokens, cost
 
 
@@ -183,7 +186,7 @@ def reserve(rt: Runtime, spec: CallSpec, now: dt.datetime | None = None) -> Hold
     def claim_and_policy(conn: sa.Connection, at: dt.datetime) -> Replay | Policy:
         key = spec.idempotency_key
         if key is not None:
-            replay = find_replay(conn, spec.billable, key, spec.scope) or _claimed(conn, spec.billable, key, spec.scope)
+            replay = find_replay(conn, spec.billable, key, spec.scope) or claimed(conn, spec.billable, key, spec.scope)
             if replay is not None:
                 return replay
         policy = resolve_policy(conn, spec.billable, at, rt.settings)
@@ -279,7 +282,7 @@ def reserve(rt: Runtime, spec: CallSpec, now: dt.datetime | None = None) -> Hold
     raise IdempotencyConflict(f"idempotency key {spec.idempotency_key!r} is still in flight")
 
 
-def _claimed(conn: sa.Connection, billable: Billable, key: str, scope: str) -> Replay | None:
+def claimed(conn: sa.Connection, billable: Billable, key: str, scope: str) -> Replay | None:
     """Look at the reservation holding ``key``: in flight raises; queued replays its outbox."""
     row = conn.execute(
         sa.select(reservations.c.status, reservations.c.payload).where(
@@ -360,7 +363,6 @@ def commit(
     one_statement = postgres.usable(rt.store) and hold.wallet_id is None and rt.settings.overage_behavior != "charge"
 
     def fast(conn: sa.Connection) -> tuple[int | None, quota.LimitCheck] | None:
-        approaching.clear()
         values = usage_values(
             spec, tokens, costs, model, at, estimated=extracted.estimated, hold=hold, duration_ms=duration_ms
         )
@@ -383,10 +385,7 @@ def commit(
             usage_id, state = postgres.commit(
                 conn, hold.reservation_id, hold.counter_id, values={**values, "created_at": utcnow()}, **amounts
             )
-        check = quota.limit_check(hold.policy, state, warning_threshold=rt.settings.warning_threshold)
-        if hold.policy.limited and check.approaching and quota.mark_approaching(conn, hold.counter_id):
-            approaching.append(check)
-        return usage_id, check
+        return usage_id, quota.limit_check(hold.policy, state, warning_threshold=rt.settings.warning_threshold)
 
     def work(conn: sa.Connection) -> tuple[int | None, quota.LimitCheck]:
         approaching.clear()
@@ -408,6 +407,10 @@ def commit(
         values = usage_values(
             spec, tokens, costs, model, at, estimated=extracted.estimated, hold=hold, duration_ms=duration_ms
         )
+        if not won:
+            # The sweeper freed this call's key, and a retry may have claimed it since:
+            # the row is recorded without it (the key is kept in meta, for audit).
+            values.update(released_key(values))
         usage_id: int | None = None
         if rt.settings.queue_recording:
             conn.execute(
@@ -430,7 +433,7 @@ def commit(
                 )
             )
         check = quota.limit_check(hold.policy, state, warning_threshold=rt.settings.warning_threshold)
-        if hold.policy.limited and check.approaching and quota.mark_approaching(conn, hold.counter_id):
+        if hold.policy.limited and check.approaching and quota.mark_approaching(conn, counter_id=hold.counter_id):
             approaching.append(check)
         if rt.settings.overage_behavior == "charge":
             from .billing.overages import record_overage
@@ -441,7 +444,14 @@ def commit(
         return usage_id, check
 
     outcome = rt.store.run(fast, autocommit=True) if one_statement else None
-    usage_id, check = outcome if outcome is not None else rt.store.run(work)
+    if outcome is not None:
+        # Its own statement, after the commit: retrying it must not re-run the commit.
+        usage_id, check = outcome
+        if hold.policy.limited and check.approaching:
+            if rt.store.run(functools.partial(quota.mark_approaching, counter_id=hold.counter_id), autocommit=True):
+                approaching.append(check)
+    else:
+        usage_id, check = rt.store.run(work)
     if usage_id is None:
         usage_id = enqueue(rt, hold.reservation_id)
     usage = Usage.of(tokens, costs, provider=spec.provider, model=model, estimated=extracted.estimated)
@@ -549,6 +559,19 @@ def insert_usage(conn: sa.Connection, values: dict[str, t.Any]) -> int:
     return int(result.inserted_primary_key[0])  # type: ignore[index]
 
 
+def released_key(values: dict[str, t.Any]) -> dict[str, t.Any]:
+    """Column values that record a row without its idempotency key, keeping the key in meta."""
+    key = values.get("idempotency_key")
+    if key is None:
+        return {}
+    return {"idempotency_key": None, "meta": {**(values.get("meta") or {}), "released_idempotency_key": key}}
+
+
+def _written(conn: sa.Connection, reservation_id: int) -> bool:
+    query = sa.select(usage_table.c.id).where(usage_table.c.reservation_id == reservation_id)
+    return conn.execute(query).first() is not None
+
+
 def write_outbox(store: Store, reservation_id: int) -> int | None:
     """Write a committed reservation's queued usage row; idempotent, safe to run twice.
 
@@ -562,8 +585,11 @@ def write_outbox(store: Store, reservation_id: int) -> int | None:
         ).first()
         if row is None or row.payload is None:
             return None
-        values = from_payload(row.payload)
-        store.insert_ignore(conn, usage_table, {**values, "created_at": utcnow()})
+        values = {**from_payload(row.payload), "created_at": utcnow()}
+        if not store.insert_ignore(conn, usage_table, values) and not _written(conn, reservation_id):
+            # Not a duplicate of this reservation's row: its key was taken meanwhile (the
+            # sweeper freed it and a retry claimed it). Record the usage without the key.
+            store.insert_ignore(conn, usage_table, {**values, **released_key(values)})
         conn.execute(sa.update(reservations).where(reservations.c.id == reservation_id).values(payload=None))
         return int(
             conn.execute(sa.select(usage_table.c.id).where(usage_table.c.reservation_id == reservation_id)).scalar_one()

@@ -136,13 +136,12 @@ def _true_up(won: sa.Exists, *conditions: sa.ColumnElement[bool]) -> t.Any:
 @functools.lru_cache(maxsize=1)
 def _commit_statement() -> t.Any:
     settled = quota.settle_statement(keep_key=True).returning(reservations.c.id).cte("settled")
-    counter = _true_up(sa.exists(sa.select(settled.c.id)))
-    ledger = (
-        sa.insert(usage_table)
-        .values({c.name: _param(c, "u_" + c.name) for c in usage_table.c if c.name != "id"})
-        .returning(usage_table.c.id)
-        .cte("recorded")
-    )
+    won = sa.exists(sa.select(settled.c.id))
+    counter = _true_up(won)
+    values: dict[str, t.Any] = {c.name: _param(c, "u_" + c.name) for c in usage_table.c if c.name != "id"}
+    # A commit that lost to the sweeper lost its key too (a retry may hold it now).
+    values["idempotency_key"] = sa.case((won, values["idempotency_key"]), else_=sa.null())
+    ledger = sa.insert(usage_table).values(values).returning(usage_table.c.id).cte("recorded")
     # Both CTEs return exactly one row: joining them on TRUE reads both in one result.
     return sa.select(*counter.c, ledger.c.id).select_from(counter.join(ledger, sa.true()))
 

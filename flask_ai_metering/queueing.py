@@ -198,14 +198,12 @@ def flush_outbox(rt: Runtime, *, older_than: dt.timedelta = dt.timedelta(0)) -> 
     running worker, since each write is idempotent. ``older_than`` leaves recent
     rows to the queue.
     """
-    cutoff = utcnow() - older_than
     # Any settled reservation with a payload: a late commit that lost to the sweeper
     # leaves its row on an ``expired`` reservation, and that row must land too.
-    pending = sa.and_(
-        reservations.c.status != "pending",
-        reservations.c.payload.is_not(None),
-        reservations.c.settled_at <= cutoff,
-    )
+    conditions = [reservations.c.status != "pending", reservations.c.payload.is_not(None)]
+    if older_than:
+        conditions.append(reservations.c.settled_at <= utcnow() - older_than)
+    pending = sa.and_(*conditions)
     written = 0
     last_id = 0
     while True:
@@ -219,7 +217,11 @@ def flush_outbox(rt: Runtime, *, older_than: dt.timedelta = dt.timedelta(0)) -> 
                 ).scalars()
             )
         for reservation_id in ids:
-            written += write_outbox(rt.store, reservation_id) is not None
+            try:
+                written += write_outbox(rt.store, reservation_id) is not None
+            except Exception:
+                # One row that cannot be written must not hold back the rows after it.
+                log.exception("could not write the queued usage of reservation %s", reservation_id)
         if len(ids) < rt.settings.batch_size:
             return written
         last_id = ids[-1]

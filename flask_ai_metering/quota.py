@@ -419,7 +419,7 @@ def apply_to_counter(
     return CounterState.of(conn.execute(_AMOUNTS, {"cid": counter_id}).one())
 
 
-def mark_approaching(conn: sa.Connection, counter_id: int) -> bool:
+def mark_approaching(conn: sa.Connection, *, counter_id: int) -> bool:
     """Flag the counter as warned; True only for the one caller that flipped it."""
     return (
         conn.execute(

@@ -16,18 +16,22 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
 from . import quota
+from . import signals
+from . import wallets
 from .billing.overages import record_overage
 from .errors import InvalidUsage
 from .meter import CallSpec
 from .meter import Recorded
 from .meter import Runtime
 from .meter import after_commit
+from .meter import claimed
 from .meter import current_check
 from .meter import find_replay
 from .meter import insert_usage
 from .meter import usage_table
 from .meter import usage_values
 from .models import utcnow
+from .money import from_units
 from .money import to_units
 from .policy import resolve_policy
 from .results import MeterResult
@@ -51,20 +55,37 @@ class _Written:
     recorded: Recorded
     approaching: list[quota.LimitCheck]
     overages: list[dict[str, t.Any]]
+    #: ``(deducted, balance)`` pico-units when a credits billable's wallet paid.
+    charged: tuple[int, int] | None = None
 
     def announce(self, rt: Runtime) -> MeterResult:
         item = self.recorded
         after_commit(
             rt, self.spec.billable, item.usage, item.usage_id, self.spec.feature, self.approaching, self.overages
         )
+        if self.charged and self.charged[0]:
+            signals.credits_deducted.send(
+                rt.app,
+                billable=self.spec.billable,
+                amount=from_units(self.charged[0]),
+                balance=from_units(self.charged[1]),
+                transaction_id=None,
+                reason="usage",
+            )
         return MeterResult(None, item.usage, item.check, usage_id=item.usage_id)
 
 
-def _write(rt: Runtime, conn: sa.Connection, spec: CallSpec, at: dt.datetime) -> _Written:
+def _write(rt: Runtime, conn: sa.Connection, spec: CallSpec, at: dt.datetime) -> _Written | MeterResult:
     tokens = spec.usage
     assert tokens is not None
+    if spec.idempotency_key is not None:
+        # A call in flight holding the key raises IdempotencyConflict; a queued one is a replay.
+        queued = claimed(conn, spec.billable, spec.idempotency_key, spec.scope)
+        if queued is not None:
+            return MeterResult(None, queued.usage, None, replayed=True, usage_id=queued.usage_id)
     costs = rt.prices.cost(spec.provider, spec.model, tokens, at)
     policy = resolve_policy(conn, spec.billable, at, rt.settings)
+    spec = dataclasses.replace(spec, billing_mode=spec.billing_mode or policy.billing_mode)
     quota.ensure_counter(rt.store, conn, policy, at)
     counter_id, _ = quota.read_counter(conn, policy)
     assert counter_id is not None
@@ -76,12 +97,25 @@ def _write(rt: Runtime, conn: sa.Connection, spec: CallSpec, at: dt.datetime) ->
     written = _Written(
         spec, Recorded(Usage.of(tokens, costs, provider=spec.provider, model=spec.model), usage_id, check), [], []
     )
-    if policy.limited and check.approaching and quota.mark_approaching(conn, counter_id):
+    if policy.limited and check.approaching and quota.mark_approaching(conn, counter_id=counter_id):
         written.approaching.append(check)
     if rt.settings.overage_behavior == "charge":
         overage = record_overage(conn, policy, state, tokens.total_tokens, usage_id, at, rt.settings.currency)
         if overage is not None:
             written.overages.append(overage)
+    if spec.billing_mode == "credits":
+        # Usage that already happened is paid from the wallet too (capped at what it holds
+        # without overdraft: it cannot be refused, it has been spent).
+        wallet_id = wallets.ensure_wallet(rt.store, conn, spec.billable, rt.settings.currency)
+        written.charged = wallets.settle(
+            conn,
+            wallet_id,
+            hold_units=0,
+            cost_units=to_units(costs.total_cost),
+            usage_id=usage_id,
+            overdraft=rt.settings.credit_overdraft,
+            now=at,
+        )
     return written
 
 
@@ -98,6 +132,9 @@ def record_one(rt: Runtime, spec: CallSpec, occurred_at: t.Any) -> MeterResult:
         return MeterResult(
             None, replay.usage, current_check(rt, spec.billable), replayed=True, usage_id=replay.usage_id
         )
+    if isinstance(written, MeterResult):
+        written.limit = current_check(rt, spec.billable)
+        return written
     return written.announce(rt)
 
 

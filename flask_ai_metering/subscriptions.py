@@ -14,6 +14,7 @@ import typing as t
 
 import sqlalchemy as sa
 from sqlalchemy.orm import make_transient_to_detached
+from sqlalchemy.orm.attributes import set_committed_value
 
 from . import signals
 from .errors import InvalidUsage
@@ -150,8 +151,19 @@ def _attach(db: SQLAlchemy, row: t.Any) -> Subscription:
 
     Read through metering's own connection, because the app's session may hold an
     older snapshot (MySQL's REPEATABLE READ) that cannot see what we just committed;
-    then merged in with ``load=False``, so the app's pending objects are not flushed.
+    then merged in with ``load=False``, so the app's pending objects are not flushed; an
+    instance the session already holds keeps the app's own unflushed changes.
     """
-    sub = Subscription(**dict(row._mapping))
+    values = dict(row._mapping)
+    key = db.session.identity_key(Subscription, (values["id"],))
+    loaded = db.session.identity_map.get(key)
+    if loaded is not None:
+        # Refresh what the app has not changed; its own pending changes stay pending.
+        state = sa.inspect(loaded)
+        for name, value in values.items():
+            if name not in state.committed_state:
+                set_committed_value(loaded, name, value)
+        return t.cast(Subscription, loaded)
+    sub = Subscription(**values)
     make_transient_to_detached(sub)
     return db.session.merge(sub, load=False)

@@ -1,0 +1,102 @@
+"""Keeping the holds of live calls alive, so expiry only ever releases a dead process's holds.
+
+A reservation expires ``AI_METERING_RESERVATION_TTL`` seconds after it was last
+renewed. While a call is in flight, one thread per process renews every live
+hold of an engine in a single UPDATE, every third of the TTL. A crashed process
+stops renewing and its holds expire; a live call may run far longer than the TTL
+(a long stream, a slow reasoning model) without its quota being released under
+it and handed to other callers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import logging
+import threading
+import typing as t
+
+import sqlalchemy as sa
+
+from .models import Reservation
+from .models import table
+from .models import utcnow
+
+if t.TYPE_CHECKING:
+    from .storage import Store
+
+log = logging.getLogger("flask_ai_metering")
+reservations = table(Reservation)
+
+_RENEW = (
+    sa.update(reservations)
+    .where(
+        reservations.c.id.in_(sa.bindparam("ids", expanding=True)),
+        reservations.c.status == "pending",
+    )
+    .values(expires_at=sa.bindparam("until", type_=reservations.c.expires_at.type))
+)
+
+
+def _renew(params: dict[str, t.Any], conn: sa.Connection) -> int:
+    return int(conn.execute(_RENEW, params).rowcount)
+
+
+class LeaseKeeper:
+    """The per-process registry of live holds, and the thread that renews them."""
+
+    def __init__(self) -> None:
+        self._live: dict[int, tuple[Store, int]] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def hold(self, store: Store, reservation_id: int, ttl: int) -> None:
+        """Keep ``reservation_id`` alive until :meth:`drop` (a dictionary insert: no I/O)."""
+        with self._lock:
+            self._live[reservation_id] = (store, ttl)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="ai-metering-leases", daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def drop(self, reservation_id: int) -> None:
+        with self._lock:
+            self._live.pop(reservation_id, None)
+
+    def live(self) -> list[int]:
+        with self._lock:
+            return list(self._live)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                ttls = [ttl for _, ttl in self._live.values()]
+            if not ttls:
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            self._wake.clear()
+            if self._wake.wait(max(1.0, min(ttls) / 3)):
+                continue  # a new hold arrived: recompute the interval before renewing
+            self.renew()
+
+    def renew(self) -> int:
+        """Push the expiry of every live hold one TTL into the future; return how many were renewed."""
+        with self._lock:
+            groups: dict[int, tuple[Store, int, list[int]]] = {}
+            for reservation_id, (store, ttl) in self._live.items():
+                entry = groups.setdefault(id(store), (store, ttl, []))
+                entry[2].append(reservation_id)
+        renewed = 0
+        for store, ttl, ids in groups.values():
+            params = {"ids": ids, "until": utcnow() + dt.timedelta(seconds=ttl)}
+            try:
+                renewed += store.run(functools.partial(_renew, params))
+            except Exception:
+                log.warning("could not renew %d reservation(s); they expire on their own", len(ids), exc_info=True)
+        return renewed
+
+
+#: The process's keeper.
+keeper = LeaseKeeper()
