@@ -402,6 +402,9 @@ class Overage(Base):
     status: Mapped[str] = mapped_column(sa.String(16), default="pending", server_default="pending")
     #: Minor units (cents) this overage put on the invoice; remainders carry to the next.
     synced_amount_minor: Mapped[int | None] = mapped_column(sa.BigInteger)
+    #: The customer billed, frozen at the first claim like the amount: a retry or a
+    #: takeover looks for (and keys) the same item even if the subscription changed since.
+    stripe_customer_id: Mapped[str | None] = mapped_column(sa.String(_KEY))
     sync_attempts: Mapped[int] = mapped_column(default=0, server_default="0")
     sync_started_at: Mapped[dt.datetime | None]
     last_error: Mapped[str | None] = mapped_column(sa.Text)

@@ -164,6 +164,31 @@ def test_a_sync_killed_after_stripe_accepted_the_item_bills_once(
         assert [(r.status, r.sync_attempts) for r in rows] == [("synced", 2), ("synced", 2)]
 
 
+def test_a_retry_bills_the_customer_of_the_first_claim(
+    make_app: AppFactory, stripe_server: StripeServer, client: t.Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app, meter, customer = stripe_app(make_app, stripe_server, client, price="1")
+    with app.app_context():
+        use(meter, 1500)
+        driver = syncer(meter)
+
+        def killed(*args: t.Any, **kwargs: t.Any) -> bool:
+            raise SystemExit("process killed before it wrote down the invoice item")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(sync_module, "mark_synced", killed)
+            with pytest.raises(SystemExit):
+                driver.sync_overages()
+        # The billable moves to another Stripe customer before the retry.
+        other = client.v1.customers.create(params={"email": "moved@example.com"}).id
+        meter.subscribe(TEAM, "pro", stripe_customer_id=other)
+        report = driver.sync_overages(now=utcnow() + dt.timedelta(hours=1))
+        assert report.synced == 1 and report.ok
+        assert [i.amount for i in invoice_items(client, customer)] == [50]  # found again, not re-created
+        assert invoice_items(client, other) == []
+        assert [r.stripe_customer_id for r in overage_rows(meter)] == [customer]
+
+
 def test_remainders_are_carried_to_the_next_sync_exactly(
     make_app: AppFactory, stripe_server: StripeServer, client: t.Any
 ) -> None:

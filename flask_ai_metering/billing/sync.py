@@ -175,6 +175,7 @@ def claim(
         claims = []
         for row in rows:
             minor = row.synced_amount_minor
+            customer = row.stripe_customer_id or sub.stripe_customer_id
             units = to_units(row.amount)
             if minor is None:
                 total = exact.get(row.currency, 0) + units
@@ -187,6 +188,7 @@ def claim(
                     sync_started_at=now,
                     sync_attempts=overages.c.sync_attempts + 1,
                     synced_amount_minor=minor,
+                    stripe_customer_id=customer,
                 )
             ).rowcount
             if claimed != 1:
@@ -199,7 +201,7 @@ def claim(
                     overage_id=int(row.id),
                     attempt=int(row.sync_attempts) + 1,
                     billable=billable,
-                    customer=sub.stripe_customer_id,
+                    customer=customer,
                     tokens=int(row.tokens),
                     amount=row.amount,
                     currency=row.currency,

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-23 18:15:56.055329
+Create Date: 2026-11-23 18:39:22.984852
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ def upgrade() -> None:
         sa.Column("period_end", flask_ai_metering.models.UTCDateTime(), nullable=True),
         sa.Column("status", sa.String(length=16), server_default="pending", nullable=False),
         sa.Column("synced_amount_minor", sa.BigInteger(), nullable=True),
+        sa.Column("stripe_customer_id", sa.String(length=255), nullable=True),
         sa.Column("sync_attempts", sa.Integer(), server_default="0", nullable=False),
         sa.Column("sync_started_at", flask_ai_metering.models.UTCDateTime(), nullable=True),
         sa.Column("last_error", sa.Text(), nullable=True),
