@@ -14,8 +14,8 @@ from sqlalchemy import exc as sa_exc
 
 from flask_ai_metering import IdempotencyConflict
 from flask_ai_metering import InvalidUsage
-from flask_ai_metering import quota
 from flask_ai_metering import queueing
+from flask_ai_metering import quota
 from flask_ai_metering.leases import keeper
 from flask_ai_metering.models import Reservation
 from flask_ai_metering.models import Usage
