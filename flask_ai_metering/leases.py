@@ -42,6 +42,14 @@ def _renew(params: dict[str, t.Any], conn: sa.Connection) -> int:
     return int(conn.execute(_RENEW, params).rowcount)
 
 
+_IDLE = float("inf")
+
+
+def _interval(ttl: int) -> float:
+    """Renew every third of the TTL: two renewals can fail before a live hold expires."""
+    return max(1.0, ttl / 3)
+
+
 class LeaseKeeper:
     """The per-process registry of live holds, and the thread that renews them."""
 
@@ -50,15 +58,20 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._interval = _IDLE
 
     def hold(self, store: Store, reservation_id: int, ttl: int) -> None:
         """Keep ``reservation_id`` alive until :meth:`drop` (a dictionary insert: no I/O)."""
         with self._lock:
+            # Wake the thread only when it must renew sooner than it planned: steady
+            # traffic must not keep interrupting (and so postponing) the renewals.
+            wake = not self._live or _interval(ttl) < self._interval
             self._live[reservation_id] = (store, ttl)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="ai-metering-leases", daemon=True)
                 self._thread.start()
-        self._wake.set()
+        if wake:
+            self._wake.set()
 
     def drop(self, reservation_id: int) -> None:
         with self._lock:
@@ -71,14 +84,13 @@ class LeaseKeeper:
     def _run(self) -> None:
         while True:
             with self._lock:
-                ttls = [ttl for _, ttl in self._live.values()]
-            if not ttls:
-                self._wake.wait()
+                self._interval = min((_interval(ttl) for _, ttl in self._live.values()), default=_IDLE)
                 self._wake.clear()
+            if self._interval == _IDLE:
+                self._wake.wait()
                 continue
-            self._wake.clear()
-            if self._wake.wait(max(1.0, min(ttls) / 3)):
-                continue  # a new hold arrived: recompute the interval before renewing
+            if self._wake.wait(self._interval):
+                continue  # a hold with a shorter TTL arrived: plan again before sleeping
             self.renew()
 
     def renew(self) -> int:

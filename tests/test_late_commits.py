@@ -72,18 +72,28 @@ def test_live_calls_keep_their_hold_past_the_ttl(make_app, backend):
                     meter.expire_reservations()  # the real clock, as cron would run it
                     time.sleep(0.2)
 
-        thread = threading.Thread(target=sweeper)
-        thread.start()
+        def traffic() -> None:
+            # Steady short calls beside the long one: they must not starve its renewals.
+            with app.app_context():
+                while not stop.is_set():
+                    meter.call(lambda: None, billable=("Team", "other"), provider="manual", usage={"output_tokens": 1})
+
+        threads = [threading.Thread(target=sweeper), threading.Thread(target=traffic)]
+        for thread in threads:
+            thread.start()
         try:
             result = meter.call(
                 lambda: time.sleep(5), billable=TEAM, provider="manual", max_tokens=60, usage={"output_tokens": 60}
             )
         finally:
             stop.set()
-            thread.join()
+            for thread in threads:
+                thread.join()
         assert result.usage.total_tokens == 60
+        long_call = Reservation.__table__.c
         with db.engine.connect() as conn:
-            assert conn.execute(sa.select(Reservation.__table__.c.status)).scalar_one() == "committed"
+            query = sa.select(long_call.status).where(long_call.billable_id == TEAM[1])
+            assert conn.execute(query).scalar_one() == "committed"
         assert keeper.live() == []
         assert reconcile(meter.runtime()) == []
 
