@@ -135,6 +135,18 @@ def test_two_syncs_at_the_same_time_create_each_item_once(
     assert len({i.metadata.to_dict()["ai_metering_overage_id"] for i in items}) == 12
 
 
+def die_after_stripe_accepts(driver: OverageSyncer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run a sync that dies after Stripe accepted each item, before we wrote it down."""
+
+    def killed(*args: t.Any, **kwargs: t.Any) -> bool:
+        raise SystemExit("process killed before it wrote down the invoice item")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sync_module, "mark_synced", killed)
+        with pytest.raises(SystemExit):
+            driver.sync_overages()
+
+
 def test_a_sync_killed_after_stripe_accepted_the_item_bills_once(
     make_app: AppFactory, stripe_server: StripeServer, client: t.Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -145,13 +157,7 @@ def test_a_sync_killed_after_stripe_accepted_the_item_bills_once(
         use(meter, 80)
         driver = syncer(meter)
 
-        def killed(*args: t.Any, **kwargs: t.Any) -> bool:
-            raise SystemExit("process killed before it wrote down the invoice item")
-
-        with monkeypatch.context() as patch:
-            patch.setattr(sync_module, "mark_synced", killed)
-            with pytest.raises(SystemExit):
-                driver.sync_overages()
+        die_after_stripe_accepts(driver, monkeypatch)
         assert [i.amount for i in invoice_items(client, customer)] == [42]
         assert [r.status for r in overage_rows(meter)] == ["syncing", "syncing"]  # both were claimed
         # The re-run after the claim went stale looks the item up instead of creating it again.
@@ -172,13 +178,7 @@ def test_a_retry_bills_the_customer_of_the_first_claim(
         use(meter, 1500)
         driver = syncer(meter)
 
-        def killed(*args: t.Any, **kwargs: t.Any) -> bool:
-            raise SystemExit("process killed before it wrote down the invoice item")
-
-        with monkeypatch.context() as patch:
-            patch.setattr(sync_module, "mark_synced", killed)
-            with pytest.raises(SystemExit):
-                driver.sync_overages()
+        die_after_stripe_accepts(driver, monkeypatch)
         # The billable moves to another Stripe customer before the retry.
         other = client.v1.customers.create(params={"email": "moved@example.com"}).id
         meter.subscribe(TEAM, "pro", stripe_customer_id=other)
