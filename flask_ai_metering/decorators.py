@@ -55,14 +55,14 @@ def quota_required(view: t.Callable[P, R] | None = None, *, feature: str | None 
 def enforce(meter: t.Any, *, feature: str | None = None, tokens: int = 0) -> t.Any:
     """Raise the HTTP error that refuses the current billable, or return its ``LimitCheck``."""
     from . import meter as pipeline
+    from .validation import max_tokens
     from .wallets import Wallet
 
     rt = meter.runtime()
     billable = meter.resolve_billable()
-    policy = pipeline.policy_of(rt, billable)
+    policy, check = pipeline.standing(rt, billable, max_tokens(tokens) or 0)
     if not policy.allows_feature(feature):
         raise FeatureNotAllowed(feature, policy.plan_slug or "")
-    check = meter.check(billable, tokens)
     if not check.allowed:
         raise AiLimitExceeded(check.reason or _reason(check), check)
     if policy.billing_mode == "credits":

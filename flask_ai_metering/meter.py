@@ -366,25 +366,17 @@ def commit(
         values = usage_values(
             spec, tokens, costs, model, at, estimated=extracted.estimated, hold=hold, duration_ms=duration_ms
         )
-        amounts: dict[str, t.Any] = {
-            "at": at,
-            "used_tokens": tokens.total_tokens,
-            "used_cost_units": cost_units,
-            "hold_tokens": hold.tokens,
-            "hold_cost_units": hold.cost_units,
-        }
+        true_up = postgres.TrueUp(
+            hold.reservation_id, hold.counter_id, at, tokens.total_tokens, cost_units, hold.tokens, hold.cost_units
+        )
         usage_id: int | None = None
         if rt.settings.queue_recording:
-            queued = postgres.commit_queued(
-                conn, hold.reservation_id, hold.counter_id, payload=to_payload(values), **amounts
-            )
+            queued = postgres.commit_queued(conn, true_up, to_payload(values))
             if queued is None:
                 return None  # the sweeper expired the hold first: the transactional path records it
             state = queued
         else:
-            usage_id, state = postgres.commit(
-                conn, hold.reservation_id, hold.counter_id, values={**values, "created_at": utcnow()}, **amounts
-            )
+            usage_id, state = postgres.commit(conn, true_up, {**values, "created_at": utcnow()})
         return usage_id, quota.limit_check(hold.policy, state, warning_threshold=rt.settings.warning_threshold)
 
     def work(conn: sa.Connection) -> tuple[int | None, quota.LimitCheck]:
@@ -452,8 +444,10 @@ def commit(
                 approaching.append(check)
     else:
         usage_id, check = rt.store.run(work)
-    if usage_id is None:
-        usage_id = enqueue(rt, hold.reservation_id)
+    if usage_id is None:  # queued: the row waits in the outbox for the publisher thread
+        from .queueing import enqueue_usage
+
+        enqueue_usage(rt, hold.reservation_id)
     usage = Usage.of(tokens, costs, provider=spec.provider, model=model, estimated=extracted.estimated)
     after_commit(rt, spec.billable, usage, usage_id, spec.feature, approaching, overages)
     for deducted, balance in charged:
@@ -467,22 +461,6 @@ def commit(
                 reason="usage",
             )
     return Recorded(usage, usage_id, check)
-
-
-def enqueue(rt: Runtime, reservation_id: int) -> int | None:
-    """Hand a committed reservation's usage row to the queue; write it now if that fails.
-
-    The row is already safe in the reservation's outbox, so a failed hand-off only
-    moves the write back into the request; it never loses it.
-    """
-    try:
-        from .queueing import enqueue_usage
-
-        enqueue_usage(rt, reservation_id)
-        return None
-    except Exception:
-        log.warning("could not queue usage of reservation %s; writing it now", reservation_id, exc_info=True)
-        return write_outbox(rt.store, reservation_id)
 
 
 def usage_values(
@@ -619,18 +597,20 @@ def after_commit(
         rt.billing.sync_after_commit([o["overage_id"] for o in overages])
 
 
-def current_check(rt: Runtime, billable: Billable, tokens: int = 0, now: dt.datetime | None = None) -> quota.LimitCheck:
-    """The billable's :class:`~flask_ai_metering.quota.LimitCheck` now; reserves nothing."""
+def standing(
+    rt: Runtime, billable: Billable, tokens: int = 0, now: dt.datetime | None = None
+) -> tuple[Policy, quota.LimitCheck]:
+    """The billable's policy and :class:`~flask_ai_metering.quota.LimitCheck` now, in one read."""
     at = now or utcnow()
     with rt.store.engine.connect() as conn:
         policy = resolve_policy(conn, billable, at, rt.settings)
         _, state = quota.read_counter(conn, policy)
+    check = quota.limit_check(policy, state, warning_threshold=rt.settings.warning_threshold, want_tokens=tokens)
     if rt.settings.overage_behavior != "block":
-        check = quota.limit_check(policy, state, warning_threshold=rt.settings.warning_threshold, want_tokens=tokens)
-        return dataclasses.replace(check, allowed=not policy.expired, hard_limit_reached=policy.expired)
-    return quota.limit_check(policy, state, warning_threshold=rt.settings.warning_threshold, want_tokens=tokens)
+        check = dataclasses.replace(check, allowed=not policy.expired, hard_limit_reached=policy.expired)
+    return policy, check
 
 
-def policy_of(rt: Runtime, billable: Billable, now: dt.datetime | None = None) -> Policy:
-    with rt.store.engine.connect() as conn:
-        return resolve_policy(conn, billable, now or utcnow(), rt.settings)
+def current_check(rt: Runtime, billable: Billable, tokens: int = 0, now: dt.datetime | None = None) -> quota.LimitCheck:
+    """The billable's :class:`~flask_ai_metering.quota.LimitCheck` now; reserves nothing."""
+    return standing(rt, billable, tokens, now)[1]

@@ -18,6 +18,7 @@ charged overage, queued recording) takes the portable path in :mod:`meter`.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import typing as t
@@ -98,20 +99,29 @@ def reserve(
     return None if row is None else (int(row[0]), int(row[1]))
 
 
-def _settle_params(
-    reservation_id: int, counter_id: int, at: dt.datetime, ut: int, uc: int, rt: int, rc: int
-) -> dict[str, t.Any]:
-    """Parameters of the settle and true-up shared by both commit statements."""
-    return {
-        "rid": reservation_id,
-        "status": "committed",
-        "at": at,
-        "cid": counter_id,
-        "ut": ut,
-        "uc": uc,
-        "rt": rt,
-        "rc": rc,
-    }
+@dataclasses.dataclass(frozen=True)
+class TrueUp:
+    """What one commit settles: the reservation, its counter, the usage and the hold it returns."""
+
+    reservation_id: int
+    counter_id: int
+    at: dt.datetime
+    used_tokens: int
+    used_cost_units: int
+    hold_tokens: int
+    hold_cost_units: int
+
+    def params(self) -> dict[str, t.Any]:
+        return {
+            "rid": self.reservation_id,
+            "status": "committed",
+            "at": self.at,
+            "cid": self.counter_id,
+            "ut": self.used_tokens,
+            "uc": self.used_cost_units,
+            "rt": self.hold_tokens,
+            "rc": self.hold_cost_units,
+        }
 
 
 def _true_up(won: sa.Exists, *conditions: sa.ColumnElement[bool]) -> t.Any:
@@ -146,27 +156,13 @@ def _commit_statement() -> t.Any:
     return sa.select(*counter.c, ledger.c.id).select_from(counter.join(ledger, sa.true()))
 
 
-def commit(
-    conn: sa.Connection,
-    reservation_id: int,
-    counter_id: int,
-    *,
-    at: dt.datetime,
-    used_tokens: int,
-    used_cost_units: int,
-    hold_tokens: int,
-    hold_cost_units: int,
-    values: dict[str, t.Any],
-) -> tuple[int, quota.CounterState]:
+def commit(conn: sa.Connection, true_up: TrueUp, values: dict[str, t.Any]) -> tuple[int, quota.CounterState]:
     """Settle the reservation, true up the counter and write the ledger row, in one statement.
 
     A reservation the sweeper already expired returns nothing to the counter
     (the sweeper did), but the usage is still added and recorded.
     """
-    params = {
-        **_settle_params(reservation_id, counter_id, at, used_tokens, used_cost_units, hold_tokens, hold_cost_units),
-        **{"u_" + name: value for name, value in values.items()},
-    }
+    params = {**true_up.params(), **{"u_" + name: value for name, value in values.items()}}
     row = conn.execute(_commit_statement(), params).one()
     return int(row[-1]), quota.CounterState.of(row[:4])
 
@@ -185,26 +181,12 @@ def _queued_statement() -> t.Any:
     return sa.select(*_true_up(won, won).c)
 
 
-def commit_queued(
-    conn: sa.Connection,
-    reservation_id: int,
-    counter_id: int,
-    *,
-    at: dt.datetime,
-    used_tokens: int,
-    used_cost_units: int,
-    hold_tokens: int,
-    hold_cost_units: int,
-    payload: dict[str, t.Any],
-) -> quota.CounterState | None:
+def commit_queued(conn: sa.Connection, true_up: TrueUp, payload: dict[str, t.Any]) -> quota.CounterState | None:
     """Queued recording: settle, true up and leave the ledger row in the outbox, in one statement.
 
     None when the sweeper had already expired the reservation (nothing was changed).
     """
-    params = {
-        **_settle_params(reservation_id, counter_id, at, used_tokens, used_cost_units, hold_tokens, hold_cost_units),
-        "payload": payload,
-    }
+    params = {**true_up.params(), "payload": payload}
     row = conn.execute(_queued_statement(), params).first()
     return None if row is None else quota.CounterState.of(row)
 

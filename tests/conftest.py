@@ -217,3 +217,22 @@ def add_plan(db: SQLAlchemy, **fields: t.Any) -> Plan:
     db.session.add(plan)
     db.session.commit()
     return plan
+
+
+def concurrently(fn: t.Callable[[], t.Any], times: int = 2, timeout: float = 60) -> list[t.Any]:
+    """Run ``fn`` in ``times`` threads released together by a barrier; return what they returned."""
+    import threading
+
+    start = threading.Barrier(times)
+    results: list[t.Any] = []
+
+    def run() -> None:
+        start.wait()
+        results.append(fn())
+
+    threads = [threading.Thread(target=run) for _ in range(times)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    return results

@@ -31,6 +31,7 @@ from flask_ai_metering.models import Overage
 from flask_ai_metering.models import utcnow
 from flask_ai_metering.reconcile import reconcile
 from tests.conftest import add_plan
+from tests.conftest import concurrently
 
 if t.TYPE_CHECKING:
     from flask_sqlalchemy import SQLAlchemy
@@ -172,18 +173,7 @@ def test_two_concurrent_syncs_bill_each_overage_once(make_app: AppFactory, bille
         for _ in range(30):
             use(meter, 7)  # 7 cents each: nothing carried
         driver = syncer(meter)
-    reports: list[t.Any] = []
-    start = threading.Barrier(2)
-
-    def sync() -> None:
-        start.wait()
-        reports.append(driver.sync_overages())
-
-    threads = [threading.Thread(target=sync) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    reports = concurrently(driver.sync_overages)
     assert sum(r.synced for r in reports) == 30 and all(r.ok for r in reports)
     with app.app_context():
         assert sorted(i["overage_id"] for i in biller.items.values()) == [r.id for r in rows(meter)]

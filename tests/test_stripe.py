@@ -10,7 +10,6 @@ import datetime as dt
 import hashlib
 import hmac
 import json
-import threading
 import time
 import typing as t
 from decimal import Decimal
@@ -30,6 +29,7 @@ from flask_ai_metering.models import Subscription
 from flask_ai_metering.models import utcnow
 from flask_ai_metering.reconcile import reconcile
 from tests.conftest import add_plan
+from tests.conftest import concurrently
 from tests.stripe_server import API_KEY
 from tests.stripe_server import StripeServer
 
@@ -117,18 +117,7 @@ def test_two_syncs_at_the_same_time_create_each_item_once(
         for _ in range(12):
             use(meter, 3)
         driver = syncer(meter)
-    start = threading.Barrier(2)
-    reports: list[t.Any] = []
-
-    def sync() -> None:
-        start.wait()
-        reports.append(driver.sync_overages())
-
-    threads = [threading.Thread(target=sync) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    reports = concurrently(driver.sync_overages)
     assert sorted(r.synced for r in reports) != [] and sum(r.synced for r in reports) == 12
     items = invoice_items(client, customer)
     assert len(items) == 12 and {i.amount for i in items} == {3}
