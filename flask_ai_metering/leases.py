@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
+import math
 import threading
 import typing as t
 
@@ -42,9 +43,6 @@ def _renew(params: dict[str, t.Any], conn: sa.Connection) -> int:
     return int(conn.execute(_RENEW, params).rowcount)
 
 
-_IDLE = float("inf")
-
-
 def _interval(ttl: int) -> float:
     """Renew every third of the TTL: two renewals can fail before a live hold expires."""
     return max(1.0, ttl / 3)
@@ -58,14 +56,15 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._interval = _IDLE
+        #: Seconds between renewals; infinite until the first hold sets it.
+        self._interval = float("inf")
 
     def hold(self, store: Store, reservation_id: int, ttl: int) -> None:
         """Keep ``reservation_id`` alive until :meth:`drop` (a dictionary insert: no I/O)."""
         with self._lock:
             # Wake the thread only when it must renew sooner than it planned: steady
             # traffic must not keep interrupting (and so postponing) the renewals.
-            wake = not self._live or _interval(ttl) < self._interval
+            wake = _interval(ttl) < self._interval
             self._live[reservation_id] = (store, ttl)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="ai-metering-leases", daemon=True)
@@ -84,12 +83,11 @@ class LeaseKeeper:
     def _run(self) -> None:
         while True:
             with self._lock:
-                self._interval = min((_interval(ttl) for _, ttl in self._live.values()), default=_IDLE)
+                # Idle, the thread keeps its last interval and just sleeps through it: waking
+                # it for every new hold would cost a context switch on every call.
+                self._interval = min((_interval(ttl) for _, ttl in self._live.values()), default=self._interval)
                 self._wake.clear()
-            if self._interval == _IDLE:
-                self._wake.wait()
-                continue
-            if self._wake.wait(self._interval):
+            if self._wake.wait(None if math.isinf(self._interval) else self._interval):
                 continue  # a hold with a shorter TTL arrived: plan again before sleeping
             self.renew()
 
