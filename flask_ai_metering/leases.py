@@ -53,6 +53,7 @@ class LeaseKeeper:
 
     def __init__(self) -> None:
         self._live: dict[int, tuple[Store, int]] = {}
+        #: Guards only the start of the thread.
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -60,44 +61,44 @@ class LeaseKeeper:
         self._interval = float("inf")
 
     def hold(self, store: Store, reservation_id: int, ttl: int) -> None:
-        """Keep ``reservation_id`` alive until :meth:`drop` (a dictionary insert: no I/O)."""
-        with self._lock:
-            # Wake the thread only when it must renew sooner than it planned: steady
-            # traffic must not keep interrupting (and so postponing) the renewals.
-            wake = _interval(ttl) < self._interval
-            self._live[reservation_id] = (store, ttl)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="ai-metering-leases", daemon=True)
-                self._thread.start()
-        if wake:
+        """Keep ``reservation_id`` alive until :meth:`drop` (a dictionary insert: no I/O, no lock).
+
+        Inserting into and popping from a dict are atomic in CPython, so the calls in
+        flight never contend on a lock; the thread reads a copy when it renews.
+        """
+        self._live[reservation_id] = (store, ttl)
+        if self._thread is None or not self._thread.is_alive():
+            with self._lock:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._run, name="ai-metering-leases", daemon=True)
+                    self._thread.start()
+        # Wake the thread only when it must renew sooner than it planned: steady
+        # traffic must not keep interrupting (and so postponing) the renewals.
+        if _interval(ttl) < self._interval:
             self._wake.set()
 
     def drop(self, reservation_id: int) -> None:
-        with self._lock:
-            self._live.pop(reservation_id, None)
+        self._live.pop(reservation_id, None)
 
     def live(self) -> list[int]:
-        with self._lock:
-            return list(self._live)
+        return list(self._live.copy())
 
     def _run(self) -> None:
         while True:
-            with self._lock:
-                # Idle, the thread keeps its last interval and just sleeps through it: waking
-                # it for every new hold would cost a context switch on every call.
-                self._interval = min((_interval(ttl) for _, ttl in self._live.values()), default=self._interval)
-                self._wake.clear()
+            # Idle, the thread keeps its last interval and just sleeps through it: waking
+            # it for every new hold would cost a context switch on every call.
+            self._wake.clear()
+            self._interval = min((_interval(ttl) for _, ttl in self._live.copy().values()), default=self._interval)
             if self._wake.wait(None if math.isinf(self._interval) else self._interval):
                 continue  # a hold with a shorter TTL arrived: plan again before sleeping
             self.renew()
 
     def renew(self) -> int:
         """Push the expiry of every live hold one TTL into the future; return how many were renewed."""
-        with self._lock:
-            groups: dict[int, tuple[Store, int, list[int]]] = {}
-            for reservation_id, (store, ttl) in self._live.items():
-                entry = groups.setdefault(id(store), (store, ttl, []))
-                entry[2].append(reservation_id)
+        groups: dict[int, tuple[Store, int, list[int]]] = {}
+        for reservation_id, (store, ttl) in self._live.copy().items():
+            entry = groups.setdefault(id(store), (store, ttl, []))
+            entry[2].append(reservation_id)
         renewed = 0
         for store, ttl, ids in groups.values():
             params = {"ids": ids, "until": utcnow() + dt.timedelta(seconds=ttl)}
