@@ -51,6 +51,7 @@ class _AppState:
     """Per-app objects derived from config, built once."""
 
     def __init__(self, app: Flask, settings: Settings, db: SQLAlchemy) -> None:
+        from .policy import RecentPolicies
         from .pricing import PriceBook
         from .providers import builtin_providers
         from .providers import load_provider
@@ -63,6 +64,7 @@ class _AppState:
             if isinstance(entry, t.Mapping) and entry.get("class"):
                 providers[name] = load_provider(name, entry["class"])
         self.providers = providers
+        self.recent = RecentPolicies()
         self._store: Store | None = None
         self._driver: t.Any = None
         self._app_ref = weakref.ref(app)
@@ -172,7 +174,7 @@ class AiMetering:
         """
         app = current_app._get_current_object()  # type: ignore[attr-defined]
         state = self._state(app)
-        return Runtime(app, state.settings, state.store, state.prices, state.providers, state.billing)
+        return Runtime(app, state.settings, state.store, state.prices, state.providers, state.billing, state.recent)
 
     def settings(self) -> Settings:
         return self._state().settings

@@ -82,7 +82,7 @@ def _runtime(app: Flask) -> tuple[Runtime, list[str]]:
         # The rest of the checks need no driver: carry on with one that does nothing.
         state = meter._state(app)
         driver = NullBillingDriver(state.store, state.settings)
-        rt = Runtime(app, state.settings, state.store, state.prices, state.providers, driver)
+        rt = Runtime(app, state.settings, state.store, state.prices, state.providers, driver, state.recent)
         return rt, [f"config: {exc}"]
 
 

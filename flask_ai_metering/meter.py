@@ -34,7 +34,9 @@ from .money import from_units
 from .money import to_units
 from .policy import Billable
 from .policy import Policy
+from .policy import RecentPolicies
 from .policy import resolve_policy
+from .policy import with_terms
 from .storage import is_duplicate
 from .usage import Extracted
 from .usage import TokenCounts
@@ -64,6 +66,9 @@ class Runtime:
     prices: PriceBook
     providers: t.Mapping[str, Provider]
     billing: BillingDriver
+    #: The last policy read per billable, which names the counter PostgreSQL's
+    #: one-statement reserve tries first (never trusted for a limit).
+    recent: RecentPolicies
 
     def provider(self, name: str) -> Provider:
         try:
@@ -183,26 +188,55 @@ def reserve(rt: Runtime, spec: CallSpec, now: dt.datetime | None = None) -> Hold
     enforce = rt.settings.overage_behavior == "block"
     refused: list[Exception] = []
 
-    def claim_and_policy(conn: sa.Connection, at: dt.datetime) -> Replay | Policy:
+    def replayed(conn: sa.Connection) -> Replay | None:
         key = spec.idempotency_key
-        if key is not None:
-            replay = find_replay(conn, spec.billable, key, spec.scope) or claimed(conn, spec.billable, key, spec.scope)
-            if replay is not None:
-                return replay
+        if key is None:
+            return None
+        return find_replay(conn, spec.billable, key, spec.scope) or claimed(conn, spec.billable, key, spec.scope)
+
+    def current_policy(conn: sa.Connection, at: dt.datetime) -> Policy:
         policy = resolve_policy(conn, spec.billable, at, rt.settings)
+        rt.recent.remember(policy)
         if not policy.allows_feature(spec.feature):
             raise FeatureNotAllowed(spec.feature, policy.plan_slug or "")
         return policy
 
+    def pinned(conn: sa.Connection, at: dt.datetime) -> Hold | None:
+        """The policy read and the hold in one statement, on the counter the last read named."""
+        recent = rt.recent.get(spec.billable, at)
+        if recent is None or spec.billing_mode not in (None, "plan"):
+            return None
+        row = postgres.reserve_pinned(
+            conn,
+            recent,
+            tokens,
+            cost_units,
+            enforce=enforce,
+            mode_from_plan=spec.billing_mode is None,
+            feature=spec.feature,
+            idempotency_key=spec.idempotency_key,
+            scope=spec.scope,
+            expires_at=at + dt.timedelta(seconds=rt.settings.reservation_ttl),
+            now=at,
+        )
+        if row is None:
+            return None
+        policy = with_terms(recent, row)
+        return Hold(row.reservation_id, row.counter_id, policy, "plan", tokens, cost_units, None, 0)
+
     def fast(conn: sa.Connection) -> Hold | Replay | None:
         at = now or utcnow()
-        policy = claim_and_policy(conn, at)
-        if isinstance(policy, Replay):
-            return policy
+        replay = replayed(conn)
+        if replay is not None:
+            return replay
+        held = pinned(conn, at)
+        if held is not None:
+            return held
+        policy = current_policy(conn, at)
         mode = spec.billing_mode or policy.billing_mode
         if mode != "plan" or policy.expired:
             return None
-        held = postgres.reserve(
+        held_at = postgres.reserve(
             conn,
             policy,
             tokens,
@@ -213,14 +247,15 @@ def reserve(rt: Runtime, spec: CallSpec, now: dt.datetime | None = None) -> Hold
             expires_at=at + dt.timedelta(seconds=rt.settings.reservation_ttl),
             now=at,
         )
-        return None if held is None else Hold(held[0], held[1], policy, mode, tokens, cost_units, None, 0)
+        return None if held_at is None else Hold(held_at[0], held_at[1], policy, mode, tokens, cost_units, None, 0)
 
     def work(conn: sa.Connection) -> Hold | Replay | None:
         at = now or utcnow()
         refused.clear()
-        policy = claim_and_policy(conn, at)
-        if isinstance(policy, Replay):
-            return policy
+        replay = replayed(conn)
+        if replay is not None:
+            return replay
+        policy = current_policy(conn, at)
         mode = spec.billing_mode or policy.billing_mode
         counter_id = None
         if not policy.expired:

@@ -24,11 +24,15 @@ import functools
 import typing as t
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
 
 from . import quota
 from .models import Usage as UsageRow
 from .models import table
+from .policy import POLICY_QUERY
+from .policy import TERMS
 from .policy import Policy
+from .policy import policy_params
 
 counters = quota.counters
 reservations = quota.reservations
@@ -83,20 +87,120 @@ def reserve(
     tokens_limited = enforce and policy.token_limit is not None
     cost_limited = enforce and policy.cost_limit_units is not None
     params = quota.reserve_params(policy, tokens, cost_units, tokens_limited, cost_limited)
-    params.update(
-        r_billable_type=policy.billable[0],
-        r_billable_id=policy.billable[1],
-        r_idempotency_key=idempotency_key,
-        r_idempotency_scope=scope,
-        r_status="pending",
-        r_tokens=tokens,
-        r_cost_units=cost_units,
-        r_credit_units=0,
-        r_expires_at=expires_at,
-        r_created_at=now,
-    )
+    params.update(_reservation_params(policy.billable, tokens, cost_units, idempotency_key, scope, expires_at, now))
     row = conn.execute(_reserve_statement(tokens_limited, cost_limited, tokens == 0), params).first()
     return None if row is None else (int(row[0]), int(row[1]))
+
+
+@functools.cache
+def _pinned_statement(enforce: bool, zero_tokens: bool, mode_from_plan: bool, feature: bool) -> t.Any:
+    """The policy read and the reservation together, against the counter a recent read selected.
+
+    The policy CTE is :data:`~flask_ai_metering.policy.POLICY_QUERY` itself, so the
+    limits are this statement's own reading. The remembered policy only names the
+    counter: the UPDATE requires the rows that select it (subscription, plan
+    version, plan period, rolling anchor) to be unchanged, the subscription to be
+    active, the billing mode to be ``plan`` and the feature to be allowed.
+    Anything else matches no row and writes nothing.
+    """
+    pol = POLICY_QUERY.cte("pol")
+    # A short alias keeps the text under psycopg's 4 KiB limit for caching a parsed statement.
+    c = t.cast(sa.Alias, sa.alias(counters, "c"))
+    now = sa.bindparam("now", type_=pol.c.started_at.type)
+    conditions: list[sa.ColumnElement[bool]] = [
+        quota.key_clause(c),
+        pol.c.id.is_not_distinct_from(sa.bindparam("p_subscription")),
+        sa.func.coalesce(pol.c.plan_version, 0) == c.c.plan_version,
+        pol.c.period.is_not_distinct_from(sa.bindparam("p_period", type_=pol.c.period.type)),
+        pol.c.started_at.is_not_distinct_from(sa.bindparam("p_anchor", type_=pol.c.started_at.type)),
+        # Active: not ended (or in its grace period) and started. NULL fails: the
+        # portable path then explains the refusal.
+        sa.or_(pol.c.ends_at.is_(None), pol.c.ends_at > now, pol.c.grace_period_ends_at > now),
+        sa.or_(pol.c.started_at.is_(None), pol.c.started_at <= now),
+    ]
+    if mode_from_plan:
+        conditions.append(sa.func.coalesce(pol.c.billing_mode, "plan") == "plan")
+    if feature:
+        features = sa.cast(pol.c.features, JSONB)
+        conditions.append(
+            sa.or_(
+                pol.c.features.is_(None),
+                features == sa.cast(sa.literal("[]"), JSONB),
+                features.has_key(sa.bindparam("p_feature", type_=sa.String)),
+            )
+        )
+    if enforce:
+        token_limit, cost_limit = pol.c.token_limit, pol.c.cost_limit
+        conditions.append(sa.or_(token_limit.is_(None), sa.and_(*quota.admits(token_limit, None, zero_tokens, c))))
+        conditions.append(sa.or_(cost_limit.is_(None), sa.and_(*quota.admits(None, cost_limit, False, c))))
+    claim = sa.update(c).where(*conditions).values(quota.hold_values(c)).returning(c.c.id).cte("claimed")
+    select = sa.select(claim.c.id, *(_param(reservations.c[name], "r_" + name) for name in _RESERVATION_COLUMNS))
+    held = (
+        sa.insert(reservations)
+        .from_select(["counter_id", *_RESERVATION_COLUMNS], select)
+        .returning(reservations.c.id.label("reservation_id"), reservations.c.counter_id)
+        .cte("held")
+    )
+    terms = (pol.c[name] for name in TERMS)
+    return sa.select(held.c.reservation_id, held.c.counter_id, *terms).select_from(held.join(pol, sa.true()))
+
+
+def reserve_pinned(
+    conn: sa.Connection,
+    recent: Policy,
+    tokens: int,
+    cost_units: int,
+    *,
+    enforce: bool,
+    mode_from_plan: bool,
+    feature: str | None,
+    idempotency_key: str | None,
+    scope: str,
+    expires_at: dt.datetime,
+    now: dt.datetime,
+) -> t.Any:
+    """Read the policy, hold quota and write the reservation, in one statement.
+
+    ``recent`` is the billable's last policy read, which names the counter to try.
+    Returns the row (``reservation_id``, ``counter_id`` and the policy's :data:`TERMS`), or
+    None when nothing was written: the caller then reads the policy and tries again.
+    """
+    params = {
+        **policy_params(recent.billable, now),
+        **quota.key_params(recent),
+        **_reservation_params(recent.billable, tokens, cost_units, idempotency_key, scope, expires_at, now),
+        "n": tokens,
+        "c": cost_units,
+        "p_subscription": recent.subscription_id,
+        "p_period": recent.plan_period,
+        "p_anchor": recent.anchor,
+        "p_feature": feature,
+    }
+    statement = _pinned_statement(enforce, tokens == 0, mode_from_plan, feature is not None)
+    return conn.execute(statement, params).first()
+
+
+def _reservation_params(
+    billable: tuple[str, str],
+    tokens: int,
+    cost_units: int,
+    idempotency_key: str | None,
+    scope: str,
+    expires_at: dt.datetime,
+    now: dt.datetime,
+) -> dict[str, t.Any]:
+    return {
+        "r_billable_type": billable[0],
+        "r_billable_id": billable[1],
+        "r_idempotency_key": idempotency_key,
+        "r_idempotency_scope": scope,
+        "r_status": "pending",
+        "r_tokens": tokens,
+        "r_cost_units": cost_units,
+        "r_credit_units": 0,
+        "r_expires_at": expires_at,
+        "r_created_at": now,
+    }
 
 
 @dataclasses.dataclass(frozen=True)

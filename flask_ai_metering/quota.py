@@ -189,15 +189,20 @@ def counter_key(policy: Policy) -> dict[str, t.Any]:
     }
 
 
-_KEY_CLAUSE = sa.and_(
-    counters.c.billable_type == sa.bindparam("k_type"),
-    counters.c.billable_id == sa.bindparam("k_id"),
-    counters.c.period_start == sa.bindparam("k_start", type_=counters.c.period_start.type),
-    counters.c.plan_version == sa.bindparam("k_version"),
-)
+def key_clause(c: sa.FromClause = counters) -> sa.ColumnElement[bool]:
+    """Selects a period's counter by its unique key (``c``: the table or an alias of it)."""
+    return sa.and_(
+        c.c.billable_type == sa.bindparam("k_type"),
+        c.c.billable_id == sa.bindparam("k_id"),
+        c.c.period_start == sa.bindparam("k_start", type_=counters.c.period_start.type),
+        c.c.plan_version == sa.bindparam("k_version"),
+    )
 
 
-def _key_params(policy: Policy) -> dict[str, t.Any]:
+KEY_CLAUSE = key_clause()
+
+
+def key_params(policy: Policy) -> dict[str, t.Any]:
     return {
         "k_type": policy.billable[0],
         "k_id": policy.billable[1],
@@ -215,39 +220,55 @@ def ensure_counter(store: Store, conn: sa.Connection, policy: Policy, now: dt.da
     )
 
 
-_READ = sa.select(counters.c.id, *_USED).where(_KEY_CLAUSE)
+_READ = sa.select(counters.c.id, *_USED).where(KEY_CLAUSE)
 
 
 def read_counter(conn: sa.Connection, policy: Policy) -> tuple[int | None, CounterState]:
     """The counter's id and amounts (``None``, zeros when it does not exist yet)."""
-    row = conn.execute(_READ, _key_params(policy)).first()
+    row = conn.execute(_READ, key_params(policy)).first()
     if row is None:
         return None, CounterState()
     return int(row[0]), CounterState.of(row[1:])
 
 
 @functools.cache
+def admits(
+    token_limit: sa.ColumnElement[t.Any] | None,
+    cost_limit: sa.ColumnElement[t.Any] | None,
+    zero_tokens: bool,
+    c: sa.FromClause = counters,
+) -> list[sa.ColumnElement[bool]]:
+    """The conditions under which a counter can hold ``:n`` more tokens and ``:c`` more cost.
+
+    A call of zero tokens (or unpriced cost) is still refused once the limit is
+    reached: something must remain.
+    """
+    conditions: list[sa.ColumnElement[bool]] = []
+    held_tokens = c.c.used_tokens + c.c.reserved_tokens
+    held_cost = c.c.used_cost_units + c.c.reserved_cost_units
+    if token_limit is not None:
+        conditions.append(held_tokens + sa.bindparam("n", type_=sa.BigInteger) <= token_limit)
+        if zero_tokens:
+            conditions.append(held_tokens < token_limit)
+    if cost_limit is not None:
+        conditions.append(held_cost + sa.bindparam("c", type_=sa.BigInteger) <= cost_limit)
+        conditions.append(held_cost < cost_limit)
+    return conditions
+
+
+def hold_values(c: sa.FromClause = counters) -> dict[str, sa.ColumnElement[t.Any]]:
+    """The SET clause that holds ``:n`` tokens and ``:c`` cost on a counter."""
+    return {
+        "reserved_tokens": c.c.reserved_tokens + sa.bindparam("n", type_=sa.BigInteger),
+        "reserved_cost_units": c.c.reserved_cost_units + sa.bindparam("c", type_=sa.BigInteger),
+    }
+
+
 def reserve_update(tokens_limited: bool, cost_limited: bool, zero_tokens: bool) -> t.Any:
     """The conditional UPDATE for one shape of limits, built once (statements are reused)."""
-    conditions = [_KEY_CLAUSE]
-    held_tokens = counters.c.used_tokens + counters.c.reserved_tokens
-    held_cost = counters.c.used_cost_units + counters.c.reserved_cost_units
-    if tokens_limited:
-        conditions.append(held_tokens + sa.bindparam("n", type_=sa.BigInteger) <= sa.bindparam("token_limit"))
-        if zero_tokens:
-            conditions.append(held_tokens < sa.bindparam("token_limit"))
-    if cost_limited:
-        conditions.append(held_cost + sa.bindparam("c", type_=sa.BigInteger) <= sa.bindparam("cost_limit"))
-        conditions.append(held_cost < sa.bindparam("cost_limit"))
-    stmt = (
-        sa.update(counters)
-        .where(*conditions)
-        .values(
-            reserved_tokens=counters.c.reserved_tokens + sa.bindparam("n", type_=sa.BigInteger),
-            reserved_cost_units=counters.c.reserved_cost_units + sa.bindparam("c", type_=sa.BigInteger),
-        )
-    )
-    return stmt
+    token_limit: sa.BindParameter[int] | None = sa.bindparam("token_limit") if tokens_limited else None
+    cost_limit: sa.BindParameter[int] | None = sa.bindparam("cost_limit") if cost_limited else None
+    return sa.update(counters).where(KEY_CLAUSE, *admits(token_limit, cost_limit, zero_tokens)).values(hold_values())
 
 
 @functools.cache
@@ -258,7 +279,7 @@ def _reserve_returning(tokens_limited: bool, cost_limited: bool, zero_tokens: bo
 def reserve_params(
     policy: Policy, tokens: int, cost_units: int, tokens_limited: bool, cost_limited: bool
 ) -> dict[str, t.Any]:
-    params = {**_key_params(policy), "n": tokens, "c": cost_units}
+    params = {**key_params(policy), "n": tokens, "c": cost_units}
     if tokens_limited:
         params["token_limit"] = policy.token_limit
     if cost_limited:
@@ -266,7 +287,7 @@ def reserve_params(
     return params
 
 
-_COUNTER_ID = sa.select(counters.c.id).where(_KEY_CLAUSE)
+_COUNTER_ID = sa.select(counters.c.id).where(KEY_CLAUSE)
 
 
 def try_reserve(
@@ -286,7 +307,7 @@ def try_reserve(
         return None if row is None else int(row[0])
     if conn.execute(reserve_update(tokens_limited, cost_limited, tokens == 0), params).rowcount != 1:
         return None
-    return int(conn.execute(_COUNTER_ID, _key_params(policy)).scalar_one())
+    return int(conn.execute(_COUNTER_ID, key_params(policy)).scalar_one())
 
 
 _INSERT_RESERVATION = sa.insert(reservations)
