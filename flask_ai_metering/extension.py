@@ -51,6 +51,7 @@ class _AppState:
     """Per-app objects derived from config, built once."""
 
     def __init__(self, app: Flask, settings: Settings, db: SQLAlchemy) -> None:
+        from .group_commit import GroupCommit
         from .policy import RecentPolicies
         from .pricing import PriceBook
         from .providers import builtin_providers
@@ -65,6 +66,7 @@ class _AppState:
                 providers[name] = load_provider(name, entry["class"])
         self.providers = providers
         self.recent = RecentPolicies()
+        self.commits = GroupCommit()
         self._store: Store | None = None
         self._driver: t.Any = None
         self._app_ref = weakref.ref(app)
@@ -75,6 +77,19 @@ class _AppState:
             engine = self.db.engines[self.settings.bind_key]
             self._store = Store(engine)
         return self._store
+
+    def runtime(self, app: Flask, billing: t.Any = None) -> Runtime:
+        """What a metered call needs, from this app's objects (``billing``: another driver)."""
+        return Runtime(
+            app,
+            self.settings,
+            self.store,
+            self.prices,
+            self.providers,
+            billing or self.billing,
+            self.recent,
+            self.commits,
+        )
 
     @property
     def billing(self) -> t.Any:
@@ -174,7 +189,9 @@ class AiMetering:
         """
         app = current_app._get_current_object()  # type: ignore[attr-defined]
         state = self._state(app)
-        return Runtime(app, state.settings, state.store, state.prices, state.providers, state.billing, state.recent)
+        return Runtime(
+            app, state.settings, state.store, state.prices, state.providers, state.billing, state.recent, state.commits
+        )
 
     def settings(self) -> Settings:
         return self._state().settings

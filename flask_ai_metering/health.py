@@ -73,7 +73,6 @@ def _config(app: Flask) -> list[str]:
 def _runtime(app: Flask) -> tuple[Runtime, list[str]]:
     """The app's runtime; when its billing driver cannot load, one with the null driver and the reason."""
     from .billing import NullBillingDriver
-    from .meter import Runtime
 
     meter = app.extensions["ai_metering"]
     try:
@@ -81,9 +80,7 @@ def _runtime(app: Flask) -> tuple[Runtime, list[str]]:
     except ConfigurationError as exc:
         # The rest of the checks need no driver: carry on with one that does nothing.
         state = meter._state(app)
-        driver = NullBillingDriver(state.store, state.settings)
-        rt = Runtime(app, state.settings, state.store, state.prices, state.providers, driver, state.recent)
-        return rt, [f"config: {exc}"]
+        return state.runtime(app, billing=NullBillingDriver(state.store, state.settings)), [f"config: {exc}"]
 
 
 def _database(rt: Runtime) -> list[str]:

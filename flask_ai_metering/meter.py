@@ -26,6 +26,7 @@ from .errors import CreditsInsufficient
 from .errors import FeatureNotAllowed
 from .errors import IdempotencyConflict
 from .errors import InvalidUsage
+from .group_commit import GroupCommit
 from .models import Usage as UsageRow
 from .models import table
 from .models import utcnow
@@ -69,6 +70,8 @@ class Runtime:
     #: The last policy read per billable, which names the counter PostgreSQL's
     #: one-statement reserve tries first (never trusted for a limit).
     recent: RecentPolicies
+    #: Writes PostgreSQL's one-statement commits, several at once on a busy counter.
+    commits: GroupCommit
 
     def provider(self, name: str) -> Provider:
         try:
@@ -397,7 +400,7 @@ def commit(
     # PostgreSQL: one autocommitted statement settles, trues up and writes (or queues) the row.
     one_statement = postgres.usable(rt.store) and hold.wallet_id is None and rt.settings.overage_behavior != "charge"
 
-    def fast(conn: sa.Connection) -> tuple[int | None, quota.LimitCheck] | None:
+    def fast() -> tuple[int | None, quota.LimitCheck] | None:
         values = usage_values(
             spec, tokens, costs, model, at, estimated=extracted.estimated, hold=hold, duration_ms=duration_ms
         )
@@ -406,12 +409,14 @@ def commit(
         )
         usage_id: int | None = None
         if rt.settings.queue_recording:
-            queued = postgres.commit_queued(conn, true_up, to_payload(values))
+            queued = rt.store.run(
+                functools.partial(postgres.commit_queued, true_up=true_up, payload=to_payload(values)), autocommit=True
+            )
             if queued is None:
                 return None  # the sweeper expired the hold first: the transactional path records it
             state = queued
         else:
-            usage_id, state = postgres.commit(conn, true_up, {**values, "created_at": utcnow()})
+            usage_id, state = rt.commits.commit(rt.store, true_up, {**values, "created_at": utcnow()})
         return usage_id, quota.limit_check(hold.policy, state, warning_threshold=rt.settings.warning_threshold)
 
     def work(conn: sa.Connection) -> tuple[int | None, quota.LimitCheck]:
@@ -470,7 +475,7 @@ def commit(
                 overages.append(overage)
         return usage_id, check
 
-    outcome = rt.store.run(fast, autocommit=True) if one_statement else None
+    outcome = fast() if one_statement else None
     if outcome is not None:
         # Its own statement, after the commit: retrying it must not re-run the commit.
         usage_id, check = outcome

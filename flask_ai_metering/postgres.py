@@ -24,6 +24,7 @@ import functools
 import typing as t
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import JSONB
 
 from . import quota
@@ -269,6 +270,79 @@ def commit(conn: sa.Connection, true_up: TrueUp, values: dict[str, t.Any]) -> tu
     params = {**true_up.params(), **{"u_" + name: value for name, value in values.items()}}
     row = conn.execute(_commit_statement(), params).one()
     return int(row[-1]), quota.CounterState.of(row[:4])
+
+
+_LEDGER_COLUMNS = [c for c in usage_table.c if c.name != "id"]
+
+
+@functools.lru_cache(maxsize=1)
+def _commit_many_statement() -> t.Any:
+    """:func:`_commit_statement` for several calls on one counter: one array per column.
+
+    One shape whatever the number of calls (``unnest`` of the arrays), so it is
+    parsed and planned once. The usage rows carry the true-up's amounts (their
+    totals, reservation and time); only the holds to return come beside them.
+    """
+    arrays: dict[str, t.Any] = {c.name: c.type for c in _LEDGER_COLUMNS}
+    arrays.update(hold_tokens=sa.BigInteger, hold_cost_units=sa.BigInteger)
+    # Bound as "a_<column>": a parameter named like a column would also be SET by the UPDATEs.
+    unnest = sa.func.unnest(*(sa.bindparam("a_" + name, type_=ARRAY(type_)) for name, type_ in arrays.items()))
+    rows = sa.select(unnest.table_valued(*arrays).render_derived(name="i")).cte("rows")
+    settled = (
+        sa.update(reservations)
+        .where(reservations.c.id == rows.c.reservation_id, reservations.c.status == "pending")
+        .values(status="committed", settled_at=rows.c.occurred_at)
+        .returning(reservations.c.id)
+        .cte("settled")
+    )
+    won = rows.c.reservation_id.in_(sa.select(settled.c.id))
+
+    def total(column: sa.ColumnElement[t.Any], *where: sa.ColumnElement[bool]) -> t.Any:
+        return sa.select(sa.func.coalesce(sa.func.sum(column), 0)).where(*where).scalar_subquery()
+
+    counted = (
+        sa.update(counters)
+        .where(counters.c.id == sa.bindparam("cid"))
+        .values(
+            used_tokens=counters.c.used_tokens + total(rows.c.total_tokens),
+            used_cost_units=counters.c.used_cost_units + total(rows.c.total_cost),
+            reserved_tokens=counters.c.reserved_tokens - total(rows.c.hold_tokens, won),
+            reserved_cost_units=counters.c.reserved_cost_units - total(rows.c.hold_cost_units, won),
+            calls=counters.c.calls + sa.select(sa.func.count()).select_from(rows).scalar_subquery(),
+        )
+        .returning(*quota.USED_COLUMNS)
+        .cte("counted")
+    )
+    values: list[sa.ColumnElement[t.Any]] = [rows.c[c.name] for c in _LEDGER_COLUMNS]
+    for i, column in enumerate(_LEDGER_COLUMNS):
+        if column is usage_table.c.idempotency_key:
+            values[i] = sa.case((won, values[i]), else_=sa.null())  # as in _commit_statement
+    ledger = (
+        sa.insert(usage_table)
+        .from_select([c.name for c in _LEDGER_COLUMNS], sa.select(*values))
+        .returning(usage_table.c.id, usage_table.c.reservation_id)
+        .cte("recorded")
+    )
+    return sa.select(*counted.c, ledger.c.id, ledger.c.reservation_id).select_from(counted.join(ledger, sa.true()))
+
+
+def commit_many(
+    conn: sa.Connection, items: t.Sequence[tuple[TrueUp, dict[str, t.Any]]]
+) -> tuple[dict[int, int], quota.CounterState]:
+    """:func:`commit` for several calls on one counter: one statement and one durable commit.
+
+    Returns the usage id of each reservation and the counter after all of them.
+    """
+    (counter_id,) = {true_up.counter_id for true_up, _ in items}
+    params: dict[str, t.Any] = {
+        "cid": counter_id,
+        "a_hold_tokens": [true_up.hold_tokens for true_up, _ in items],
+        "a_hold_cost_units": [true_up.hold_cost_units for true_up, _ in items],
+    }
+    for column in _LEDGER_COLUMNS:
+        params["a_" + column.name] = [values[column.name] for _, values in items]
+    rows = conn.execute(_commit_many_statement(), params).all()
+    return {int(row.reservation_id): int(row.id) for row in rows}, quota.CounterState.of(rows[0][:4])
 
 
 @functools.lru_cache(maxsize=1)

@@ -167,10 +167,9 @@ def test_an_override_on_a_billable_without_a_subscription_applies_to_the_next_ca
     assert manual(meter, 50).remaining_tokens == 0
 
 
+@pytest.mark.parametrize("backend", ["postgresql"])
 def test_on_postgresql_a_remembered_billables_call_is_two_statements(meter, db, backend):
     """One statement per phase: the policy read and the hold together, then the commit."""
-    if backend != "postgresql":
-        pytest.skip("the one-statement phases are PostgreSQL's")
     add_plan(db, slug="p", token_limit=10**6)
     meter.subscribe(TEAM, "p")
     manual(meter, 1, feature="chat")
@@ -182,11 +181,13 @@ def test_on_postgresql_a_remembered_billables_call_is_two_statements(meter, db, 
     assert "INSERT INTO ai_metering_usage" in statements[1]
 
 
-def test_the_one_statement_phases_fit_psycopgs_statement_cache() -> None:
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_the_one_statement_phases_fit_psycopgs_statement_cache(backend: str) -> None:
     """psycopg re-parses, on every execution, a statement over 4 KiB or with over 50 parameters.
 
     That parsing cost more than the statement's round trip; these shapes must stay under
-    both limits (psycopg's ``MAX_CACHED_STATEMENT_LENGTH`` / ``_PARAMS``).
+    both limits (psycopg's ``MAX_CACHED_STATEMENT_LENGTH`` / ``_PARAMS``). Group commit's
+    statement is over the length, and parsed once per group of calls instead.
     """
     from psycopg import _queries
     from sqlalchemy.dialects.postgresql import psycopg as dialect_module

@@ -1,0 +1,135 @@
+"""Group commit on PostgreSQL: commits queued on one counter are written together, each exactly once."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+import typing as t
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+
+from flask_ai_metering import meter as pipeline
+from flask_ai_metering import postgres
+from flask_ai_metering.group_commit import GroupCommit
+from flask_ai_metering.group_commit import _Commit
+from flask_ai_metering.models import Counter
+from flask_ai_metering.models import Usage
+from flask_ai_metering.models import utcnow
+from flask_ai_metering.money import to_units
+from flask_ai_metering.reconcile import reconcile
+from flask_ai_metering.usage import TokenCounts
+from tests.conftest import add_plan
+
+TEAM = ("Team", "7")
+
+
+# Group commit serves PostgreSQL's one-statement commits only.
+pytestmark = pytest.mark.parametrize("backend", ["postgresql"])
+
+
+@pytest.fixture
+def pg_app(make_app: t.Any, backend: str) -> t.Any:
+    app, db, meter = make_app()
+    with app.app_context():
+        add_plan(db, slug="p", token_limit=10**9)
+        meter.subscribe(TEAM, "p")
+        yield app, db, meter
+
+
+def test_concurrent_commits_on_one_counter_share_statements_and_each_gets_its_own_row(pg_app):
+    app, db, meter = pg_app
+    batches: list[str] = []
+    sa.event.listen(db.engine, "before_cursor_execute", lambda *a: batches.append(a[2]) if "unnest(" in a[2] else None)
+    results: list[t.Any] = []
+    failures: list[BaseException] = []
+
+    def caller(n: int) -> None:
+        with app.app_context():
+            for i in range(30):
+                try:
+                    results.append(
+                        meter.call(
+                            lambda: time.sleep(0.001),
+                            billable=TEAM,
+                            provider="openai",
+                            model="gpt-4o-mini",
+                            max_tokens=100,
+                            usage={"output_tokens": 1 + (n * 30 + i) % 50},
+                            meta={"caller": n, "i": i},
+                        )
+                    )
+                except BaseException as error:  # pragma: no cover - reported below
+                    failures.append(error)
+
+    threads = [threading.Thread(target=caller, args=(n,)) for n in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert failures == []
+    assert batches, "no two commits were ever written together"
+    with db.engine.connect() as conn:
+        rows = {r.id: r for r in conn.execute(sa.select(Usage.__table__))}
+        used = conn.execute(sa.select(Counter.used_tokens, Counter.reserved_tokens, Counter.calls)).one()
+    # Every caller got its own row back, holding its own usage and metadata.
+    assert len({r.usage_id for r in results}) == len(results) == len(rows) == 240
+    started = utcnow() - dt.timedelta(minutes=5)
+    for result in results:
+        row = rows[result.usage_id]
+        assert row.output_tokens == result.usage.output_tokens
+        assert row.total_cost == result.usage.total_cost > 0
+        assert started < row.occurred_at <= utcnow()
+    assert sorted((r.meta["caller"], r.meta["i"]) for r in rows.values()) == [
+        (n, i) for n in range(8) for i in range(30)
+    ]
+    assert tuple(used) == (sum(r.output_tokens for r in rows.values()), 0, 240)
+    assert reconcile(meter.runtime()) == []
+
+
+def _pending_commit(meter: t.Any, tokens: int) -> _Commit:
+    """A reserved call and the commit it would write, built as the pipeline builds it."""
+    rt = meter.runtime()
+    spec = pipeline.CallSpec(billable=TEAM, provider="manual", max_tokens=100)
+    hold = pipeline.reserve(rt, spec)
+    assert isinstance(hold, pipeline.Hold)
+    at = utcnow()
+    counts = TokenCounts(output_tokens=tokens)
+    costs = rt.prices.cost("manual", None, counts, at)
+    values = {**pipeline.usage_values(spec, counts, costs, None, at, hold=hold), "created_at": at}
+    true_up = postgres.TrueUp(
+        hold.reservation_id, hold.counter_id, at, tokens, to_units(costs.total_cost), hold.tokens, hold.cost_units
+    )
+    return _Commit(true_up, values)
+
+
+def test_a_refused_group_writes_each_commit_alone(pg_app):
+    """One row the database refuses must not cost the others theirs: each is written alone."""
+    app, db, meter = pg_app
+    good, bad = _pending_commit(meter, 30), _pending_commit(meter, 40)
+    with db.engine.begin() as conn:  # a row already holds the bad commit's reservation: unique key
+        conn.execute(sa.insert(Usage.__table__).values({**bad.values, "output_tokens": 1}))
+    GroupCommit._write(meter.runtime().store, [good, bad])
+    assert good.outcome is not None and good.error is None
+    assert isinstance(bad.error, sa_exc.IntegrityError) and bad.outcome is None
+    with db.engine.connect() as conn:
+        counter = conn.execute(sa.select(Counter.used_tokens, Counter.reserved_tokens)).one()
+    assert tuple(counter) == (30, 100)  # the good commit counted; the bad one's hold still held
+
+
+def test_a_group_mixing_won_and_expired_holds_returns_each_hold_once(pg_app):
+    app, db, meter = pg_app
+    first, second = _pending_commit(meter, 30), _pending_commit(meter, 40)
+    later = utcnow().replace(year=utcnow().year + 1)
+    # The sweeper expires both (returning both holds), then one more hold is taken.
+    assert meter.expire_reservations(now=later) == 2
+    third = _pending_commit(meter, 50)
+    usage_ids, state = meter.runtime().store.run(
+        lambda conn: postgres.commit_many(conn, [(c.true_up, c.values) for c in (first, second, third)]),
+        autocommit=True,
+    )
+    assert len(set(usage_ids.values())) == 3
+    assert (state.used_tokens, state.reserved_tokens) == (120, 0)
+    assert reconcile(meter.runtime()) == []
