@@ -86,7 +86,7 @@ class Store:
         """
         with self.engine.connect() as conn:
             if autocommit:
-                yield conn.execution_options(isolation_level="AUTOCOMMIT")
+                yield from self._autocommitting(conn)
                 return
             if self.is_sqlite and write:
                 raw = conn.connection.dbapi_connection
@@ -103,6 +103,26 @@ class Store:
                 raise
             else:
                 conn.commit()
+
+    def _autocommitting(self, conn: sa.Connection) -> t.Iterator[sa.Connection]:
+        """``conn`` with each statement committing on its own.
+
+        On psycopg the driver's own ``autocommit`` switch is flipped for the block
+        and flipped back before the connection returns to the pool: a property
+        change, no round trip. SQLAlchemy's ``isolation_level="AUTOCOMMIT"`` does
+        the same plus its bookkeeping of connection characteristics, which cost
+        more Python time than the statement's round trip.
+        """
+        driver = conn.connection.driver_connection
+        if not self.is_postgres or not hasattr(driver, "autocommit"):
+            yield conn.execution_options(isolation_level="AUTOCOMMIT")
+            return
+        driver.autocommit = True
+        try:
+            yield conn
+        finally:
+            if not driver.closed:
+                driver.autocommit = False
 
     def run(self, work: t.Callable[[sa.Connection], T], *, write: bool = True, autocommit: bool = False) -> T:
         """Run ``work`` in a transaction, retrying it whole on a retryable error."""

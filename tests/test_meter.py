@@ -359,3 +359,21 @@ def test_custom_provider_registered_from_config(make_app):
         result = meter.call(lambda: {"tokens": 1000}, billable=TEAM, provider="echo")
     assert result.usage.model == "echo-1"
     assert result.usage.total_cost == Decimal("0.002004")
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_connections_return_to_the_pool_transactional(make_app, backend):
+    """PostgreSQL's phases autocommit on the driver; every pooled connection must come back without it,
+    after a call and after a statement that failed in autocommit."""
+    app, db, meter = make_app()
+    with app.app_context():
+        meter.call(lambda: None, billable=TEAM, provider="manual", usage={"output_tokens": 1}, idempotency_key="k")
+        store = meter.runtime().store
+        with pytest.raises(sa.exc.DBAPIError):
+            store.run(lambda conn: conn.execute(sa.text("select 1/0")), autocommit=True)
+        held = [db.engine.connect() for _ in range(db.engine.pool.size())]  # every pooled connection
+        try:
+            assert [c.connection.driver_connection.autocommit for c in held] == [False] * len(held)
+        finally:
+            for conn in held:
+                conn.close()
