@@ -27,24 +27,16 @@ from flask_ai_metering.models import Counter
 SECONDS = 3.0
 
 
-def _throughput(app: t.Any, meter: t.Any, concurrency: int, billables: list[tuple[str, str]]) -> dict[str, t.Any]:
-    """Calls per second and latency with ``concurrency`` threads for ``SECONDS``."""
-    latencies: list[list[float]] = [[] for _ in range(concurrency)]
+def _for_a_while(concurrency: int, work: t.Callable[[int, threading.Event], None]) -> float:
+    """Run ``work(i, stop)`` on ``concurrency`` threads started together for ``SECONDS``; the seconds."""
     barrier = threading.Barrier(concurrency + 1)
     stop = threading.Event()
 
-    def worker(i: int) -> None:
-        billable = billables[i % len(billables)]
-        with app.app_context():
-            barrier.wait()
-            while not stop.is_set():
-                start = time.perf_counter()
-                meter.call(
-                    lambda: None, billable=billable, provider="manual", max_tokens=100, usage={"output_tokens": 100}
-                )
-                latencies[i].append((time.perf_counter() - start) * 1000)
+    def run(i: int) -> None:
+        barrier.wait()
+        work(i, stop)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(concurrency)]
     for th in threads:
         th.start()
     barrier.wait()
@@ -53,7 +45,24 @@ def _throughput(app: t.Any, meter: t.Any, concurrency: int, billables: list[tupl
     stop.set()
     for th in threads:
         th.join()
-    elapsed = time.perf_counter() - started
+    return time.perf_counter() - started
+
+
+def _throughput(app: t.Any, meter: t.Any, concurrency: int, billables: list[tuple[str, str]]) -> dict[str, t.Any]:
+    """Calls per second and latency with ``concurrency`` threads for ``SECONDS``."""
+    latencies: list[list[float]] = [[] for _ in range(concurrency)]
+
+    def worker(i: int, stop: threading.Event) -> None:
+        billable = billables[i % len(billables)]
+        with app.app_context():
+            while not stop.is_set():
+                start = time.perf_counter()
+                meter.call(
+                    lambda: None, billable=billable, provider="manual", max_tokens=100, usage={"output_tokens": 100}
+                )
+                latencies[i].append((time.perf_counter() - start) * 1000)
+
+    elapsed = _for_a_while(concurrency, worker)
     samples = [x for per in latencies for x in per]
     p50, p99 = percentiles(samples)
     return {"calls_per_s": round(len(samples) / elapsed), "p50_ms": round(p50, 2), "p99_ms": round(p99, 2)}
@@ -91,12 +100,9 @@ def _plain_cycle(db: t.Any, concurrency: int, counters: int) -> dict[str, t.Any]
         for i in set(range(counters)) - have:
             conn.execute(sa.text("INSERT INTO plain_counter VALUES (:id, 0, 0, :lim)"), {"id": i, "lim": 10**15})
     counts = [0] * concurrency
-    barrier = threading.Barrier(concurrency + 1)
-    stop = threading.Event()
 
-    def worker(i: int) -> None:
+    def worker(i: int, stop: threading.Event) -> None:
         params = {"id": i % counters}
-        barrier.wait()
         while not stop.is_set():
             with engine.begin() as conn:
                 if conn.execute(reserve, params).rowcount != 1:
@@ -106,16 +112,8 @@ def _plain_cycle(db: t.Any, concurrency: int, counters: int) -> dict[str, t.Any]
                 conn.execute(insert, {**params, "at": dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)})
             counts[i] += 1
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
-    for th in threads:
-        th.start()
-    barrier.wait()
-    started = time.perf_counter()
-    time.sleep(SECONDS)
-    stop.set()
-    for th in threads:
-        th.join()
-    return {"plain_cycle_calls_per_s": round(sum(counts) / (time.perf_counter() - started))}
+    elapsed = _for_a_while(concurrency, worker)
+    return {"plain_cycle_calls_per_s": round(sum(counts) / elapsed)}
 
 
 def _overshoot_ours(app: t.Any, db: t.Any, meter: t.Any, threads: int) -> int:

@@ -93,8 +93,7 @@ class GroupCommit:
     def _write(store: Store, group: list[_Commit]) -> None:
         try:
             if len(group) == 1:
-                (only,) = group
-                only.outcome = store.run(lambda conn: postgres.commit(conn, only.true_up, only.values), autocommit=True)
+                group[0].outcome = store.run(_alone(group[0]), autocommit=True)
                 return
             items = [(c.true_up, c.values) for c in group]
             try:
@@ -103,10 +102,7 @@ class GroupCommit:
                 # Refused whole, nothing written: write each alone, so each gets its own answer.
                 for each in group:
                     try:
-                        each.outcome = store.run(
-                            functools.partial(postgres.commit, true_up=each.true_up, values=each.values),
-                            autocommit=True,
-                        )
+                        each.outcome = store.run(_alone(each), autocommit=True)
                     except Exception as error:
                         each.error = error
                 return
@@ -120,3 +116,8 @@ class GroupCommit:
         finally:
             for each in group[1:]:
                 each.ready.set()
+
+
+def _alone(commit: _Commit) -> t.Callable[[t.Any], Outcome]:
+    """The work of writing ``commit`` in a statement of its own."""
+    return functools.partial(postgres.commit, true_up=commit.true_up, values=commit.values)

@@ -114,7 +114,7 @@ class Store:
         more Python time than the statement's round trip.
         """
         driver = conn.connection.driver_connection
-        if not self.is_postgres or not hasattr(driver, "autocommit"):
+        if driver is None or not self.is_postgres or not hasattr(driver, "autocommit"):
             yield conn.execution_options(isolation_level="AUTOCOMMIT")
             return
         driver.autocommit = True
