@@ -52,6 +52,7 @@ class _AppState:
 
     def __init__(self, app: Flask, settings: Settings, db: SQLAlchemy) -> None:
         from .group_commit import GroupCommit
+        from .group_hold import GroupHold
         from .policy import RecentPolicies
         from .pricing import PriceBook
         from .providers import builtin_providers
@@ -67,6 +68,7 @@ class _AppState:
         self.providers = providers
         self.recent = RecentPolicies()
         self.commits = GroupCommit()
+        self.holds = GroupHold()
         self._store: Store | None = None
         self._driver: t.Any = None
         self._app_ref = weakref.ref(app)
@@ -89,6 +91,7 @@ class _AppState:
             billing or self.billing,
             self.recent,
             self.commits,
+            self.holds,
         )
 
     @property
@@ -189,9 +192,7 @@ class AiMetering:
         """
         app = current_app._get_current_object()  # type: ignore[attr-defined]
         state = self._state(app)
-        return Runtime(
-            app, state.settings, state.store, state.prices, state.providers, state.billing, state.recent, state.commits
-        )
+        return state.runtime(app)
 
     def settings(self) -> Settings:
         return self._state().settings

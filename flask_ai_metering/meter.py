@@ -27,6 +27,7 @@ from .errors import FeatureNotAllowed
 from .errors import IdempotencyConflict
 from .errors import InvalidUsage
 from .group_commit import GroupCommit
+from .group_hold import GroupHold
 from .models import Usage as UsageRow
 from .models import table
 from .models import utcnow
@@ -72,6 +73,8 @@ class Runtime:
     recent: RecentPolicies
     #: Writes PostgreSQL's one-statement commits, several at once on a busy counter.
     commits: GroupCommit
+    #: Holds quota for PostgreSQL's keyless calls, several at once on a busy counter.
+    holds: GroupHold
 
     def provider(self, name: str) -> Provider:
         try:
@@ -183,13 +186,19 @@ def usage_from_row(row: t.Any) -> Usage:
 def reserve(rt: Runtime, spec: CallSpec, now: dt.datetime | None = None) -> Hold | Replay:
     """Claim the idempotency key and hold quota, atomically; raise if refused.
 
-    On PostgreSQL the common case is one autocommitted statement after the policy
-    read (:mod:`flask_ai_metering.postgres`); a first use of a period, a refusal,
+    On PostgreSQL the common case is one autocommitted statement that reads the
+    policy and holds quota (:mod:`flask_ai_metering.postgres`), made together with
+    other calls of the billable that queue behind it when they carry no idempotency
+    key (:mod:`flask_ai_metering.group_hold`); a first use of a period, a refusal,
     or a credits call takes the transactional path below.
     """
     tokens, cost_units = reservation_size(rt, spec)
     enforce = rt.settings.overage_behavior == "block"
     refused: list[Exception] = []
+    if postgres.usable(rt.store) and spec.idempotency_key is None:
+        held = grouped(rt, spec, tokens, cost_units, enforce, now or utcnow())
+        if held is not None:
+            return held
 
     def replayed(conn: sa.Connection) -> Replay | None:
         key = spec.idempotency_key
@@ -232,7 +241,7 @@ def reserve(rt: Runtime, spec: CallSpec, now: dt.datetime | None = None) -> Hold
         replay = replayed(conn)
         if replay is not None:
             return replay
-        held = pinned(conn, at)
+        held = pinned(conn, at) if spec.idempotency_key is not None else None
         if held is not None:
             return held
         policy = current_policy(conn, at)
@@ -318,6 +327,26 @@ def reserve(rt: Runtime, spec: CallSpec, now: dt.datetime | None = None) -> Hold
             raise error_
         return outcome
     raise IdempotencyConflict(f"idempotency key {spec.idempotency_key!r} is still in flight")
+
+
+def grouped(rt: Runtime, spec: CallSpec, tokens: int, cost_units: int, enforce: bool, at: dt.datetime) -> Hold | None:
+    """A keyless PostgreSQL call's hold, on the counter the billable's last policy read named.
+
+    None when there is no such policy or the statement wrote nothing (the
+    general path then reads the policy afresh).
+    """
+    recent = rt.recent.get(spec.billable, at)
+    if recent is None or spec.billing_mode not in (None, "plan"):
+        return None
+    request = postgres.HoldRequest(
+        tokens, cost_units, spec.scope, at + dt.timedelta(seconds=rt.settings.reservation_ttl), at
+    )
+    row = rt.holds.hold(
+        rt.store, recent, request, enforce=enforce, mode_from_plan=spec.billing_mode is None, feature=spec.feature
+    )
+    if row is None:
+        return None
+    return Hold(row.reservation_id, row.counter_id, with_terms(recent, row), "plan", tokens, cost_units, None, 0)
 
 
 def claimed(conn: sa.Connection, billable: Billable, key: str, scope: str) -> Replay | None:

@@ -93,20 +93,13 @@ def reserve(
     return None if row is None else (int(row[0]), int(row[1]))
 
 
-@functools.cache
-def _pinned_statement(enforce: bool, zero_tokens: bool, mode_from_plan: bool, feature: bool) -> t.Any:
-    """The policy read and the reservation together, against the counter a recent read selected.
+def _pinned_conditions(pol: sa.CTE, c: sa.Alias, mode_from_plan: bool, feature: bool) -> list[sa.ColumnElement[bool]]:
+    """What the remembered policy assumed, re-checked against the statement's own policy read.
 
-    The policy CTE is :data:`~flask_ai_metering.policy.POLICY_QUERY` itself, so the
-    limits are this statement's own reading. The remembered policy only names the
-    counter: the UPDATE requires the rows that select it (subscription, plan
-    version, plan period, rolling anchor) to be unchanged, the subscription to be
-    active, the billing mode to be ``plan`` and the feature to be allowed.
-    Anything else matches no row and writes nothing.
+    The rows that select the counter (subscription, plan version, plan period,
+    rolling anchor) unchanged, the subscription active, the billing mode ``plan``
+    and the feature allowed. NULL fails: the portable path then explains a refusal.
     """
-    pol = POLICY_QUERY.cte("pol")
-    # A short alias keeps the text under psycopg's 4 KiB limit for caching a parsed statement.
-    c = t.cast(sa.Alias, sa.alias(counters, "c"))
     now = sa.bindparam("now", type_=pol.c.started_at.type)
     conditions: list[sa.ColumnElement[bool]] = [
         quota.key_clause(c),
@@ -114,8 +107,6 @@ def _pinned_statement(enforce: bool, zero_tokens: bool, mode_from_plan: bool, fe
         sa.func.coalesce(pol.c.plan_version, 0) == c.c.plan_version,
         pol.c.period.is_not_distinct_from(sa.bindparam("p_period", type_=pol.c.period.type)),
         pol.c.started_at.is_not_distinct_from(sa.bindparam("p_anchor", type_=pol.c.started_at.type)),
-        # Active: not ended (or in its grace period) and started. NULL fails: the
-        # portable path then explains the refusal.
         sa.or_(pol.c.ends_at.is_(None), pol.c.ends_at > now, pol.c.grace_period_ends_at > now),
         sa.or_(pol.c.started_at.is_(None), pol.c.started_at <= now),
     ]
@@ -130,6 +121,35 @@ def _pinned_statement(enforce: bool, zero_tokens: bool, mode_from_plan: bool, fe
                 features.has_key(sa.bindparam("p_feature", type_=sa.String)),
             )
         )
+    return conditions
+
+
+def _pinned_params(recent: Policy, now: dt.datetime, feature: str | None) -> dict[str, t.Any]:
+    return {
+        **policy_params(recent.billable, now),
+        **quota.key_params(recent),
+        "p_subscription": recent.subscription_id,
+        "p_period": recent.plan_period,
+        "p_anchor": recent.anchor,
+        "p_feature": feature,
+    }
+
+
+def _policy_and_counter() -> tuple[sa.CTE, sa.Alias]:
+    # A short alias keeps the text under psycopg's 4 KiB limit for caching a parsed statement.
+    return POLICY_QUERY.cte("pol"), t.cast(sa.Alias, sa.alias(counters, "c"))
+
+
+@functools.cache
+def _pinned_statement(enforce: bool, zero_tokens: bool, mode_from_plan: bool, feature: bool) -> t.Any:
+    """The policy read and the reservation together, against the counter a recent read selected.
+
+    The policy CTE is :data:`~flask_ai_metering.policy.POLICY_QUERY` itself, so the
+    limits are this statement's own reading. The remembered policy only names the
+    counter (:func:`_pinned_conditions`). Anything else matches no row and writes nothing.
+    """
+    pol, c = _policy_and_counter()
+    conditions = _pinned_conditions(pol, c, mode_from_plan, feature)
     if enforce:
         token_limit, cost_limit = pol.c.token_limit, pol.c.cost_limit
         conditions.append(sa.or_(token_limit.is_(None), sa.and_(*quota.admits(token_limit, None, zero_tokens, c))))
@@ -167,18 +187,122 @@ def reserve_pinned(
     None when nothing was written: the caller then reads the policy and tries again.
     """
     params = {
-        **policy_params(recent.billable, now),
-        **quota.key_params(recent),
+        **_pinned_params(recent, now, feature),
         **_reservation_params(recent.billable, tokens, cost_units, idempotency_key, scope, expires_at, now),
         "n": tokens,
         "c": cost_units,
-        "p_subscription": recent.subscription_id,
-        "p_period": recent.plan_period,
-        "p_anchor": recent.anchor,
-        "p_feature": feature,
     }
     statement = _pinned_statement(enforce, tokens == 0, mode_from_plan, feature is not None)
     return conn.execute(statement, params).first()
+
+
+@dataclasses.dataclass(frozen=True)
+class HoldRequest:
+    """One call's hold, as :func:`reserve_pinned_many` writes it."""
+
+    tokens: int
+    cost_units: int
+    scope: str
+    expires_at: dt.datetime
+    created_at: dt.datetime
+
+
+_HOLD_COLUMNS = ("tokens", "cost_units", "idempotency_scope", "expires_at", "created_at")
+
+
+@functools.cache
+def _pinned_many_statement(enforce: bool, mode_from_plan: bool, feature: bool) -> t.Any:
+    """:func:`_pinned_statement` for several calls of one billable: all held together, or none.
+
+    The counter must have room for all of them as if admitted one by one: the
+    zero-token calls first (they need a token left) and the costliest last (each
+    call needs some cost left). A group that does not fit writes nothing, and each
+    call then tries on its own.
+    """
+    pol, c = _policy_and_counter()
+    conditions = _pinned_conditions(pol, c, mode_from_plan, feature)
+    if enforce:
+        held_tokens = c.c.used_tokens + c.c.reserved_tokens
+        held_cost = c.c.used_cost_units + c.c.reserved_cost_units
+        tokens = sa.bindparam("n", type_=sa.BigInteger)
+        cost = sa.bindparam("c", type_=sa.BigInteger)
+        token_limit, cost_limit = pol.c.token_limit, pol.c.cost_limit
+        any_zero = sa.bindparam("any_zero", type_=sa.Boolean)
+        most = sa.bindparam("c_max", type_=sa.BigInteger)
+        conditions.append(
+            sa.or_(
+                token_limit.is_(None),
+                sa.and_(held_tokens + tokens <= token_limit, sa.or_(~any_zero, held_tokens < token_limit)),
+            )
+        )
+        conditions.append(
+            sa.or_(cost_limit.is_(None), sa.and_(held_cost + cost <= cost_limit, held_cost + cost - most < cost_limit))
+        )
+    claim = sa.update(c).where(*conditions).values(quota.hold_values(c)).returning(c.c.id).cte("claimed")
+    arrays = {name: reservations.c[name].type for name in _HOLD_COLUMNS}
+    requested = (
+        sa.func.unnest(*(sa.bindparam("a_" + name, type_=ARRAY(type_)) for name, type_ in arrays.items()))
+        .table_valued(*arrays)
+        .render_derived(name="r")
+    )
+    rows = sa.select(
+        claim.c.id,
+        _param(reservations.c.billable_type, "r_billable_type"),
+        _param(reservations.c.billable_id, "r_billable_id"),
+        sa.literal("pending"),
+        sa.literal(0),
+        *(requested.c[name] for name in _HOLD_COLUMNS),
+    ).select_from(claim.join(requested, sa.true()))
+    columns = ["counter_id", "billable_type", "billable_id", "status", "credit_units", *_HOLD_COLUMNS]
+    held = (
+        sa.insert(reservations)
+        .from_select(columns, rows)
+        .returning(
+            reservations.c.id.label("reservation_id"),
+            *(reservations.c[name] for name in ("counter_id", *_HOLD_COLUMNS)),
+        )
+        .cte("held")
+    )
+    terms = (pol.c[name] for name in TERMS)
+    return sa.select(*held.c, *terms).select_from(held.join(pol, sa.true()))
+
+
+def reserve_pinned_many(
+    conn: sa.Connection,
+    recent: Policy,
+    requests: t.Sequence[HoldRequest],
+    *,
+    enforce: bool,
+    mode_from_plan: bool,
+    feature: str | None,
+    now: dt.datetime,
+) -> list[t.Any] | None:
+    """:func:`reserve_pinned` for several calls without idempotency keys, in one statement.
+
+    Returns one row per request, in order, or None when nothing was written.
+    """
+    params: dict[str, t.Any] = {
+        **_pinned_params(recent, now, feature),
+        "r_billable_type": recent.billable[0],
+        "r_billable_id": recent.billable[1],
+        "n": sum(r.tokens for r in requests),
+        "c": sum(r.cost_units for r in requests),
+        "any_zero": any(r.tokens == 0 for r in requests),
+        "c_max": max(r.cost_units for r in requests),
+        "a_tokens": [r.tokens for r in requests],
+        "a_cost_units": [r.cost_units for r in requests],
+        "a_idempotency_scope": [r.scope for r in requests],
+        "a_expires_at": [r.expires_at for r in requests],
+        "a_created_at": [r.created_at for r in requests],
+    }
+    rows = conn.execute(_pinned_many_statement(enforce, mode_from_plan, feature is not None), params).all()
+    if not rows:
+        return None
+    # The held rows differ only in what the requests gave them: match them back on it.
+    by_request: dict[tuple[t.Any, ...], list[t.Any]] = {}
+    for row in rows:
+        by_request.setdefault(tuple(getattr(row, name) for name in _HOLD_COLUMNS), []).append(row)
+    return [by_request[(r.tokens, r.cost_units, r.scope, r.expires_at, r.created_at)].pop() for r in requests]
 
 
 def _reservation_params(

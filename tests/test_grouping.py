@@ -1,4 +1,4 @@
-"""Group commit on PostgreSQL: commits queued on one counter are written together, each exactly once."""
+"""Grouped writes on PostgreSQL: holds and commits queued on one counter are made together, each exactly once."""
 
 from __future__ import annotations
 
@@ -6,15 +6,16 @@ import datetime as dt
 import threading
 import time
 import typing as t
+from decimal import Decimal
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
+from flask_ai_metering import AiLimitExceeded
+from flask_ai_metering import group_commit
 from flask_ai_metering import meter as pipeline
 from flask_ai_metering import postgres
-from flask_ai_metering.group_commit import GroupCommit
-from flask_ai_metering.group_commit import _Commit
 from flask_ai_metering.models import Counter
 from flask_ai_metering.models import Usage
 from flask_ai_metering.models import utcnow
@@ -26,7 +27,7 @@ from tests.conftest import add_plan
 TEAM = ("Team", "7")
 
 
-# Group commit serves PostgreSQL's one-statement commits only.
+# Grouping serves PostgreSQL's one-statement holds and commits only.
 pytestmark = pytest.mark.parametrize("backend", ["postgresql"])
 
 
@@ -89,7 +90,7 @@ def test_concurrent_commits_on_one_counter_share_statements_and_each_gets_its_ow
     assert reconcile(meter.runtime()) == []
 
 
-def _pending_commit(meter: t.Any, tokens: int) -> _Commit:
+def _pending_commit(meter: t.Any, tokens: int) -> group_commit._Commit:
     """A reserved call and the commit it would write, built as the pipeline builds it."""
     rt = meter.runtime()
     spec = pipeline.CallSpec(billable=TEAM, provider="manual", max_tokens=100)
@@ -102,7 +103,7 @@ def _pending_commit(meter: t.Any, tokens: int) -> _Commit:
     true_up = postgres.TrueUp(
         hold.reservation_id, hold.counter_id, at, tokens, to_units(costs.total_cost), hold.tokens, hold.cost_units
     )
-    return _Commit(true_up, values)
+    return group_commit._Commit(rt.store, true_up, values)
 
 
 def test_a_refused_group_writes_each_commit_alone(pg_app):
@@ -111,9 +112,9 @@ def test_a_refused_group_writes_each_commit_alone(pg_app):
     good, bad = _pending_commit(meter, 30), _pending_commit(meter, 40)
     with db.engine.begin() as conn:  # a row already holds the bad commit's reservation: unique key
         conn.execute(sa.insert(Usage.__table__).values({**bad.values, "output_tokens": 1}))
-    GroupCommit._write(meter.runtime().store, [good, bad])
-    assert good.outcome is not None and good.error is None
-    assert isinstance(bad.error, sa_exc.IntegrityError) and bad.outcome is None
+    outcomes = group_commit._write([good, bad])
+    assert isinstance(outcomes[0], tuple)
+    assert isinstance(outcomes[1], sa_exc.IntegrityError)
     with db.engine.connect() as conn:
         counter = conn.execute(sa.select(Counter.used_tokens, Counter.reserved_tokens)).one()
     assert tuple(counter) == (30, 100)  # the good commit counted; the bad one's hold still held
@@ -133,3 +134,103 @@ def test_a_group_mixing_won_and_expired_holds_returns_each_hold_once(pg_app):
     assert len(set(usage_ids.values())) == 3
     assert (state.used_tokens, state.reserved_tokens) == (120, 0)
     assert reconcile(meter.runtime()) == []
+
+
+def _requests(*sizes: tuple[int, int]) -> list[postgres.HoldRequest]:
+    at = utcnow()
+    return [postgres.HoldRequest(n, c, "", at + dt.timedelta(minutes=1), at) for n, c in sizes]
+
+
+def _hold_many(meter: t.Any, *sizes: tuple[int, int]) -> list[t.Any] | None:
+    rt = meter.runtime()
+    recent = rt.recent.get(TEAM, utcnow())
+    assert recent is not None
+    return rt.store.run(
+        lambda conn: postgres.reserve_pinned_many(
+            conn, recent, _requests(*sizes), enforce=True, mode_from_plan=True, feature=None, now=utcnow()
+        ),
+        autocommit=True,
+    )
+
+
+def _counter(db: t.Any) -> tuple[int, int, int]:
+    with db.engine.connect() as conn:
+        row = conn.execute(sa.select(Counter.used_tokens, Counter.reserved_tokens, Counter.reserved_cost_units)).one()
+    return tuple(row)
+
+
+@pytest.fixture
+def limited(make_app: t.Any, backend: str) -> t.Any:
+    """A billable with 1,000 tokens and 1 unit of cost, its policy remembered by a first call."""
+    app, db, meter = make_app()
+    with app.app_context():
+        add_plan(db, slug="small", token_limit=1000, cost_limit=Decimal("1"))
+        meter.subscribe(TEAM, "small")
+        meter.call(lambda: None, billable=TEAM, provider="manual", max_tokens=100, usage={"output_tokens": 100})
+        yield db, meter
+
+
+def test_grouped_holds_are_all_or_nothing(limited):
+    db, meter = limited
+    assert _hold_many(meter, (500, 0), (401, 0)) is None  # 901 more would pass 1,000
+    assert _counter(db) == (100, 0, 0)  # nothing written
+    rows = _hold_many(meter, (500, 0), (400, 0))
+    assert rows is not None and [r.tokens for r in rows] == [500, 400]
+    assert len({r.reservation_id for r in rows}) == 2
+    assert _counter(db) == (100, 900, 0)
+
+
+def test_a_grouped_zero_token_call_needs_a_token_left(limited):
+    db, meter = limited
+    assert _hold_many(meter, (900, 0), (0, 0)) is not None  # the zero-token call first: a token was left
+    assert _hold_many(meter, (0, 0), (0, 0)) is None  # now none is
+    assert _counter(db)[1] == 900
+
+
+def test_grouped_holds_need_some_cost_left_for_the_costliest(limited):
+    db, meter = limited
+    unit = 10**12  # 1 unit of money in pico-units: the whole cost limit
+    assert _hold_many(meter, (1, unit), (1, 1)) is None  # all the cost and one pico more
+    assert _hold_many(meter, (1, unit - 1), (1, 1)) is not None  # exactly the limit, each call had some left
+    assert _counter(db)[2] == unit
+
+
+def test_concurrent_keyless_calls_share_holds_and_fill_a_limit_exactly(make_app, backend):
+    app, db, meter = make_app()
+    grouped: list[str] = []
+
+    def seen(*args: t.Any) -> None:
+        if "INSERT INTO ai_metering_reservations" in args[2] and "unnest(" in args[2]:
+            grouped.append(args[2])
+
+    with app.app_context():
+        add_plan(db, slug="p", token_limit=20_000)
+        meter.subscribe(TEAM, "p")
+        sa.event.listen(db.engine, "before_cursor_execute", seen)
+    refused: list[int] = []
+
+    def caller() -> None:
+        with app.app_context():
+            while True:
+                try:
+                    meter.call(
+                        lambda: time.sleep(0.001),
+                        billable=TEAM,
+                        provider="manual",
+                        max_tokens=100,
+                        usage={"output_tokens": 100},
+                    )
+                except AiLimitExceeded:
+                    refused.append(1)
+                    return
+
+    threads = [threading.Thread(target=caller) for _ in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert grouped, "no two holds were ever made together"
+    assert len(refused) == 8
+    with app.app_context():
+        assert _counter(db)[:2] == (20_000, 0)
+        assert reconcile(meter.runtime()) == []
