@@ -1,7 +1,7 @@
 """Grouped holds on PostgreSQL: calls of one billable that queue are held in one statement.
 
-The hold of a call without an idempotency key is PostgreSQL's one-statement
-reserve against the counter the billable's last policy read named. Calls that
+A call's hold is PostgreSQL's one-statement reserve against the counter the
+billable's last policy read named. Calls that
 queue behind one being held (see :mod:`.grouping`) are held together by
 :func:`~flask_ai_metering.postgres.reserve_pinned_many`: all of them or none, as
 if admitted one by one. When the group does not fit, or the policy changed, no
@@ -38,39 +38,36 @@ class _Hold:
 def _write(group: list[_Hold]) -> list[t.Any]:
     first = group[0]
     if len(group) == 1:
-        request = first.request
         work = functools.partial(
             postgres.reserve_pinned,
             recent=first.recent,
-            tokens=request.tokens,
-            cost_units=request.cost_units,
+            request=first.request,
             enforce=first.enforce,
             mode_from_plan=first.mode_from_plan,
             feature=first.feature,
-            idempotency_key=None,
-            scope=request.scope,
-            expires_at=request.expires_at,
-            now=request.created_at,
         )
-        return [first.store.run(work, autocommit=True)]
-    work = functools.partial(
-        postgres.reserve_pinned_many,
-        recent=first.recent,
-        requests=[h.request for h in group],
-        enforce=first.enforce,
-        mode_from_plan=first.mode_from_plan,
-        feature=first.feature,
-        now=max(h.request.created_at for h in group),
-    )
+    else:
+        work = functools.partial(
+            postgres.reserve_pinned_many,
+            recent=first.recent,
+            requests=[h.request for h in group],
+            enforce=first.enforce,
+            mode_from_plan=first.mode_from_plan,
+            feature=first.feature,
+            now=max(h.request.created_at for h in group),
+        )
     try:
-        rows = first.store.run(work, autocommit=True)
+        written = first.store.run(work, autocommit=True)
     except (sa_exc.IntegrityError, sa_exc.DataError):
-        rows = None  # refused whole, nothing written: each call tries on its own
-    return rows if rows is not None else [None] * len(group)
+        # Refused whole (a key already claimed, say), nothing written: each call tries on its own.
+        return [None] * len(group)
+    if len(group) == 1:
+        return [written]
+    return written if written is not None else [None] * len(group)
 
 
 class GroupHold:
-    """Holds quota for PostgreSQL calls without idempotency keys, several at once on a busy counter."""
+    """Holds quota for PostgreSQL calls, several at once on a busy counter."""
 
     def __init__(self) -> None:
         self._grouped: Grouped[_Hold, t.Any] = Grouped(_write)

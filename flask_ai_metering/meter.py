@@ -73,7 +73,7 @@ class Runtime:
     recent: RecentPolicies
     #: Writes PostgreSQL's one-statement commits, several at once on a busy counter.
     commits: GroupCommit
-    #: Holds quota for PostgreSQL's keyless calls, several at once on a busy counter.
+    #: Holds quota for PostgreSQL's calls, several at once on a busy counter.
     holds: GroupHold
 
     def provider(self, name: str) -> Provider:
@@ -195,16 +195,20 @@ def reserve(rt: Runtime, spec: CallSpec, now: dt.datetime | None = None) -> Hold
     tokens, cost_units = reservation_size(rt, spec)
     enforce = rt.settings.overage_behavior == "block"
     refused: list[Exception] = []
-    if postgres.usable(rt.store) and spec.idempotency_key is None:
-        held = grouped(rt, spec, tokens, cost_units, enforce, now or utcnow())
-        if held is not None:
-            return held
 
     def replayed(conn: sa.Connection) -> Replay | None:
         key = spec.idempotency_key
         if key is None:
             return None
         return find_replay(conn, spec.billable, key, spec.scope) or claimed(conn, spec.billable, key, spec.scope)
+
+    if postgres.usable(rt.store):
+        replay = rt.store.run(replayed, autocommit=True) if spec.idempotency_key is not None else None
+        if replay is not None:
+            return replay
+        held = grouped(rt, spec, tokens, cost_units, enforce, now or utcnow())
+        if held is not None:
+            return held
 
     def current_policy(conn: sa.Connection, at: dt.datetime) -> Policy:
         policy = resolve_policy(conn, spec.billable, at, rt.settings)
@@ -213,52 +217,16 @@ def reserve(rt: Runtime, spec: CallSpec, now: dt.datetime | None = None) -> Hold
             raise FeatureNotAllowed(spec.feature, policy.plan_slug or "")
         return policy
 
-    def pinned(conn: sa.Connection, at: dt.datetime) -> Hold | None:
-        """The policy read and the hold in one statement, on the counter the last read named."""
-        recent = rt.recent.get(spec.billable, at)
-        if recent is None or spec.billing_mode not in (None, "plan"):
-            return None
-        row = postgres.reserve_pinned(
-            conn,
-            recent,
-            tokens,
-            cost_units,
-            enforce=enforce,
-            mode_from_plan=spec.billing_mode is None,
-            feature=spec.feature,
-            idempotency_key=spec.idempotency_key,
-            scope=spec.scope,
-            expires_at=at + dt.timedelta(seconds=rt.settings.reservation_ttl),
-            now=at,
-        )
-        if row is None:
-            return None
-        policy = with_terms(recent, row)
-        return Hold(row.reservation_id, row.counter_id, policy, "plan", tokens, cost_units, None, 0)
-
     def fast(conn: sa.Connection) -> Hold | Replay | None:
         at = now or utcnow()
         replay = replayed(conn)
         if replay is not None:
             return replay
-        held = pinned(conn, at) if spec.idempotency_key is not None else None
-        if held is not None:
-            return held
         policy = current_policy(conn, at)
         mode = spec.billing_mode or policy.billing_mode
         if mode != "plan" or policy.expired:
             return None
-        held_at = postgres.reserve(
-            conn,
-            policy,
-            tokens,
-            cost_units,
-            enforce=enforce,
-            idempotency_key=spec.idempotency_key,
-            scope=spec.scope,
-            expires_at=at + dt.timedelta(seconds=rt.settings.reservation_ttl),
-            now=at,
-        )
+        held_at = postgres.reserve(conn, policy, hold_request(rt, spec, tokens, cost_units, at), enforce=enforce)
         return None if held_at is None else Hold(held_at[0], held_at[1], policy, mode, tokens, cost_units, None, 0)
 
     def work(conn: sa.Connection) -> Hold | Replay | None:
@@ -329,18 +297,22 @@ def reserve(rt: Runtime, spec: CallSpec, now: dt.datetime | None = None) -> Hold
     raise IdempotencyConflict(f"idempotency key {spec.idempotency_key!r} is still in flight")
 
 
-def grouped(rt: Runtime, spec: CallSpec, tokens: int, cost_units: int, enforce: bool, at: dt.datetime) -> Hold | None:
-    """A keyless PostgreSQL call's hold, on the counter the billable's last policy read named.
+def hold_request(rt: Runtime, spec: CallSpec, tokens: int, cost_units: int, at: dt.datetime) -> postgres.HoldRequest:
+    expires_at = at + dt.timedelta(seconds=rt.settings.reservation_ttl)
+    return postgres.HoldRequest(tokens, cost_units, spec.idempotency_key, spec.scope, expires_at, at)
 
-    None when there is no such policy or the statement wrote nothing (the
-    general path then reads the policy afresh).
+
+def grouped(rt: Runtime, spec: CallSpec, tokens: int, cost_units: int, enforce: bool, at: dt.datetime) -> Hold | None:
+    """A PostgreSQL call's hold, in one statement (shared with the calls queued beside it).
+
+    On the counter the billable's last policy read named; None when there is no
+    such policy or nothing was written (the general path then reads the policy
+    afresh, and explains a refusal or a key already claimed).
     """
     recent = rt.recent.get(spec.billable, at)
     if recent is None or spec.billing_mode not in (None, "plan"):
         return None
-    request = postgres.HoldRequest(
-        tokens, cost_units, spec.scope, at + dt.timedelta(seconds=rt.settings.reservation_ttl), at
-    )
+    request = hold_request(rt, spec, tokens, cost_units, at)
     row = rt.holds.hold(
         rt.store, recent, request, enforce=enforce, mode_from_plan=spec.billing_mode is None, feature=spec.feature
     )

@@ -68,18 +68,22 @@ def _reserve_statement(tokens_limited: bool, cost_limited: bool, zero_tokens: bo
     )
 
 
-def reserve(
-    conn: sa.Connection,
-    policy: Policy,
-    tokens: int,
-    cost_units: int,
-    *,
-    enforce: bool,
-    idempotency_key: str | None,
-    scope: str,
-    expires_at: dt.datetime,
-    now: dt.datetime,
-) -> tuple[int, int] | None:
+@dataclasses.dataclass(frozen=True)
+class HoldRequest:
+    """One call's hold: what its reservation row records."""
+
+    tokens: int
+    cost_units: int
+    idempotency_key: str | None
+    scope: str
+    expires_at: dt.datetime
+    created_at: dt.datetime
+
+
+_HOLD_COLUMNS = ("tokens", "cost_units", "idempotency_key", "idempotency_scope", "expires_at", "created_at")
+
+
+def reserve(conn: sa.Connection, policy: Policy, request: HoldRequest, *, enforce: bool) -> tuple[int, int] | None:
     """Hold quota and write the reservation in one statement: ``(reservation id, counter id)``.
 
     None when nothing was written: the counter does not exist yet or a limit
@@ -87,9 +91,9 @@ def reserve(
     """
     tokens_limited = enforce and policy.token_limit is not None
     cost_limited = enforce and policy.cost_limit_units is not None
-    params = quota.reserve_params(policy, tokens, cost_units, tokens_limited, cost_limited)
-    params.update(_reservation_params(policy.billable, tokens, cost_units, idempotency_key, scope, expires_at, now))
-    row = conn.execute(_reserve_statement(tokens_limited, cost_limited, tokens == 0), params).first()
+    params = quota.reserve_params(policy, request.tokens, request.cost_units, tokens_limited, cost_limited)
+    params.update(_reservation_params(policy.billable, request))
+    row = conn.execute(_reserve_statement(tokens_limited, cost_limited, request.tokens == 0), params).first()
     return None if row is None else (int(row[0]), int(row[1]))
 
 
@@ -169,16 +173,11 @@ def _pinned_statement(enforce: bool, zero_tokens: bool, mode_from_plan: bool, fe
 def reserve_pinned(
     conn: sa.Connection,
     recent: Policy,
-    tokens: int,
-    cost_units: int,
+    request: HoldRequest,
     *,
     enforce: bool,
     mode_from_plan: bool,
     feature: str | None,
-    idempotency_key: str | None,
-    scope: str,
-    expires_at: dt.datetime,
-    now: dt.datetime,
 ) -> t.Any:
     """Read the policy, hold quota and write the reservation, in one statement.
 
@@ -187,27 +186,13 @@ def reserve_pinned(
     None when nothing was written: the caller then reads the policy and tries again.
     """
     params = {
-        **_pinned_params(recent, now, feature),
-        **_reservation_params(recent.billable, tokens, cost_units, idempotency_key, scope, expires_at, now),
-        "n": tokens,
-        "c": cost_units,
+        **_pinned_params(recent, request.created_at, feature),
+        **_reservation_params(recent.billable, request),
+        "n": request.tokens,
+        "c": request.cost_units,
     }
-    statement = _pinned_statement(enforce, tokens == 0, mode_from_plan, feature is not None)
+    statement = _pinned_statement(enforce, request.tokens == 0, mode_from_plan, feature is not None)
     return conn.execute(statement, params).first()
-
-
-@dataclasses.dataclass(frozen=True)
-class HoldRequest:
-    """One call's hold, as :func:`reserve_pinned_many` writes it."""
-
-    tokens: int
-    cost_units: int
-    scope: str
-    expires_at: dt.datetime
-    created_at: dt.datetime
-
-
-_HOLD_COLUMNS = ("tokens", "cost_units", "idempotency_scope", "expires_at", "created_at")
 
 
 @functools.cache
@@ -277,7 +262,7 @@ def reserve_pinned_many(
     feature: str | None,
     now: dt.datetime,
 ) -> list[t.Any] | None:
-    """:func:`reserve_pinned` for several calls without idempotency keys, in one statement.
+    """:func:`reserve_pinned` for several calls, in one statement.
 
     Returns one row per request, in order, or None when nothing was written.
     """
@@ -291,6 +276,7 @@ def reserve_pinned_many(
         "c_max": max(r.cost_units for r in requests),
         "a_tokens": [r.tokens for r in requests],
         "a_cost_units": [r.cost_units for r in requests],
+        "a_idempotency_key": [r.idempotency_key for r in requests],
         "a_idempotency_scope": [r.scope for r in requests],
         "a_expires_at": [r.expires_at for r in requests],
         "a_created_at": [r.created_at for r in requests],
@@ -302,29 +288,24 @@ def reserve_pinned_many(
     by_request: dict[tuple[t.Any, ...], list[t.Any]] = {}
     for row in rows:
         by_request.setdefault(tuple(getattr(row, name) for name in _HOLD_COLUMNS), []).append(row)
-    return [by_request[(r.tokens, r.cost_units, r.scope, r.expires_at, r.created_at)].pop() for r in requests]
+    return [
+        by_request[(r.tokens, r.cost_units, r.idempotency_key, r.scope, r.expires_at, r.created_at)].pop()
+        for r in requests
+    ]
 
 
-def _reservation_params(
-    billable: tuple[str, str],
-    tokens: int,
-    cost_units: int,
-    idempotency_key: str | None,
-    scope: str,
-    expires_at: dt.datetime,
-    now: dt.datetime,
-) -> dict[str, t.Any]:
+def _reservation_params(billable: tuple[str, str], request: HoldRequest) -> dict[str, t.Any]:
     return {
         "r_billable_type": billable[0],
         "r_billable_id": billable[1],
-        "r_idempotency_key": idempotency_key,
-        "r_idempotency_scope": scope,
+        "r_idempotency_key": request.idempotency_key,
+        "r_idempotency_scope": request.scope,
         "r_status": "pending",
-        "r_tokens": tokens,
-        "r_cost_units": cost_units,
+        "r_tokens": request.tokens,
+        "r_cost_units": request.cost_units,
         "r_credit_units": 0,
-        "r_expires_at": expires_at,
-        "r_created_at": now,
+        "r_expires_at": request.expires_at,
+        "r_created_at": request.created_at,
     }
 
 

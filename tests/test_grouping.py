@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import threading
 import time
 import typing as t
@@ -138,7 +139,7 @@ def test_a_group_mixing_won_and_expired_holds_returns_each_hold_once(pg_app):
 
 def _requests(*sizes: tuple[int, int]) -> list[postgres.HoldRequest]:
     at = utcnow()
-    return [postgres.HoldRequest(n, c, "", at + dt.timedelta(minutes=1), at) for n, c in sizes]
+    return [postgres.HoldRequest(n, c, None, "", at + dt.timedelta(minutes=1), at) for n, c in sizes]
 
 
 def _hold_many(meter: t.Any, *sizes: tuple[int, int]) -> list[t.Any] | None:
@@ -195,7 +196,8 @@ def test_grouped_holds_need_some_cost_left_for_the_costliest(limited):
     assert _counter(db)[2] == unit
 
 
-def test_concurrent_keyless_calls_share_holds_and_fill_a_limit_exactly(make_app, backend):
+@pytest.mark.parametrize("keyed", [False, True], ids=["keyless", "keyed"])
+def test_concurrent_calls_share_holds_and_fill_a_limit_exactly(make_app, backend, keyed):
     app, db, meter = make_app()
     grouped: list[str] = []
 
@@ -209,9 +211,9 @@ def test_concurrent_keyless_calls_share_holds_and_fill_a_limit_exactly(make_app,
         sa.event.listen(db.engine, "before_cursor_execute", seen)
     refused: list[int] = []
 
-    def caller() -> None:
+    def caller(n: int) -> None:
         with app.app_context():
-            while True:
+            for i in itertools.count():
                 try:
                     meter.call(
                         lambda: time.sleep(0.001),
@@ -219,12 +221,13 @@ def test_concurrent_keyless_calls_share_holds_and_fill_a_limit_exactly(make_app,
                         provider="manual",
                         max_tokens=100,
                         usage={"output_tokens": 100},
+                        idempotency_key=f"{n}-{i}" if keyed else None,
                     )
                 except AiLimitExceeded:
                     refused.append(1)
                     return
 
-    threads = [threading.Thread(target=caller) for _ in range(8)]
+    threads = [threading.Thread(target=caller, args=(n,)) for n in range(8)]
     for th in threads:
         th.start()
     for th in threads:
@@ -233,4 +236,7 @@ def test_concurrent_keyless_calls_share_holds_and_fill_a_limit_exactly(make_app,
     assert len(refused) == 8
     with app.app_context():
         assert _counter(db)[:2] == (20_000, 0)
+        with db.engine.connect() as conn:
+            keys = conn.execute(sa.select(Usage.idempotency_key)).scalars().all()
+        assert len(keys) == 200 and (len(set(keys)) == 200 if keyed else set(keys) == {None})
         assert reconcile(meter.runtime()) == []

@@ -186,8 +186,8 @@ def test_the_one_statement_phases_fit_psycopgs_statement_cache(backend: str) -> 
     """psycopg re-parses, on every execution, a statement over 4 KiB or with over 50 parameters.
 
     That parsing cost more than the statement's round trip; these shapes must stay under
-    both limits (psycopg's ``MAX_CACHED_STATEMENT_LENGTH`` / ``_PARAMS``). Group commit's
-    statement is over the length, and parsed once per group of calls instead.
+    both limits (psycopg's ``MAX_CACHED_STATEMENT_LENGTH`` / ``_PARAMS``). The grouped hold's
+    and commit's statements are over the length, and parsed once per group of calls instead.
     """
     from psycopg import _queries
     from sqlalchemy.dialects.postgresql import psycopg as dialect_module
