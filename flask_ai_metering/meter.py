@@ -226,8 +226,15 @@ def reserve(rt: Runtime, spec: CallSpec, now: dt.datetime | None = None) -> Hold
         mode = spec.billing_mode or policy.billing_mode
         if mode != "plan" or policy.expired:
             return None
-        held_at = postgres.reserve(conn, policy, hold_request(rt, spec, tokens, cost_units, at), enforce=enforce)
-        return None if held_at is None else Hold(held_at[0], held_at[1], policy, mode, tokens, cost_units, None, 0)
+        row = postgres.reserve_pinned(
+            conn,
+            policy,
+            hold_request(rt, spec, tokens, cost_units, at),
+            enforce=enforce,
+            mode_from_plan=spec.billing_mode is None,
+            feature=spec.feature,
+        )
+        return None if row is None else pinned_hold(row, policy, tokens, cost_units)
 
     def work(conn: sa.Connection) -> Hold | Replay | None:
         at = now or utcnow()
@@ -316,9 +323,12 @@ def grouped(rt: Runtime, spec: CallSpec, tokens: int, cost_units: int, enforce: 
     row = rt.holds.hold(
         rt.store, recent, request, enforce=enforce, mode_from_plan=spec.billing_mode is None, feature=spec.feature
     )
-    if row is None:
-        return None
-    return Hold(row.reservation_id, row.counter_id, with_terms(recent, row), "plan", tokens, cost_units, None, 0)
+    return None if row is None else pinned_hold(row, recent, tokens, cost_units)
+
+
+def pinned_hold(row: t.Any, policy: Policy, tokens: int, cost_units: int) -> Hold:
+    """The hold a one-statement reserve wrote, under the policy terms it read."""
+    return Hold(row.reservation_id, row.counter_id, with_terms(policy, row), "plan", tokens, cost_units, None, 0)
 
 
 def claimed(conn: sa.Connection, billable: Billable, key: str, scope: str) -> Replay | None:
@@ -397,14 +407,14 @@ def commit(
     approaching: list[quota.LimitCheck] = []
     overages: list[dict[str, t.Any]] = []
     charged: list[tuple[int, int]] = []
+    values = usage_values(
+        spec, tokens, costs, model, at, estimated=extracted.estimated, hold=hold, duration_ms=duration_ms
+    )
 
     # PostgreSQL: one autocommitted statement settles, trues up and writes (or queues) the row.
     one_statement = postgres.usable(rt.store) and hold.wallet_id is None and rt.settings.overage_behavior != "charge"
 
     def fast() -> tuple[int | None, quota.LimitCheck] | None:
-        values = usage_values(
-            spec, tokens, costs, model, at, estimated=extracted.estimated, hold=hold, duration_ms=duration_ms
-        )
         true_up = postgres.TrueUp(
             hold.reservation_id, hold.counter_id, at, tokens.total_tokens, cost_units, hold.tokens, hold.cost_units
         )
@@ -437,22 +447,16 @@ def commit(
             release_cost_units=hold.cost_units if won else 0,
             calls=1,
         )
-        values = usage_values(
-            spec, tokens, costs, model, at, estimated=extracted.estimated, hold=hold, duration_ms=duration_ms
-        )
-        if not won:
-            # The sweeper freed this call's key, and a retry may have claimed it since:
-            # the row is recorded without it (the key is kept in meta, for audit).
-            values.update(released_key(values))
+        # A commit that lost to the sweeper lost its key too, and a retry may have claimed
+        # it since: the row is recorded without it (the key is kept in meta, for audit).
+        row = values if won else {**values, **released_key(values)}
         usage_id: int | None = None
         if rt.settings.queue_recording:
             conn.execute(
-                sa.update(reservations)
-                .where(reservations.c.id == hold.reservation_id)
-                .values(payload=to_payload(values))
+                sa.update(reservations).where(reservations.c.id == hold.reservation_id).values(payload=to_payload(row))
             )
         else:
-            usage_id = insert_usage(conn, values)
+            usage_id = insert_usage(conn, row)
         if hold.wallet_id is not None:
             charged.append(
                 wallets.settle(

@@ -5,12 +5,13 @@ path spends about ten (BEGIN, statements, COMMIT, twice). PostgreSQL runs
 data-modifying CTEs, and a single statement is atomic on its own, so here each
 phase is one statement in autocommit:
 
-* reserve: ``WITH c AS (UPDATE counters … WHERE used + reserved + :n <= :limit
-  RETURNING id) INSERT INTO reservations … SELECT … FROM c`` — the conditional
-  UPDATE is still the admission decision, and the reservation row (the
-  idempotency claim) is written in the same statement or not at all;
-* commit: the guarded reservation UPDATE, the counter true-up and the ledger
-  INSERT in one statement.
+* reserve (:func:`reserve_pinned`): the policy query as a CTE, then ``UPDATE
+  counters … WHERE used + reserved + :n <= limit`` against the counter a policy
+  read named, then the reservation row (the idempotency claim) — the conditional
+  UPDATE is still the admission decision, and the row is written in the same
+  statement or not at all; :func:`reserve_pinned_many` does it for a group;
+* commit (:func:`commit`, :func:`commit_many` for a group): the guarded
+  reservation UPDATE, the counter true-up and the ledger INSERT.
 
 Anything unusual (a counter not created yet, a refusal to explain, credits,
 charged overage, queued recording) takes the portable path in :mod:`meter`.
@@ -57,17 +58,6 @@ def _param(column: sa.Column[t.Any], name: str | None = None) -> sa.BindParamete
     return sa.bindparam(name or column.name, type_=column.type)
 
 
-@functools.cache
-def _reserve_statement(tokens_limited: bool, cost_limited: bool, zero_tokens: bool) -> t.Any:
-    claim = quota.reserve_update(tokens_limited, cost_limited, zero_tokens).returning(counters.c.id).cte("claimed")
-    select = sa.select(claim.c.id, *(_param(reservations.c[name], "r_" + name) for name in _RESERVATION_COLUMNS))
-    return (
-        sa.insert(reservations)
-        .from_select(["counter_id", *_RESERVATION_COLUMNS], select)
-        .returning(reservations.c.id, reservations.c.counter_id)
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class HoldRequest:
     """One call's hold: what its reservation row records."""
@@ -81,20 +71,6 @@ class HoldRequest:
 
 
 _HOLD_COLUMNS = ("tokens", "cost_units", "idempotency_key", "idempotency_scope", "expires_at", "created_at")
-
-
-def reserve(conn: sa.Connection, policy: Policy, request: HoldRequest, *, enforce: bool) -> tuple[int, int] | None:
-    """Hold quota and write the reservation in one statement: ``(reservation id, counter id)``.
-
-    None when nothing was written: the counter does not exist yet or a limit
-    refuses; the caller then takes the portable path to tell the two apart.
-    """
-    tokens_limited = enforce and policy.token_limit is not None
-    cost_limited = enforce and policy.cost_limit_units is not None
-    params = quota.reserve_params(policy, request.tokens, request.cost_units, tokens_limited, cost_limited)
-    params.update(_reservation_params(policy.billable, request))
-    row = conn.execute(_reserve_statement(tokens_limited, cost_limited, request.tokens == 0), params).first()
-    return None if row is None else (int(row[0]), int(row[1]))
 
 
 def _pinned_conditions(pol: sa.CTE, c: sa.Alias, mode_from_plan: bool, feature: bool) -> list[sa.ColumnElement[bool]]:

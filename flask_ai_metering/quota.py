@@ -181,6 +181,7 @@ def refusal_reason(policy: Policy, state: CounterState, tokens: int, cost_units:
 
 
 def counter_key(policy: Policy) -> dict[str, t.Any]:
+    """The unique key of the counter ``policy`` counts on: its billable, period and plan segment."""
     return {
         "billable_type": policy.billable[0],
         "billable_id": policy.billable[1],
@@ -189,26 +190,21 @@ def counter_key(policy: Policy) -> dict[str, t.Any]:
     }
 
 
+#: Each key column's bind parameter in the statements that select a counter by its key.
+_KEY_BINDS = {"billable_type": "k_type", "billable_id": "k_id", "period_start": "k_start", "plan_version": "k_version"}
+
+
 def key_clause(c: sa.FromClause = counters) -> sa.ColumnElement[bool]:
     """Selects a period's counter by its unique key (``c``: the table or an alias of it)."""
-    return sa.and_(
-        c.c.billable_type == sa.bindparam("k_type"),
-        c.c.billable_id == sa.bindparam("k_id"),
-        c.c.period_start == sa.bindparam("k_start", type_=counters.c.period_start.type),
-        c.c.plan_version == sa.bindparam("k_version"),
-    )
+    return sa.and_(*(c.c[name] == sa.bindparam(bind, type_=counters.c[name].type) for name, bind in _KEY_BINDS.items()))
 
 
 KEY_CLAUSE = key_clause()
 
 
 def key_params(policy: Policy) -> dict[str, t.Any]:
-    return {
-        "k_type": policy.billable[0],
-        "k_id": policy.billable[1],
-        "k_start": policy.period.start,
-        "k_version": policy.plan_version,
-    }
+    """:func:`counter_key` as the parameters of :func:`key_clause`."""
+    return {_KEY_BINDS[name]: value for name, value in counter_key(policy).items()}
 
 
 def ensure_counter(store: Store, conn: sa.Connection, policy: Policy, now: dt.datetime) -> None:
