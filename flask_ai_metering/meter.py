@@ -469,15 +469,11 @@ def commit(
                     now=at,
                 )
             )
-        check = quota.limit_check(hold.policy, state, warning_threshold=rt.settings.warning_threshold)
-        if hold.policy.limited and check.approaching and quota.mark_approaching(conn, counter_id=hold.counter_id):
-            approaching.append(check)
-        if rt.settings.overage_behavior == "charge":
-            from .billing.overages import record_overage
-
-            overage = record_overage(conn, hold.policy, state, tokens.total_tokens, usage_id, at, rt.settings.currency)
-            if overage is not None:
-                overages.append(overage)
+        check, warned, charged_overages = counted(
+            rt, conn, hold.policy, state, hold.counter_id, tokens.total_tokens, usage_id, at
+        )
+        approaching.extend(warned)
+        overages.extend(charged_overages)
         return usage_id, check
 
     outcome = fast() if one_statement else None
@@ -506,6 +502,36 @@ def commit(
                 reason="usage",
             )
     return Recorded(usage, usage_id, check)
+
+
+def counted(
+    rt: Runtime,
+    conn: sa.Connection,
+    policy: Policy,
+    state: quota.CounterState,
+    counter_id: int,
+    total_tokens: int,
+    usage_id: int | None,
+    at: dt.datetime,
+) -> tuple[quota.LimitCheck, list[quota.LimitCheck], list[dict[str, t.Any]]]:
+    """What usage just added to a counter sets off, in the same transaction.
+
+    The limit check; the period's warning flag, set once (the check to announce,
+    if this transaction set it); and, with ``charge``, the overage priced from
+    the locked counter.
+    """
+    check = quota.limit_check(policy, state, warning_threshold=rt.settings.warning_threshold)
+    warned = (
+        [check] if policy.limited and check.approaching and quota.mark_approaching(conn, counter_id=counter_id) else []
+    )
+    overages: list[dict[str, t.Any]] = []
+    if rt.settings.overage_behavior == "charge":
+        from .billing.overages import record_overage
+
+        overage = record_overage(conn, policy, state, total_tokens, usage_id, at, rt.settings.currency)
+        if overage is not None:
+            overages.append(overage)
+    return check, warned, overages
 
 
 def usage_values(

@@ -18,13 +18,13 @@ from sqlalchemy import exc as sa_exc
 from . import quota
 from . import signals
 from . import wallets
-from .billing.overages import record_overage
 from .errors import InvalidUsage
 from .meter import CallSpec
 from .meter import Recorded
 from .meter import Runtime
 from .meter import after_commit
 from .meter import claimed
+from .meter import counted
 from .meter import current_check
 from .meter import find_replay
 from .meter import insert_usage
@@ -93,16 +93,9 @@ def _write(rt: Runtime, conn: sa.Connection, spec: CallSpec, at: dt.datetime) ->
         rt.store, conn, counter_id, used_tokens=tokens.total_tokens, used_cost_units=to_units(costs.total_cost), calls=1
     )
     usage_id = insert_usage(conn, usage_values(spec, tokens, costs, spec.model, at, counter_id=counter_id))
-    check = quota.limit_check(policy, state, warning_threshold=rt.settings.warning_threshold)
-    written = _Written(
-        spec, Recorded(Usage.of(tokens, costs, provider=spec.provider, model=spec.model), usage_id, check), [], []
-    )
-    if policy.limited and check.approaching and quota.mark_approaching(conn, counter_id=counter_id):
-        written.approaching.append(check)
-    if rt.settings.overage_behavior == "charge":
-        overage = record_overage(conn, policy, state, tokens.total_tokens, usage_id, at, rt.settings.currency)
-        if overage is not None:
-            written.overages.append(overage)
+    check, approaching, overages = counted(rt, conn, policy, state, counter_id, tokens.total_tokens, usage_id, at)
+    usage = Usage.of(tokens, costs, provider=spec.provider, model=spec.model)
+    written = _Written(spec, Recorded(usage, usage_id, check), approaching, overages)
     if spec.billing_mode == "credits":
         # Usage that already happened is paid from the wallet too (capped at what it holds
         # without overdraft: it cannot be refused, it has been spent).
