@@ -19,20 +19,18 @@ from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 
+from .dashboard.filters import Filters
+from .dashboard.queries import Source
+from .dashboard.queries import sources
 from .models import Plan
 from .models import Subscription
-from .models import Usage
-from .models import UsageRollup
 from .models import utcnow
 from .money import from_units
-from .rollups import day_bounds
-from .rollups import fresh_days
+from .rollups import measures
 
 if t.TYPE_CHECKING:
     from .meter import Runtime
 
-usage = Usage.__table__
-rollups = UsageRollup.__table__
 plans = Plan.__table__
 subs = Subscription.__table__
 
@@ -44,6 +42,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "by_feature": ("feature",),
 }
 MEASURES = ("calls", "input_tokens", "output_tokens", "total_tokens", "total_cost")
+#: Each measure's label in :func:`~flask_ai_metering.rollups.measures`.
+_SUMMED = {name: "cost_units" if name == "total_cost" else name for name in MEASURES}
 _EMPTY = ""
 
 
@@ -84,81 +84,42 @@ def build_report(
     """
     begin, end = month_window(start, rt.settings.timezone)
     following = (start.replace(day=28) + dt.timedelta(days=4)).replace(day=1)
+    month = Filters(
+        start=start,
+        end=following - dt.timedelta(days=1),
+        zone=ZoneInfo(rt.settings.timezone),
+        billable=billable,
+        tenant=tenant,
+    )
 
     def work(conn: sa.Connection) -> dict[str, t.Any]:
-        sources = _sources(conn, rt, (begin, end), (start, following), billable, tenant)
+        # The dashboard's sources: the smallest rollup that has the keys, and the ledger
+        # for the days written since the last ``aggregate`` run.
+        use = rt.settings.aggregation_tables
+        overall = sources(conn, month, use_rollups=use)
+        by_billable = sources(conn, month, use_rollups=use, by_billable=True)
         report: dict[str, t.Any] = {"period": {"start": begin.isoformat(), "end": end.isoformat()}}
-        totals = _grouped(conn, sources, ())
+        totals = _grouped(conn, overall, ())
         report["totals"] = totals[0] if totals else _row({}, ())
         for section, keys in GROUPS.items():
-            report[section] = _grouped(conn, sources, keys)
+            report[section] = _grouped(conn, by_billable if "billable_id" in keys else overall, keys)
         return report
 
     return rt.store.run(work, write=False)
 
 
-def _sources(
-    conn: sa.Connection,
-    rt: Runtime,
-    window: tuple[dt.datetime, dt.datetime],
-    days: tuple[dt.date, dt.date],
-    billable: tuple[str, str] | None,
-    tenant: str | None,
-) -> list[tuple[sa.Subquery, bool]]:
-    """The filtered rows a report sums over, each flagged True when it is a rollup.
-
-    With rollups on, each local day comes from exactly one source, so nothing is
-    counted twice: the rollups, unless a usage row written since the last
-    ``aggregate`` run falls on that day, in which case the ledger.
-    """
-    where = [usage.c.occurred_at >= window[0], usage.c.occurred_at < window[1]]
-    if billable is not None:
-        where += [usage.c.billable_type == billable[0], usage.c.billable_id == billable[1]]
-    if tenant is not None:
-        where.append(usage.c.tenant_id == tenant)
-    ledger = [(sa.select(usage).where(*where).subquery(), False)]
-    fresh = fresh_days(conn, rt.settings.timezone) if rt.settings.aggregation_tables else None
-    if fresh is None:
-        return ledger
-    zone = ZoneInfo(rt.settings.timezone)
-    tail = sorted(day for day in fresh if days[0] <= day < days[1])
-    rolled = [rollups.c.day >= days[0], rollups.c.day < days[1], rollups.c.day.not_in(tail)]
-    if billable is not None:
-        rolled += [rollups.c.billable_type == billable[0], rollups.c.billable_id == billable[1]]
-    if tenant is not None:
-        rolled.append(rollups.c.tenant_id == tenant)
-    on_fresh_days = sa.or_(
-        sa.false(),
-        *(sa.and_(usage.c.occurred_at >= s, usage.c.occurred_at < e) for s, e in (day_bounds(d, zone) for d in tail)),
-    )
-    return [
-        (sa.select(rollups).where(*rolled).subquery(), True),
-        (sa.select(usage).where(*where, on_fresh_days).subquery(), False),
-    ]
-
-
-def _measures(source: sa.Subquery, rollup: bool) -> list[sa.Label[t.Any]]:
-    """Calls, token sums and the raw pico-unit cost sum of ``source``."""
-    calls = sa.func.sum(source.c.calls) if rollup else sa.func.count()
-    sums = [sa.func.sum(source.c[name]).label(name) for name in ("input_tokens", "output_tokens", "total_tokens")]
-    cost = sa.func.sum(sa.type_coerce(source.c.total_cost, sa.BigInteger)).label("total_cost")
-    return [calls.label("calls"), *sums, cost]
-
-
-def _grouped(
-    conn: sa.Connection, sources: list[tuple[sa.Subquery, bool]], keys: tuple[str, ...]
-) -> list[dict[str, t.Any]]:
+def _grouped(conn: sa.Connection, parts: list[Source], keys: tuple[str, ...]) -> list[dict[str, t.Any]]:
     """Sum every source by ``keys`` (the rollups' empty strings read as None), biggest cost first."""
     merged: dict[tuple[t.Any, ...], dict[str, int]] = {}
-    for source, rollup in sources:
+    for source, where in parts:
         columns = [source.c[k] for k in keys]
-        for row in conn.execute(sa.select(*columns, *_measures(source, rollup)).group_by(*columns)):
+        for row in conn.execute(sa.select(*columns, *measures(source)).where(*where).group_by(*columns)):
             if not row.calls:
                 continue
             key = tuple(None if v == _EMPTY else v for v in row[: len(keys)])
             into = merged.setdefault(key, dict.fromkeys(MEASURES, 0))
-            for name in MEASURES:
-                into[name] += int(getattr(row, name) or 0)
+            for name, summed in _SUMMED.items():
+                into[name] += int(getattr(row, summed) or 0)
     ordered = sorted(
         merged.items(), key=lambda item: (-item[1]["total_cost"], -item[1]["total_tokens"], _sort(item[0]))
     )

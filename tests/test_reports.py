@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from flask_ai_metering import reports
+from flask_ai_metering import rollups
 from flask_ai_metering.models import AggregationState
 from flask_ai_metering.models import Usage
 from flask_ai_metering.models import UsageRollup
@@ -131,6 +132,9 @@ def test_month_follows_the_configured_timezone(make_app):
     assert report["totals"]["calls"] == 1  # 22:00 on January 31st in New York
 
 
+MEASURED = ("input_tokens", "output_tokens", "total_tokens", "total_cost")
+
+
 def fill_rollups_by_hand(db: t.Any) -> int:
     """Roll the whole ledger up per UTC day, as ``aggregate`` does, and set the watermark; return it."""
     usage = Usage.__table__
@@ -154,8 +158,20 @@ def fill_rollups_by_hand(db: t.Any) -> int:
             for name in ("input_tokens", "output_tokens", "total_tokens", "total_cost"):
                 g[name] += getattr(r, name)
         names = ("day", "billable_type", "billable_id", "tenant_id", "provider", "model", "feature")
-        for key, sums in groups.items():
-            conn.execute(sa.insert(UsageRollup.__table__).values({**dict(zip(names, key, strict=True)), **sums}))
+        detailed = [{**dict(zip(names, key, strict=True)), **sums} for key, sums in groups.items()]
+        for row in detailed:
+            conn.execute(sa.insert(UsageRollup.__table__).values(row))
+        # ...and the two rollups derived from it, without the billable and per billable.
+        for spec in rollups.DERIVED:
+            derived: dict[tuple[t.Any, ...], dict[str, t.Any]] = {}
+            for row in detailed:
+                into = derived.setdefault(
+                    (row["day"], *(row[k] for k in spec.keys)), dict.fromkeys(("calls", *MEASURED), 0)
+                )
+                for name in ("calls", *MEASURED):
+                    into[name] += row[name]
+            for key, sums in derived.items():
+                conn.execute(sa.insert(spec.table).values({**dict(zip(("day", *spec.keys), key, strict=True)), **sums}))
         watermark = max(r.id for r in rows)
         conn.execute(sa.insert(AggregationState.__table__).values(name=state_name("UTC"), last_usage_id=watermark))
     return watermark
