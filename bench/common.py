@@ -16,8 +16,8 @@ from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
 from flask_ai_metering import AiMetering
-from flask_ai_metering import migrations
 from flask_ai_metering.models import Plan
+from flask_ai_metering.ops import schema as migrations
 
 PG_ADMIN = os.environ.get("AI_METERING_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 

@@ -25,10 +25,10 @@ from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
 from flask_ai_metering import AiMetering
-from flask_ai_metering import migrations
 from flask_ai_metering.models import Usage
 from flask_ai_metering.models import table
-from flask_ai_metering.rollups import aggregate
+from flask_ai_metering.ops import schema as migrations
+from flask_ai_metering.reporting.rollups import aggregate
 
 MODELS = [
     ("openai", "gpt-4o-mini", 0.15, 0.6),

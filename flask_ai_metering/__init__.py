@@ -12,9 +12,9 @@ from .errors import FeatureNotAllowed
 from .errors import IdempotencyConflict
 from .errors import InvalidUsage
 from .extension import AiMetering
-from .quota import LimitCheck
-from .results import MeterResult
-from .usage import Usage
+from .metering.calls import MeterResult
+from .metering.usage import PricedUsage as Usage
+from .quota.engine import LimitCheck
 
 __all__ = [
     "AiLimitExceeded",

@@ -90,7 +90,7 @@ def expire_reservations_command() -> None:
 @click.option("--fix", is_flag=True, help="Repair the drift found (counters are set from the ledger).")
 def reconcile_command(fix: bool) -> None:
     """Check counters against the ledger and reservations; exit 1 on drift (unless --fix)."""
-    from .reconcile import reconcile
+    from .ops.reconcile import reconcile
 
     problems = reconcile(_meter().runtime(), fix=fix)
     for problem in problems:
@@ -103,7 +103,7 @@ def reconcile_command(fix: bool) -> None:
 @cli.command("plans")
 def plans_command() -> None:
     """List the plans with their limits and subscriber counts."""
-    from .reports import plans_table
+    from .ops.reports import plans_table
 
     click.echo(plans_table(_meter().runtime()))
 
@@ -130,9 +130,9 @@ def migrate_plan_command(billable: tuple[str, str], plan_slug: str, from_plan: s
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 def report_command(month: str | None, billable: tuple[str, str] | None, tenant: str | None, fmt: str) -> None:
     """Tokens, cost and calls for a month, by billable, provider, model and feature."""
-    from .reports import build_report
-    from .reports import parse_month
-    from .reports import render
+    from .ops.reports import build_report
+    from .ops.reports import parse_month
+    from .ops.reports import render
 
     try:
         start = parse_month(month)
@@ -144,7 +144,7 @@ def report_command(month: str | None, billable: tuple[str, str] | None, tenant: 
 @cli.command("validate")
 def validate_command() -> None:
     """Check configuration, database and data integrity; exit 1 with one line per problem."""
-    from .health import validate
+    from .ops.health import validate
 
     problems = validate(current_app)
     for problem in problems:
@@ -159,7 +159,7 @@ def validate_command() -> None:
 @click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
 def cleanup_command(days: int | None, dry_run: bool) -> None:
     """Prune old usage, finished reservations and expired idempotency claims (never rollups)."""
-    from .maintenance import cleanup
+    from .ops.maintenance import cleanup
 
     with Progress("Pruning usage") as progress:
         counts = cleanup(_meter().runtime(), days=days, dry_run=dry_run, progress=progress)
@@ -172,7 +172,7 @@ def cleanup_command(days: int | None, dry_run: bool) -> None:
 @click.option("--period", type=click.Choice(["day", "week", "month"]), default="day", show_default=True)
 def aggregate_command(period: str) -> None:
     """Fill the daily rollup tables from the ledger (incremental, safe to re-run)."""
-    from .rollups import aggregate
+    from .reporting.rollups import aggregate
 
     with Progress("Aggregating usage") as progress:
         rows = aggregate(_meter().runtime(), period=period, progress=progress)
@@ -201,7 +201,7 @@ def sync_overages_command(limit: int | None) -> None:
 @click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
 def forget_command(billable: tuple[str, str], dry_run: bool) -> None:
     """Delete a billable's usage and claims; keep financial records, anonymized."""
-    from .privacy import forget
+    from .ops.privacy import forget
 
     for table, count in forget(_meter().runtime(), billable, dry_run=dry_run).items():
         click.echo(f"{'Would change' if dry_run else 'Changed'} {count} {table}")
@@ -212,7 +212,7 @@ def forget_command(billable: tuple[str, str], dry_run: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Say what would change; change nothing.")
 def anonymize_command(before: str, dry_run: bool) -> None:
     """Clear user, tenant and meta on usage older than --before."""
-    from .privacy import anonymize
+    from .ops.privacy import anonymize
 
     try:
         day = dt.date.fromisoformat(before)
@@ -231,7 +231,7 @@ def db_group() -> None:
 @click.argument("revision", default="head")
 def db_upgrade(revision: str) -> None:
     """Upgrade the metering tables to REVISION (default: head)."""
-    from . import migrations
+    from .ops import schema as migrations
 
     migrations.upgrade(_meter().runtime().store.engine, revision)
     _status(f"Metering schema at {migrations.current(_meter().runtime().store.engine)}.", fg="green")
@@ -241,7 +241,7 @@ def db_upgrade(revision: str) -> None:
 @click.argument("revision", default="-1")
 def db_downgrade(revision: str) -> None:
     """Downgrade the metering tables to REVISION (default: one step; 'base' drops them)."""
-    from . import migrations
+    from .ops import schema as migrations
 
     migrations.downgrade(_meter().runtime().store.engine, revision)
     _status(f"Metering schema at {migrations.current(_meter().runtime().store.engine)}.", fg="green")
@@ -250,7 +250,7 @@ def db_downgrade(revision: str) -> None:
 @db_group.command("current")
 def db_current() -> None:
     """Print the metering schema's current revision."""
-    from . import migrations
+    from .ops import schema as migrations
 
     revision = migrations.current(_meter().runtime().store.engine)
     click.echo(json.dumps({"current": revision, "head": migrations.head()}))

@@ -224,7 +224,7 @@ class Settings:
     @classmethod
     def from_config(cls, config: t.Mapping[str, t.Any]) -> Settings:
         """Validate ``config`` and raise :class:`ConfigurationError` naming the bad key."""
-        from .periods import validate_period_settings
+        from .quota.periods import validate_period_settings
 
         for key in _POSITIVE_INTS + (ConfigVars.PAYMENT_FAILURE_GRACE_PERIOD, ConfigVars.WARNING_THRESHOLD):
             value = config[key]

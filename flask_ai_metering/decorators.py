@@ -7,10 +7,13 @@ import typing as t
 
 from flask import current_app
 
+from .billing.wallets import Wallet
 from .errors import AiLimitExceeded
 from .errors import CreditsInsufficient
 from .errors import FeatureNotAllowed
 from .headers import limit_headers
+from .quota.standing import standing
+from .validation import max_tokens
 
 P = t.ParamSpec("P")
 R = t.TypeVar("R")
@@ -54,13 +57,9 @@ def quota_required(view: t.Callable[P, R] | None = None, *, feature: str | None 
 
 def enforce(meter: t.Any, *, feature: str | None = None, tokens: int = 0) -> t.Any:
     """Raise the HTTP error that refuses the current billable, or return its ``LimitCheck``."""
-    from . import meter as pipeline
-    from .validation import max_tokens
-    from .wallets import Wallet
-
     rt = meter.runtime()
     billable = meter.resolve_billable()
-    policy, check = pipeline.standing(rt, billable, max_tokens(tokens) or 0)
+    policy, check = standing(rt, billable, max_tokens(tokens) or 0)
     if not policy.allows_feature(feature):
         raise FeatureNotAllowed(feature, policy.plan_slug or "")
     if not check.allowed:

@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import TooManyRequests
 
 if t.TYPE_CHECKING:
-    from .quota import LimitCheck
+    from .quota.engine import LimitCheck
 
 
 class AiMeteringError(Exception):
@@ -40,7 +40,7 @@ class _LimitResponse(HTTPException):
 
     def __init__(self, message: str, check: LimitCheck | None = None) -> None:
         super().__init__(description=message)
-        #: The :class:`~flask_ai_metering.quota.LimitCheck` that refused the call.
+        #: The :class:`~flask_ai_metering.quota.engine.LimitCheck` that refused the call.
         self.check = check
         self.message = message
 
@@ -67,7 +67,7 @@ class AiLimitExceeded(_LimitResponse, AiMeteringError, TooManyRequests):
 
     Raised by ``meter.call`` before the provider is called, and by
     ``@quota_required`` before the view runs. ``.check`` holds the
-    :class:`~flask_ai_metering.quota.LimitCheck`, from which the headers and
+    :class:`~flask_ai_metering.quota.engine.LimitCheck`, from which the headers and
     ``Retry-After`` are built.
     """
 

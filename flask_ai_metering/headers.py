@@ -6,7 +6,7 @@ import datetime as dt
 import typing as t
 
 if t.TYPE_CHECKING:
-    from .quota import LimitCheck
+    from .quota.engine import LimitCheck
 
 
 def limit_headers(check: LimitCheck, *, refused: bool = False, now: dt.datetime | None = None) -> dict[str, str]:

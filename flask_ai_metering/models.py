@@ -283,7 +283,22 @@ class Reservation(Base):
     payload: Mapped[dict[str, t.Any] | None]
 
 
-class Usage(Base):
+class _TokenColumns:
+    """The token counts of the ledger and of every rollup: the one place they are spelled out."""
+
+    input_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    output_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    cached_input_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    cache_write_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    reasoning_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    total_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+
+
+#: The token columns, in order: ``input_tokens`` … ``total_tokens``.
+TOKEN_COLUMNS: tuple[str, ...] = tuple(_TokenColumns.__annotations__)
+
+
+class Usage(_TokenColumns, Base):
     """One metered call: the append-only ledger that reports and invoices come from."""
 
     __tablename__ = PREFIX + "usage"
@@ -307,12 +322,6 @@ class Usage(Base):
     provider: Mapped[str] = mapped_column(sa.String(50))
     model: Mapped[str | None] = mapped_column(sa.String(150))
     feature: Mapped[str | None] = mapped_column(sa.String(100))
-    input_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
-    output_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
-    cached_input_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
-    cache_write_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
-    reasoning_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
-    total_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
     input_cost: Mapped[Decimal] = mapped_column(default=Decimal(0))
     output_cost: Mapped[Decimal] = mapped_column(default=Decimal(0))
     total_cost: Mapped[Decimal] = mapped_column(default=Decimal(0))
@@ -416,16 +425,10 @@ class Overage(Base):
         return self.synced_at is not None
 
 
-class _RollupMetrics:
+class _RollupMetrics(_TokenColumns):
     """The summed columns every rollup table carries."""
 
     calls: Mapped[int] = mapped_column(sa.BigInteger, default=0)
-    input_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
-    output_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
-    cached_input_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
-    cache_write_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
-    reasoning_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
-    total_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
     total_cost: Mapped[Decimal] = mapped_column(default=Decimal(0))
     unpriced_calls: Mapped[int] = mapped_column(sa.BigInteger, default=0)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)

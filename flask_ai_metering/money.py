@@ -10,6 +10,7 @@ reads and writes ``Decimal``.
 from __future__ import annotations
 
 import typing as t
+from decimal import ROUND_CEILING
 from decimal import ROUND_HALF_EVEN
 from decimal import Decimal
 from decimal import InvalidOperation
@@ -64,6 +65,11 @@ def parse_money(value: t.Any, field: str) -> Decimal:
 def to_units(amount: Decimal) -> int:
     """Convert an amount already rounded to 10^-12 into integer pico-units."""
     return int(amount.scaleb(12))
+
+
+def to_units_ceil(amount: Decimal) -> int:
+    """Pico-units rounded up: a hold must never be smaller than the cost it covers."""
+    return to_units(amount.quantize(QUANTUM, rounding=ROUND_CEILING))
 
 
 def from_units(units: int) -> Decimal:

@@ -45,11 +45,11 @@ from decimal import localcontext
 from .config import ConfigVars
 from .errors import ConfigurationError
 from .errors import InvalidUsage
+from .metering.usage import Costs
+from .metering.usage import TokenCounts
 from .money import parse_money
 from .money import round_money
 from .money import zero
-from .usage import Costs
-from .usage import TokenCounts
 
 if t.TYPE_CHECKING:
     from genai_prices.types import ModelInfo

@@ -7,7 +7,7 @@ and a task writes it. Nothing is lost on the way:
 * the task is ``acks_late`` and ``reject_on_worker_lost``: a worker killed
   mid-task leaves the message unacknowledged and the broker hands it to the
   next worker (on Redis once ``visibility_timeout`` has passed);
-* writing is idempotent (:func:`flask_ai_metering.meter.write_outbox`: a row
+* writing is idempotent (:func:`flask_ai_metering.metering.outbox.write_outbox`: a row
   lock, a unique ``reservation_id``, the payload cleared in the same
   transaction), so a redelivered or duplicated task writes nothing twice;
 * the request does not wait for the broker: a per-process thread publishes,
@@ -43,7 +43,7 @@ import weakref
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
-from .meter import write_outbox
+from .metering.outbox import write_outbox
 from .models import Reservation
 from .models import table
 from .models import utcnow
@@ -52,7 +52,7 @@ if t.TYPE_CHECKING:
     from celery import Celery
     from flask import Flask
 
-    from .meter import Runtime
+    from .runtime import Runtime
 
 #: The Celery task name (route it with ``task_routes`` to a queue of its own).
 TASK_NAME = "flask_ai_metering.write_usage"

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy import inspect as sa_inspect
 
 from .errors import InvalidUsage
-from .usage import check_token_count
+from .metering.usage import check_token_count
 
 FEATURE_RE = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 BILLING_MODES = ("plan", "credits")

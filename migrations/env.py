@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from flask_ai_metering.migrations import VERSION_TABLE
-from flask_ai_metering.migrations import include_object
+from flask_ai_metering.ops.schema import VERSION_TABLE
+from flask_ai_metering.ops.schema import include_object
 from flask_ai_metering.models import Base
 
 connection = context.config.attributes.get("connection")

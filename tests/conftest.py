@@ -21,9 +21,9 @@ from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
 from flask_ai_metering import AiMetering
-from flask_ai_metering import migrations
 from flask_ai_metering.models import Base
 from flask_ai_metering.models import Plan
+from flask_ai_metering.ops import schema as migrations
 from tests.fake_llm import FakeLLMServer
 
 BACKENDS = ("sqlite", "postgresql", "mysql")

@@ -7,12 +7,12 @@ import typing as t
 
 import sqlalchemy as sa
 
-from flask_ai_metering.maintenance import cleanup
 from flask_ai_metering.models import Reservation
 from flask_ai_metering.models import Usage
 from flask_ai_metering.models import UsageRollup
-from flask_ai_metering.reconcile import reconcile
-from flask_ai_metering.rollups import aggregate
+from flask_ai_metering.ops.maintenance import cleanup
+from flask_ai_metering.ops.reconcile import reconcile
+from flask_ai_metering.reporting.rollups import aggregate
 from tests.conftest import AppFactory
 from tests.conftest import add_plan
 

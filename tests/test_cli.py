@@ -16,14 +16,14 @@ from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
 from flask_ai_metering import AiMetering
-from flask_ai_metering import meter as pipeline
-from flask_ai_metering import migrations
 from flask_ai_metering import signals
-from flask_ai_metering.meter import CallSpec
+from flask_ai_metering.metering import holds
+from flask_ai_metering.metering.spec import CallSpec
 from flask_ai_metering.models import Base
 from flask_ai_metering.models import Counter
 from flask_ai_metering.models import Plan
 from flask_ai_metering.models import Usage
+from flask_ai_metering.ops import schema as migrations
 from tests.conftest import add_plan
 
 UTC = dt.timezone.utc
@@ -79,8 +79,8 @@ def test_db_current_downgrade_upgrade(runner, meter):
 def test_expire_reservations(runner, meter):
     rt = meter.runtime()
     past = dt.datetime.now(UTC) - dt.timedelta(hours=1)
-    pipeline.reserve(rt, CallSpec(billable=TEAM, provider="manual", max_tokens=50), now=past)
-    pipeline.reserve(rt, CallSpec(billable=TEAM, provider="manual", max_tokens=50))  # still live
+    holds.reserve(rt, CallSpec(billable=TEAM, provider="manual", max_tokens=50), now=past)
+    holds.reserve(rt, CallSpec(billable=TEAM, provider="manual", max_tokens=50))  # still live
     result = run(runner, "expire-reservations")
     assert result.exit_code == 0 and "Released 1 expired reservation(s); wrote 0 queued usage row(s)." in result.stderr
     assert meter.check(TEAM).reserved_tokens == 50
@@ -212,7 +212,7 @@ def test_validate_lists_one_line_per_problem(make_app):
         meter.subscribe(TEAM, "gone")
         meter.record(billable=TEAM, provider="openai", model="gpt-unknown-9", usage={"input_tokens": 3})
         rt = meter.runtime()
-        pipeline.reserve(
+        holds.reserve(
             rt,
             CallSpec(billable=("Team", "1"), provider="manual", max_tokens=5),
             now=dt.datetime.now(UTC) - dt.timedelta(hours=1),
@@ -238,7 +238,7 @@ def test_validate_lists_one_line_per_problem(make_app):
 
 
 def test_validate_reports_an_unknown_billing_driver_and_a_missing_schema(make_app, tmp_path):
-    from flask_ai_metering.health import validate
+    from flask_ai_metering.ops.health import validate
 
     app, _, _ = make_app(AI_METERING_BILLING_DRIVER="nowhere.Driver")
     with app.app_context():

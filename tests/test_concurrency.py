@@ -27,7 +27,7 @@ from flask_ai_metering import IdempotencyConflict
 from flask_ai_metering.models import Counter
 from flask_ai_metering.models import Reservation
 from flask_ai_metering.models import Usage
-from flask_ai_metering.reconcile import reconcile
+from flask_ai_metering.ops.reconcile import reconcile
 from tests.conftest import add_plan
 
 PROCESSES = 4

@@ -16,13 +16,13 @@ from jinja2 import StrictUndefined
 
 from flask_ai_metering import AiMetering
 from flask_ai_metering.dashboard import pages
-from flask_ai_metering.dashboard import queries
 from flask_ai_metering.dashboard.export import safe_cell
-from flask_ai_metering.dashboard.filters import FilterError
-from flask_ai_metering.dashboard.filters import Filters
-from flask_ai_metering.dashboard.filters import parse_filters
 from flask_ai_metering.dashboard.format import money
-from flask_ai_metering.rollups import aggregate
+from flask_ai_metering.reporting import queries
+from flask_ai_metering.reporting.filters import FilterError
+from flask_ai_metering.reporting.filters import Filters
+from flask_ai_metering.reporting.filters import parse_filters
+from flask_ai_metering.reporting.rollups import aggregate
 from tests.conftest import AppFactory
 from tests.conftest import add_plan
 

@@ -14,15 +14,18 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
 from flask_ai_metering import AiLimitExceeded
-from flask_ai_metering import group_commit
-from flask_ai_metering import meter as pipeline
-from flask_ai_metering import postgres
+from flask_ai_metering.metering import holds
+from flask_ai_metering.metering import ledger
+from flask_ai_metering.metering.spec import CallSpec
+from flask_ai_metering.metering.spec import Hold
+from flask_ai_metering.metering.usage import TokenCounts
 from flask_ai_metering.models import Counter
 from flask_ai_metering.models import Usage
 from flask_ai_metering.models import utcnow
 from flask_ai_metering.money import to_units
-from flask_ai_metering.reconcile import reconcile
-from flask_ai_metering.usage import TokenCounts
+from flask_ai_metering.ops.reconcile import reconcile
+from flask_ai_metering.quota import grouped as group_commit
+from flask_ai_metering.quota import postgres
 from tests.conftest import add_plan
 
 TEAM = ("Team", "7")
@@ -94,13 +97,13 @@ def test_concurrent_commits_on_one_counter_share_statements_and_each_gets_its_ow
 def _pending_commit(meter: t.Any, tokens: int) -> group_commit._Commit:
     """A reserved call and the commit it would write, built as the pipeline builds it."""
     rt = meter.runtime()
-    spec = pipeline.CallSpec(billable=TEAM, provider="manual", max_tokens=100)
-    hold = pipeline.reserve(rt, spec)
-    assert isinstance(hold, pipeline.Hold)
+    spec = CallSpec(billable=TEAM, provider="manual", max_tokens=100)
+    hold = holds.reserve(rt, spec)
+    assert isinstance(hold, Hold)
     at = utcnow()
     counts = TokenCounts(output_tokens=tokens)
     costs = rt.prices.cost("manual", None, counts, at)
-    values = {**pipeline.usage_values(spec, counts, costs, None, at, hold=hold), "created_at": at}
+    values = {**ledger.usage_values(spec, counts, costs, None, at, hold=hold), "created_at": at}
     true_up = postgres.TrueUp(
         hold.reservation_id, hold.counter_id, at, tokens, to_units(costs.total_cost), hold.tokens, hold.cost_units
     )
@@ -113,7 +116,7 @@ def test_a_refused_group_writes_each_commit_alone(pg_app):
     good, bad = _pending_commit(meter, 30), _pending_commit(meter, 40)
     with db.engine.begin() as conn:  # a row already holds the bad commit's reservation: unique key
         conn.execute(sa.insert(Usage.__table__).values({**bad.values, "output_tokens": 1}))
-    outcomes = group_commit._write([good, bad])
+    outcomes = group_commit._write_commits([good, bad])
     assert isinstance(outcomes[0], tuple)
     assert isinstance(outcomes[1], sa_exc.IntegrityError)
     with db.engine.connect() as conn:
@@ -144,7 +147,7 @@ def _requests(*sizes: tuple[int, int]) -> list[postgres.HoldRequest]:
 
 def _hold_many(meter: t.Any, *sizes: tuple[int, int]) -> list[t.Any] | None:
     rt = meter.runtime()
-    recent = rt.recent.get(TEAM, utcnow())
+    recent = rt.fast.recent.get(TEAM, utcnow())
     assert recent is not None
     return rt.store.run(
         lambda conn: postgres.reserve_pinned_many(

@@ -15,11 +15,11 @@ from sqlalchemy import exc as sa_exc
 from flask_ai_metering import IdempotencyConflict
 from flask_ai_metering import InvalidUsage
 from flask_ai_metering import queueing
-from flask_ai_metering import quota
-from flask_ai_metering.leases import keeper
 from flask_ai_metering.models import Reservation
 from flask_ai_metering.models import Usage
-from flask_ai_metering.reconcile import reconcile
+from flask_ai_metering.ops.reconcile import reconcile
+from flask_ai_metering.quota import engine as quota
+from flask_ai_metering.quota.leases import keeper
 from tests.conftest import add_plan
 
 TEAM = ("Team", "42")

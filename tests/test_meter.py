@@ -17,7 +17,7 @@ from flask_ai_metering import signals
 from flask_ai_metering.models import Counter
 from flask_ai_metering.models import Reservation
 from flask_ai_metering.models import Usage
-from flask_ai_metering.reconcile import reconcile
+from flask_ai_metering.ops.reconcile import reconcile
 
 TEAM = ("Team", "42")
 CHAT = [{"role": "user", "content": "hi"}]
@@ -334,8 +334,8 @@ class EchoProvider:
     name = "echo"
 
     def extract(self, response):
-        from flask_ai_metering.usage import Extracted
-        from flask_ai_metering.usage import TokenCounts
+        from flask_ai_metering.metering.usage import Extracted
+        from flask_ai_metering.metering.usage import TokenCounts
 
         return Extracted(TokenCounts(input_tokens=response["tokens"], output_tokens=1), model="echo-1")
 

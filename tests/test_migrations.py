@@ -12,8 +12,8 @@ from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
 from flask_ai_metering import AiMetering
-from flask_ai_metering import migrations
 from flask_ai_metering.models import Base
+from flask_ai_metering.ops import schema as migrations
 
 
 def test_migrations_and_models_agree(backend, db_url):

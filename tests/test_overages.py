@@ -29,7 +29,7 @@ from flask_ai_metering.billing.sync import OverageSyncer
 from flask_ai_metering.errors import ConfigurationError
 from flask_ai_metering.models import Overage
 from flask_ai_metering.models import utcnow
-from flask_ai_metering.reconcile import reconcile
+from flask_ai_metering.ops.reconcile import reconcile
 from tests.conftest import add_plan
 from tests.conftest import concurrently
 

@@ -13,9 +13,9 @@ import pytest
 
 from flask_ai_metering.errors import ConfigurationError
 from flask_ai_metering.errors import InvalidUsage
-from flask_ai_metering.periods import Period
-from flask_ai_metering.periods import period_for
-from flask_ai_metering.periods import validate_period_settings
+from flask_ai_metering.quota.periods import Period
+from flask_ai_metering.quota.periods import period_for
+from flask_ai_metering.quota.periods import validate_period_settings
 
 try:
     import hypothesis

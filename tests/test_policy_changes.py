@@ -24,7 +24,7 @@ from flask_ai_metering.models import Counter
 from flask_ai_metering.models import Plan
 from flask_ai_metering.models import Subscription
 from flask_ai_metering.models import UsageLimitOverride
-from flask_ai_metering.reconcile import reconcile
+from flask_ai_metering.ops.reconcile import reconcile
 from tests.conftest import add_plan
 
 TEAM = ("Team", "1")
@@ -192,7 +192,7 @@ def test_the_one_statement_phases_fit_psycopgs_statement_cache(backend: str) -> 
     from psycopg import _queries
     from sqlalchemy.dialects.postgresql import psycopg as dialect_module
 
-    from flask_ai_metering import postgres
+    from flask_ai_metering.quota import postgres
 
     dialect = dialect_module.dialect()
     shapes = [postgres._pinned_statement(*flags) for flags in itertools.product([True, False], repeat=4)]

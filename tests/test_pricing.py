@@ -19,11 +19,11 @@ from genai_prices.data_snapshot import get_snapshot
 
 from flask_ai_metering.errors import ConfigurationError
 from flask_ai_metering.errors import InvalidUsage
+from flask_ai_metering.metering.usage import Costs
+from flask_ai_metering.metering.usage import TokenCounts
 from flask_ai_metering.money import QUANTUM
 from flask_ai_metering.money import round_money
 from flask_ai_metering.pricing import PriceBook
-from flask_ai_metering.usage import Costs
-from flask_ai_metering.usage import TokenCounts
 
 try:
     import hypothesis

@@ -9,10 +9,9 @@ from decimal import Decimal
 
 import sqlalchemy as sa
 
-from flask_ai_metering import meter as pipeline
-from flask_ai_metering import privacy
-from flask_ai_metering import reports
-from flask_ai_metering.meter import CallSpec
+from flask_ai_metering.metering import holds
+from flask_ai_metering.metering.spec import CallSpec
+from flask_ai_metering.metering.spec import Hold
 from flask_ai_metering.models import Base
 from flask_ai_metering.models import Counter
 from flask_ai_metering.models import CreditTransaction
@@ -23,8 +22,10 @@ from flask_ai_metering.models import Subscription
 from flask_ai_metering.models import Usage
 from flask_ai_metering.models import UsageBillableRollup
 from flask_ai_metering.models import UsageRollup
-from flask_ai_metering.reconcile import reconcile
-from flask_ai_metering.rollups import aggregate
+from flask_ai_metering.ops import privacy
+from flask_ai_metering.ops import reports
+from flask_ai_metering.ops.reconcile import reconcile
+from flask_ai_metering.reporting.rollups import aggregate
 from tests.conftest import add_plan
 from tests.test_rollups import assert_rollups_match_ledger
 
@@ -73,8 +74,8 @@ def test_forget_erases_usage_and_keeps_financial_records_under_a_pseudonym(make_
         use(meter, BOB, 2)
         rt = meter.runtime()
         # A call of Alice's still in flight holds quota and credits.
-        hold = pipeline.reserve(rt, CallSpec(billable=ALICE, provider="manual", max_tokens=5, billing_mode="credits"))
-        assert isinstance(hold, pipeline.Hold)
+        hold = holds.reserve(rt, CallSpec(billable=ALICE, provider="manual", max_tokens=5, billing_mode="credits"))
+        assert isinstance(hold, Hold)
         aggregate(rt)
         bob_before = {name: [r for r in table_rows if "bob" in r] for name, table_rows in snapshot(meter).items()}
         report_before = reports.build_report(rt, dt.date.today().replace(day=1), billable=BOB)

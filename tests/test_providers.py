@@ -17,10 +17,10 @@ import openai
 import pytest
 
 from flask_ai_metering.errors import InvalidUsage
+from flask_ai_metering.metering.usage import Extracted
+from flask_ai_metering.metering.usage import TokenCounts
 from flask_ai_metering.providers.anthropic import AnthropicProvider
 from flask_ai_metering.providers.openai import OpenAIProvider
-from flask_ai_metering.usage import Extracted
-from flask_ai_metering.usage import TokenCounts
 from tests.fake_llm import FakeLLMServer
 from tests.fake_llm import OpenAIUsage
 

@@ -18,11 +18,11 @@ import pytest
 import sqlalchemy as sa
 
 from flask_ai_metering import queueing
-from flask_ai_metering.health import validate
 from flask_ai_metering.models import Counter
 from flask_ai_metering.models import Reservation
 from flask_ai_metering.models import Usage
-from flask_ai_metering.reconcile import reconcile
+from flask_ai_metering.ops.health import validate
+from flask_ai_metering.ops.reconcile import reconcile
 from tests.conftest import REQUIRE_SERVICES
 
 TEAM = ("Team", "42")
@@ -83,7 +83,7 @@ def test_flush_outbox_writes_what_no_task_wrote(make_app, backend, monkeypatch):
         assert queueing.flush_outbox(rt) == 7
         assert queueing.flush_outbox(rt) == 0
         # A late task for an already written reservation writes nothing twice.
-        from flask_ai_metering.meter import write_outbox
+        from flask_ai_metering.metering.outbox import write_outbox
 
         assert write_outbox(rt.store, published[0]) is None
         assert count(meter, Usage) == 7 and outbox(meter) == []

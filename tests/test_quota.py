@@ -12,13 +12,13 @@ import sqlalchemy as sa
 from flask_ai_metering import AiLimitExceeded
 from flask_ai_metering import FeatureNotAllowed
 from flask_ai_metering import signals
-from flask_ai_metering.meter import CallSpec
-from flask_ai_metering.meter import reserve
+from flask_ai_metering.metering.holds import reserve
+from flask_ai_metering.metering.spec import CallSpec
 from flask_ai_metering.models import Counter
 from flask_ai_metering.models import Reservation
 from flask_ai_metering.models import Usage
 from flask_ai_metering.models import UsageLimitOverride
-from flask_ai_metering.reconcile import reconcile
+from flask_ai_metering.ops.reconcile import reconcile
 from tests.conftest import add_plan
 
 TEAM = ("Team", "1")
@@ -120,9 +120,9 @@ def test_reservation_expires_and_sweeper_releases_it(meter, db, backend):
     with db.engine.connect() as conn:
         assert conn.execute(sa.select(Reservation.__table__.c.status)).scalar_one() == "expired"
     # a late commit after expiry still records the tokens, once
-    from flask_ai_metering.meter import commit
-    from flask_ai_metering.usage import Extracted
-    from flask_ai_metering.usage import TokenCounts
+    from flask_ai_metering.metering.commits import commit
+    from flask_ai_metering.metering.usage import Extracted
+    from flask_ai_metering.metering.usage import TokenCounts
 
     commit(rt, CallSpec(billable=TEAM, provider="manual"), hold, Extracted(TokenCounts(output_tokens=50)))
     [counter] = counter_rows(db)
@@ -220,9 +220,9 @@ def test_call_straddling_period_end_counts_in_the_period_it_reserved_in(meter, d
     rt = meter.runtime()
     last_second = dt.datetime(2026, 10, 31, 23, 59, 59, tzinfo=UTC)
     hold = reserve(rt, CallSpec(billable=TEAM, provider="manual", max_tokens=10), now=last_second)
-    from flask_ai_metering.meter import commit
-    from flask_ai_metering.usage import Extracted
-    from flask_ai_metering.usage import TokenCounts
+    from flask_ai_metering.metering.commits import commit
+    from flask_ai_metering.metering.usage import Extracted
+    from flask_ai_metering.metering.usage import TokenCounts
 
     commit(rt, CallSpec(billable=TEAM, provider="manual"), hold, Extracted(TokenCounts(output_tokens=10)))
     [counter] = counter_rows(db)

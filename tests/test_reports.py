@@ -12,12 +12,12 @@ from decimal import Decimal
 import pytest
 import sqlalchemy as sa
 
-from flask_ai_metering import reports
-from flask_ai_metering import rollups
 from flask_ai_metering.models import AggregationState
 from flask_ai_metering.models import Usage
 from flask_ai_metering.models import UsageRollup
-from flask_ai_metering.rollups import state_name
+from flask_ai_metering.ops import reports
+from flask_ai_metering.reporting import rollups
+from flask_ai_metering.reporting.rollups import state_name
 from tests.conftest import add_plan
 
 UTC = dt.timezone.utc
@@ -212,7 +212,7 @@ def test_rollups_plus_the_unaggregated_tail_equal_the_ledger(make_app, backend):
 
 
 def test_report_from_aggregate_equals_the_ledger(make_app, backend):
-    from flask_ai_metering.rollups import aggregate
+    from flask_ai_metering.reporting.rollups import aggregate
 
     app, _, ledger_meter = make_app(AI_METERING_PROVIDERS=PRICES)
     rolled_app, _, rolled_meter = make_app(AI_METERING_PROVIDERS=PRICES, AI_METERING_AGGREGATION_TABLES=True)

@@ -11,16 +11,16 @@ import sqlalchemy as sa
 from flask_ai_metering.models import Usage
 from flask_ai_metering.models import UsageRollup
 from flask_ai_metering.models import table
-from flask_ai_metering.rollups import BILLABLES
-from flask_ai_metering.rollups import DETAILED
-from flask_ai_metering.rollups import TOTALS
-from flask_ai_metering.rollups import RollupSpec
-from flask_ai_metering.rollups import aggregate
-from flask_ai_metering.rollups import as_date
-from flask_ai_metering.rollups import last_run
-from flask_ai_metering.rollups import ledger_key
-from flask_ai_metering.rollups import measures
-from flask_ai_metering.rollups import utc_date
+from flask_ai_metering.reporting.rollups import BILLABLES
+from flask_ai_metering.reporting.rollups import DETAILED
+from flask_ai_metering.reporting.rollups import TOTALS
+from flask_ai_metering.reporting.rollups import RollupSpec
+from flask_ai_metering.reporting.rollups import aggregate
+from flask_ai_metering.reporting.rollups import as_date
+from flask_ai_metering.reporting.rollups import last_run
+from flask_ai_metering.reporting.rollups import ledger_key
+from flask_ai_metering.reporting.rollups import measures
+from flask_ai_metering.reporting.rollups import utc_date
 from tests.conftest import AppFactory
 
 UTC = dt.timezone.utc

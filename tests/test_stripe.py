@@ -27,7 +27,7 @@ from flask_ai_metering.billing.webhooks import handle_stripe_webhook
 from flask_ai_metering.models import Overage
 from flask_ai_metering.models import Subscription
 from flask_ai_metering.models import utcnow
-from flask_ai_metering.reconcile import reconcile
+from flask_ai_metering.ops.reconcile import reconcile
 from tests.conftest import add_plan
 from tests.conftest import concurrently
 from tests.stripe_server import API_KEY

@@ -10,9 +10,9 @@ import sqlalchemy as sa
 from flask import g
 
 from flask_ai_metering import AiLimitExceeded
-from flask_ai_metering import reports
 from flask_ai_metering.models import Usage
-from flask_ai_metering.reconcile import reconcile
+from flask_ai_metering.ops import reports
+from flask_ai_metering.ops.reconcile import reconcile
 from tests.conftest import add_plan
 
 ACME = ("Tenant", "acme")

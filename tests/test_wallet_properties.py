@@ -28,17 +28,18 @@ from hypothesis.stateful import run_state_machine_as_test
 
 from flask_ai_metering import AiMetering
 from flask_ai_metering import CreditsInsufficient
-from flask_ai_metering import meter as pipeline
-from flask_ai_metering.meter import CallSpec
-from flask_ai_metering.meter import Hold
+from flask_ai_metering.metering import commits
+from flask_ai_metering.metering import holds
+from flask_ai_metering.metering.spec import CallSpec
+from flask_ai_metering.metering.spec import Hold
+from flask_ai_metering.metering.usage import Extracted
+from flask_ai_metering.metering.usage import TokenCounts
 from flask_ai_metering.models import CreditTransaction
 from flask_ai_metering.models import CreditWallet
 from flask_ai_metering.models import Reservation
 from flask_ai_metering.models import utcnow
 from flask_ai_metering.money import from_units
 from flask_ai_metering.money import to_units
-from flask_ai_metering.usage import Extracted
-from flask_ai_metering.usage import TokenCounts
 
 if t.TYPE_CHECKING:
     from tests.conftest import AppFactory
@@ -97,7 +98,7 @@ def make_machine(app: Flask, meter: AiMetering, overdraft: bool) -> type[RuleBas
         def teardown(self) -> None:
             # Examples share the database: leave no pending hold for the next one to expire.
             for hold, _ in self.pending:
-                pipeline.release(self.rt, hold)
+                holds.release(self.rt, hold)
             self.ctx.pop()
 
         @rule(amount=amounts)
@@ -125,7 +126,7 @@ def make_machine(app: Flask, meter: AiMetering, overdraft: bool) -> type[RuleBas
             allowed = self.exists and (overdraft or (available - units >= 0 and available > 0))
             spec = CallSpec(self.billable, "manual", model="m", max_tokens=max_tokens, billing_mode="credits")
             try:
-                hold = pipeline.reserve(self.rt, spec)
+                hold = holds.reserve(self.rt, spec)
             except CreditsInsufficient:
                 assert not allowed
                 return
@@ -144,7 +145,7 @@ def make_machine(app: Flask, meter: AiMetering, overdraft: bool) -> type[RuleBas
             available = self.balance - (self.held - own)
             charge = cost if overdraft else max(0, min(cost, available))
             extracted = Extracted(TokenCounts(input_tokens=input_tokens, output_tokens=output_tokens), model="m")
-            recorded = pipeline.commit(self.rt, spec, hold, extracted)
+            recorded = commits.commit(self.rt, spec, hold, extracted)
             assert to_units(recorded.usage.total_cost) == cost
             self.balance -= charge
             self.held -= own
@@ -153,7 +154,7 @@ def make_machine(app: Flask, meter: AiMetering, overdraft: bool) -> type[RuleBas
         @rule(data=st.data())
         def release(self, data: st.DataObject) -> None:
             hold, _ = self.pending.pop(data.draw(st.integers(0, len(self.pending) - 1), label="which"))
-            assert pipeline.release(self.rt, hold)
+            assert holds.release(self.rt, hold)
             self.held -= hold.credit_units
 
         @precondition(lambda self: self.pending)
@@ -161,7 +162,7 @@ def make_machine(app: Flask, meter: AiMetering, overdraft: bool) -> type[RuleBas
         def expire(self) -> None:
             later = utcnow() + dt.timedelta(seconds=self.rt.settings.reservation_ttl + 1)
             # Other examples' holds may be pending too (a failed example leaves them): at least ours.
-            assert pipeline.expire_reservations(self.rt, now=later) >= len(self.pending)
+            assert holds.expire_reservations(self.rt, now=later) >= len(self.pending)
             self.held = 0
             self.expired.extend(self.pending)
             self.pending.clear()

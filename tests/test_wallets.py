@@ -16,7 +16,7 @@ from flask_ai_metering import InvalidUsage
 from flask_ai_metering import signals
 from flask_ai_metering.models import CreditTransaction
 from flask_ai_metering.models import CreditWallet
-from flask_ai_metering.reconcile import reconcile
+from flask_ai_metering.ops.reconcile import reconcile
 
 if t.TYPE_CHECKING:
     from tests.conftest import AppFactory

@@ -28,7 +28,7 @@ from ..errors import ConfigurationError
 
 if t.TYPE_CHECKING:
     from ..config import Settings
-    from ..storage import Store
+    from ..transactions import Transactions
 
 
 class BillingDriver(t.Protocol):
@@ -53,7 +53,7 @@ class NullBillingDriver:
 
     name = "null"
 
-    def __init__(self, store: Store, settings: Settings) -> None:
+    def __init__(self, store: Transactions, settings: Settings) -> None:
         self.store = store
         self.settings = settings
 
@@ -64,7 +64,7 @@ class NullBillingDriver:
         return None
 
 
-def load_driver(spec: t.Any, store: Store, settings: Settings) -> BillingDriver:
+def load_driver(spec: t.Any, store: Transactions, settings: Settings) -> BillingDriver:
     """Build the driver named by ``AI_METERING_BILLING_DRIVER``."""
     from ..config import ConfigVars
     from ..config import import_string

@@ -19,8 +19,8 @@ from ..models import table
 from ..money import round_money
 
 if t.TYPE_CHECKING:
-    from ..policy import Policy
-    from ..quota import CounterState
+    from ..quota.engine import CounterState
+    from ..quota.policy import Policy
 
 overages = table(Overage)
 

@@ -25,7 +25,7 @@ from .overages import floor_minor
 from .sync import OverageSyncer
 
 if t.TYPE_CHECKING:
-    from ..meter import Runtime
+    from ..runtime import Runtime
 
 overages = table(Overage)
 _amount = sa.type_coerce(overages.c.amount, sa.BigInteger)

@@ -23,7 +23,7 @@ from .sync import OverageSyncer
 
 if t.TYPE_CHECKING:
     from ..config import Settings
-    from ..storage import Store
+    from ..transactions import Transactions
 
 log = logging.getLogger("flask_ai_metering")
 
@@ -61,7 +61,7 @@ class StripeBillingDriver(OverageSyncer):
 
     name = "stripe"
 
-    def __init__(self, store: Store, settings: Settings) -> None:
+    def __init__(self, store: Transactions, settings: Settings) -> None:
         super().__init__(store, settings)
         self.client = make_client(settings)
 

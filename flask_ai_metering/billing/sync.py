@@ -47,8 +47,8 @@ from .overages import floor_minor
 
 if t.TYPE_CHECKING:
     from ..config import Settings
-    from ..policy import Billable
-    from ..storage import Store
+    from ..quota.policy import Billable
+    from ..transactions import Transactions
 
 log = logging.getLogger("flask_ai_metering")
 
@@ -149,7 +149,7 @@ def candidates(
 
 
 def claim(
-    store: Store,
+    store: Transactions,
     billable: Billable,
     *,
     limit: int,
@@ -237,19 +237,19 @@ def _ours(claim: Claim) -> sa.ColumnElement[bool]:
     )
 
 
-def still_claimed(store: Store, claim: Claim) -> bool:
+def still_claimed(store: Transactions, claim: Claim) -> bool:
     """True while no other sync has taken the claim over."""
     with store.engine.connect() as conn:
         return conn.execute(sa.select(overages.c.id).where(_ours(claim))).first() is not None
 
 
-def mark_synced(store: Store, claim: Claim, remote_id: str | None, now: dt.datetime) -> bool:
+def mark_synced(store: Transactions, claim: Claim, remote_id: str | None, now: dt.datetime) -> bool:
     """Record the remote item; False when the claim was taken over (nothing written)."""
     values = {"status": "synced", "synced_at": now, "stripe_id": remote_id, "last_error": None}
     return store.run(lambda conn: conn.execute(sa.update(overages).where(_ours(claim)).values(**values)).rowcount == 1)
 
 
-def mark_failed(store: Store, claim: Claim, error: BaseException) -> None:
+def mark_failed(store: Transactions, claim: Claim, error: BaseException) -> None:
     """Give the claim back (``pending``) with the error; its frozen amount stays."""
     message = f"{type(error).__name__}: {error}"[:2000]
     store.run(
@@ -270,7 +270,7 @@ class OverageSyncer:
     stale_after = dt.timedelta(minutes=15)
     requires_customer = True
 
-    def __init__(self, store: Store, settings: Settings) -> None:
+    def __init__(self, store: Transactions, settings: Settings) -> None:
         self.store = store
         self.settings = settings
         self._threads: set[threading.Thread] = set()

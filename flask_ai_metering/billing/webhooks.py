@@ -45,7 +45,7 @@ from ..models import table
 from ..models import utcnow
 
 if t.TYPE_CHECKING:
-    from ..meter import Runtime
+    from ..runtime import Runtime
 
 subs = table(Subscription)
 

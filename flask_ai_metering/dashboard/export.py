@@ -13,8 +13,8 @@ import typing as t
 
 import sqlalchemy as sa
 
-from . import queries
-from .filters import Filters
+from ..reporting import queries
+from ..reporting.filters import Filters
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n")
 #: Rows fetched per round trip while streaming.

@@ -14,7 +14,6 @@ from decimal import Decimal
 
 import sqlalchemy as sa
 
-from ..meter import current_check
 from ..models import Counter
 from ..models import CreditTransaction
 from ..models import CreditWallet
@@ -25,15 +24,16 @@ from ..models import Subscription
 from ..models import UsageLimitOverride
 from ..models import utcnow
 from ..money import from_units
-from ..rollups import last_run
-from . import queries
-from .filters import Filters
-from .queries import Bucket
-from .queries import Totals
+from ..quota.standing import current_check
+from ..reporting import queries
+from ..reporting.filters import Filters
+from ..reporting.queries import Bucket
+from ..reporting.queries import Totals
+from ..reporting.rollups import last_run
 
 if t.TYPE_CHECKING:
-    from ..meter import Runtime
-    from ..quota import LimitCheck
+    from ..quota.engine import LimitCheck
+    from ..runtime import Runtime
 
 #: Rows a breakdown table lists before folding the rest into "Other".
 TOP_N = 10

@@ -21,20 +21,20 @@ from flask import stream_with_context
 from flask import url_for
 
 from ..money import from_units
+from ..reporting import queries
+from ..reporting.filters import FilterError
+from ..reporting.filters import Filters
+from ..reporting.filters import parse_filters
+from ..reporting.filters import presets
 from . import charts
 from . import pages
-from . import queries
 from .export import stream_csv
-from .filters import FilterError
-from .filters import Filters
-from .filters import parse_filters
-from .filters import presets
 from .format import money
 
 if t.TYPE_CHECKING:
     from ..config import Settings
     from ..extension import AiMetering
-    from ..meter import Runtime
+    from ..runtime import Runtime
 
 #: Ledger rows per explorer page.
 PER_PAGE = 50

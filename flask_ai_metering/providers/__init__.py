@@ -1,6 +1,6 @@
 """Usage extractors: one small module per provider wire format.
 
-A provider turns a response object into :class:`~flask_ai_metering.usage.Extracted`
+A provider turns a response object into :class:`~flask_ai_metering.metering.usage.Extracted`
 token counts, and a stream into an accumulator fed chunk by chunk. Users add their
 own through ``AI_METERING_PROVIDERS = {"mycorp": {"class": "pkg.module:MyProvider"}}``:
 any class with the methods of :class:`Provider`.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import typing as t
 
 from ..errors import ConfigurationError
-from ..usage import Extracted
+from ..metering.usage import Extracted
 
 
 def field(obj: t.Any, name: str) -> t.Any:

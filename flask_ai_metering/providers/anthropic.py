@@ -1,7 +1,7 @@
 """Usage from the Anthropic SDK: ``messages.create``, plain or streamed.
 
 Anthropic reports the uncached prompt, cache writes and cache reads as three
-separate counts; :class:`~flask_ai_metering.usage.TokenCounts` wants the whole
+separate counts; :class:`~flask_ai_metering.metering.usage.TokenCounts` wants the whole
 prompt in ``input_tokens`` with the cache counts as parts of it, so they are
 added up here. Objects are read by field name, so ``model_dump()`` dicts work too.
 The ``anthropic`` package is an optional extra and is never imported here.
@@ -16,9 +16,9 @@ from __future__ import annotations
 import sys
 import typing as t
 
-from ..usage import Extracted
-from ..usage import TokenCounts
-from ..usage import check_token_count
+from ..metering.usage import Extracted
+from ..metering.usage import TokenCounts
+from ..metering.usage import check_token_count
 from . import TextTally
 from . import count
 from . import field

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typing as t
 
-from ..usage import Extracted
+from ..metering.usage import Extracted
 
 
 class _NoUsage:

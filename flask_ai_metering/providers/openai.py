@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 import typing as t
 
-from ..usage import Extracted
-from ..usage import TokenCounts
+from ..metering.usage import Extracted
+from ..metering.usage import TokenCounts
 from . import TextTally
 from . import count
 from . import field
@@ -45,7 +45,7 @@ def tokens_from_usage(usage: t.Any) -> TokenCounts | None:
     Chat completions and embeddings report ``prompt_tokens``/``completion_tokens``;
     the Responses API reports ``input_tokens``/``output_tokens``. Both count cached
     prompt tokens inside the prompt total and reasoning inside the output total,
-    which is already :class:`~flask_ai_metering.usage.TokenCounts`' convention.
+    which is already :class:`~flask_ai_metering.metering.usage.TokenCounts`' convention.
     """
     if usage is None:
         return None

@@ -1,0 +1,147 @@
+"""The metered call, top to bottom: reserve → call → extract → price → commit (or release).
+
+Each database phase is one short transaction of its own on the app's engine;
+no transaction is held open across the provider call. :func:`run` is
+``meter.call``; :func:`arun` is ``meter.acall``, which runs the database phases
+in a worker thread so the event loop never waits on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import typing as t
+
+from .. import signals
+from ..quota.leases import keeper
+from ..quota.standing import current_check
+from .calls import MeterResult
+from .commits import commit
+from .holds import release
+from .holds import reserve
+from .spec import Hold
+from .spec import Replay
+from .streams import wrap_stream
+from .usage import Extracted
+from .usage import TokenCounts
+
+if t.TYPE_CHECKING:
+    from ..runtime import Runtime
+    from .spec import CallSpec
+
+log = logging.getLogger("flask_ai_metering")
+
+
+def run(rt: Runtime, spec: CallSpec, fn: t.Callable[[], t.Any]) -> MeterResult:
+    """Run ``fn`` once under quota and record its usage (``meter.call``)."""
+    if not rt.settings.enabled:
+        return MeterResult(fn(), None, None)
+    outcome = reserve(rt, spec)
+    if isinstance(outcome, Replay):
+        return replayed(rt, spec, outcome)
+    keeper.hold(rt.store, outcome.reservation_id, rt.settings.reservation_ttl)
+    started = time.perf_counter()
+    try:
+        response = fn()
+    except BaseException as error:
+        failed(rt, spec, outcome, error)
+        raise
+    return finish(rt, spec, outcome, response, started)
+
+
+async def arun(rt: Runtime, spec: CallSpec, fn: t.Callable[[], t.Awaitable[t.Any]]) -> MeterResult:
+    """The async twin of :func:`run`: ``fn`` returns an awaitable (``meter.acall``).
+
+    A call cancelled while its hold is being made waits for the hold, then gives it back.
+    """
+    if not rt.settings.enabled:
+        return MeterResult(await fn(), None, None)
+    reserving = asyncio.ensure_future(asyncio.to_thread(reserve, rt, spec))
+    try:
+        outcome = await asyncio.shield(reserving)
+    except asyncio.CancelledError:
+        held = await reserving
+        if isinstance(held, Hold):
+            await asyncio.to_thread(release, rt, held)
+        raise
+    if isinstance(outcome, Replay):
+        return await asyncio.to_thread(replayed, rt, spec, outcome)
+    keeper.hold(rt.store, outcome.reservation_id, rt.settings.reservation_ttl)
+    started = time.perf_counter()
+    try:
+        response = await fn()
+    except BaseException as error:
+        await asyncio.shield(asyncio.to_thread(failed, rt, spec, outcome, error))
+        raise
+    return await asyncio.to_thread(finish, rt, spec, outcome, response, started)
+
+
+def replayed(rt: Runtime, spec: CallSpec, replay: Replay) -> MeterResult:
+    """The result of a recorded key: the first call's usage, the provider not called again."""
+    check = current_check(rt, spec.billable)
+    return MeterResult(None, replay.usage, check, replayed=True, usage_id=replay.usage_id)
+
+
+def failed(rt: Runtime, spec: CallSpec, hold: Hold, error: BaseException) -> None:
+    """The provider call raised: give the hold back (the key is freed for a retry) and say so."""
+    keeper.drop(hold.reservation_id)
+    try:
+        release(rt, hold)
+    except Exception:
+        log.exception("could not release reservation %s; it expires on its own", hold.reservation_id)
+    if isinstance(error, Exception):
+        if rt.settings.log_failures:
+            log.warning("%s call failed: %s", spec.provider, type(error).__name__)
+        signals.provider_call_failed.send(
+            rt.app, billable=spec.billable, provider=spec.provider, model=spec.model, error=error
+        )
+
+
+def finish(rt: Runtime, spec: CallSpec, hold: Hold, response: t.Any, started: float) -> MeterResult:
+    """Extract and commit the usage; a stream commits when it ends (or is abandoned)."""
+    provider = rt.provider(spec.provider)
+    if provider.is_stream(response):
+        result = MeterResult(None, None, None)
+        on_end = _StreamCommit(rt, spec, hold, started, result)
+        result.response = wrap_stream(response, provider.accumulator(), on_end, spec.model)
+        return result
+    try:
+        extracted = provider.extract(response)
+        if extracted is None:
+            extracted = manual_usage(spec)
+    except BaseException as error:
+        failed(rt, spec, hold, error)
+        raise
+    recorded = _commit(rt, spec, hold, extracted, started)
+    return MeterResult(response, recorded.usage, recorded.check, usage_id=recorded.usage_id)
+
+
+class _StreamCommit:
+    """Commits a stream's usage when the stream ends, into the result the caller holds."""
+
+    def __init__(self, rt: Runtime, spec: CallSpec, hold: Hold, started: float, result: MeterResult) -> None:
+        self.rt, self.spec, self.hold, self.started, self.result = rt, spec, hold, started, result
+
+    def __call__(self, extracted: Extracted) -> None:
+        recorded = _commit(self.rt, self.spec, self.hold, extracted, self.started)
+        self.result.usage, self.result.limit, self.result.usage_id = recorded.usage, recorded.check, recorded.usage_id
+
+
+def _commit(rt: Runtime, spec: CallSpec, hold: Hold, extracted: Extracted, started: float) -> t.Any:
+    duration = int((time.perf_counter() - started) * 1000)
+    try:
+        return commit(rt, spec, hold, extracted, duration_ms=duration)
+    finally:
+        keeper.drop(hold.reservation_id)
+
+
+def manual_usage(spec: CallSpec) -> Extracted:
+    """The usage of a response that carried none: ``usage=`` if given, else an estimated zero."""
+    if spec.usage is not None:
+        return Extracted(tokens=spec.usage, model=spec.model)
+    log.warning(
+        "the %s response carried no usage and no usage= was given; recording an estimated zero",
+        spec.provider,
+    )
+    return Extracted(tokens=TokenCounts(), model=spec.model, estimated=True)

@@ -1,0 +1,139 @@
+"""One call's validated options, and what reserving for it produced.
+
+:func:`build_spec` turns the keyword options of ``meter.call`` (or ``record``)
+into a :class:`CallSpec`, raising :class:`~flask_ai_metering.errors.InvalidUsage`
+before anything is reserved. :class:`Hold` and :class:`Replay` are the two
+outcomes of a reserve; :class:`Recorded` is the outcome of a commit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing as t
+
+from .. import validation as v
+from ..errors import InvalidUsage
+from ..money import MAX_UNITS
+from ..money import to_units_ceil
+from .usage import PricedUsage
+from .usage import TokenCounts
+
+if t.TYPE_CHECKING:
+    from ..quota.engine import LimitCheck
+    from ..quota.policy import Billable
+    from ..quota.policy import Policy
+    from ..runtime import Runtime
+
+#: The options ``meter.record`` takes besides ``usage`` and ``occurred_at``.
+RECORD_OPTIONS = frozenset(
+    {"billable", "user", "tenant", "provider", "model", "feature", "meta", "idempotency_key", "billing_mode"}
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class CallSpec:
+    """One call's attribution and options, validated."""
+
+    billable: Billable
+    provider: str
+    model: str | None = None
+    user_id: str | None = None
+    tenant_id: str | None = None
+    feature: str | None = None
+    meta: dict[str, t.Any] | None = None
+    idempotency_key: str | None = None
+    max_tokens: int | None = None
+    usage: TokenCounts | None = None
+    billing_mode: str | None = None
+
+    @property
+    def scope(self) -> str:
+        """The idempotency scope: keys are unique per billable and tenant."""
+        return self.tenant_id or ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Hold:
+    """A committed reservation: quota (and credits) held for the call in flight."""
+
+    reservation_id: int
+    counter_id: int
+    policy: Policy
+    billing_mode: str
+    tokens: int
+    cost_units: int
+    wallet_id: int | None
+    credit_units: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Replay:
+    """A recorded idempotency key: the first call's usage, without calling again."""
+
+    usage: PricedUsage
+    usage_id: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Recorded:
+    """A committed call's usage and where its billable stands after it."""
+
+    usage: PricedUsage
+    #: None when the row was queued (``AI_METERING_QUEUE_RECORDING``) and is not written yet.
+    usage_id: int | None
+    check: LimitCheck
+
+
+def build_spec(
+    rt: Runtime,
+    billable: Billable,
+    *,
+    user: t.Any = None,
+    tenant: t.Any = None,
+    usage: t.Any = None,
+    **kw: t.Any,
+) -> CallSpec:
+    """Validate one call's options; ``billable``, ``user`` and ``tenant`` are already resolved."""
+    if usage is not None and not isinstance(usage, TokenCounts):
+        usage = TokenCounts.from_mapping(usage)
+    provider = v.name(kw.get("provider") or rt.settings.default_provider, "provider", required=True)
+    assert provider is not None
+    rt.provider(provider)
+    return CallSpec(
+        billable=billable,
+        provider=provider,
+        model=v.name(kw.get("model"), "model"),
+        user_id=v.attribution_id(user, "user"),
+        tenant_id=v.attribution_id(tenant, "tenant"),
+        feature=v.feature(kw.get("feature"), strict=rt.settings.validate_features),
+        meta=v.meta(kw.get("meta"), max_bytes=rt.settings.max_meta_bytes, sanitize=rt.settings.sanitize_metadata),
+        idempotency_key=v.idempotency_key(kw.get("idempotency_key")),
+        max_tokens=v.max_tokens(kw.get("max_tokens")),
+        usage=usage,
+        billing_mode=v.billing_mode(kw.get("billing_mode")),
+    )
+
+
+def check_record_options(options: t.Mapping[str, t.Any]) -> None:
+    """Refuse keyword options ``meter.record`` does not know, naming them."""
+    unknown = set(options) - RECORD_OPTIONS
+    if unknown:
+        raise InvalidUsage(f"unknown arguments: {', '.join(sorted(unknown))}")
+
+
+def reservation_size(rt: Runtime, spec: CallSpec) -> tuple[int, int]:
+    """Tokens and worst-case cost (pico-units) to hold before the call.
+
+    ``max_tokens``, else the manual usage's total, else the configured default;
+    the cost is those tokens at the higher of the model's input and output price.
+    With no model known before the call nothing can be priced: the cost hold is 0
+    and the cost check only asks that some cost remains.
+    """
+    tokens = spec.max_tokens
+    if tokens is None:
+        tokens = spec.usage.total_tokens if spec.usage is not None else rt.settings.default_max_tokens
+    price = rt.prices.max_token_price(spec.provider, spec.model) if spec.model else None
+    cost = 0 if price is None else to_units_ceil(price * tokens)
+    if cost > MAX_UNITS:
+        raise InvalidUsage(f"max_tokens {tokens} at the price of {spec.model!r} costs more than can be held")
+    return tokens, cost

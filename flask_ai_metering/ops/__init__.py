@@ -1,0 +1,1 @@
+"""What the CLI runs: validate, cleanup, privacy, reconcile, reports and the schema."""

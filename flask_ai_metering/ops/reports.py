@@ -1,0 +1,271 @@
+"""Monthly usage reports and the plans table, for ``flask ai-metering report`` and ``plans``.
+
+Totals are sums of raw pico-unit integers, converted to ``Decimal`` once, so a
+report equals the ledger to the last digit. With ``AI_METERING_AGGREGATION_TABLES``
+the report reads the daily rollups, except for the days on which usage was
+written since the last ``aggregate`` run, which it reads from the ledger: it
+stays exact while ``aggregate`` lags behind. Months are calendar months in
+``AI_METERING_TIMEZONE``, the zone calendar quota periods and rollup days use.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import typing as t
+from zoneinfo import ZoneInfo
+
+import sqlalchemy as sa
+
+from ..models import Plan
+from ..models import Subscription
+from ..models import utcnow
+from ..money import from_units
+from ..reporting.filters import Filters
+from ..reporting.queries import Source
+from ..reporting.queries import sources
+from ..reporting.rollups import measures
+
+if t.TYPE_CHECKING:
+    from ..runtime import Runtime
+
+plans = Plan.__table__
+subs = Subscription.__table__
+
+#: The sections of a report, and the columns each one groups by.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "by_billable": ("billable_type", "billable_id"),
+    "by_provider": ("provider",),
+    "by_model": ("provider", "model"),
+    "by_feature": ("feature",),
+}
+MEASURES = ("calls", "input_tokens", "output_tokens", "total_tokens", "total_cost")
+#: Each measure's label in :func:`~flask_ai_metering.reporting.rollups.measures`.
+_SUMMED = {name: "cost_units" if name == "total_cost" else name for name in MEASURES}
+_EMPTY = ""
+
+
+def parse_month(month: str | None) -> dt.date:
+    """The first day of ``month`` (``YYYY-MM``), or of the current UTC month when None.
+
+    :raises ValueError: with a message fit for the command line.
+    """
+    if month is None:
+        today = utcnow().date()
+        return today.replace(day=1)
+    try:
+        parsed = dt.datetime.strptime(month, "%Y-%m")
+    except ValueError:
+        raise ValueError(f"expected YYYY-MM (e.g. 2026-01), got {month!r}") from None
+    if len(month) != 7:
+        raise ValueError(f"expected YYYY-MM (e.g. 2026-01), got {month!r}")
+    return parsed.date()
+
+
+def month_window(start: dt.date, timezone: str) -> tuple[dt.datetime, dt.datetime]:
+    """UTC instants of the local midnights that open ``start``'s month and the next."""
+    zone = ZoneInfo(timezone)
+    following = (start.replace(day=28) + dt.timedelta(days=4)).replace(day=1)
+    return (
+        dt.datetime.combine(start, dt.time(), zone).astimezone(dt.timezone.utc),
+        dt.datetime.combine(following, dt.time(), zone).astimezone(dt.timezone.utc),
+    )
+
+
+def build_report(
+    rt: Runtime, start: dt.date, billable: tuple[str, str] | None = None, tenant: str | None = None
+) -> dict[str, t.Any]:
+    """Tokens, cost and calls of the month opening at ``start``, by billable, provider, model and feature.
+
+    Money is a decimal string with 12 places; ``billable`` and ``tenant`` narrow
+    every section and the totals alike.
+    """
+    begin, end = month_window(start, rt.settings.timezone)
+    following = (start.replace(day=28) + dt.timedelta(days=4)).replace(day=1)
+    month = Filters(
+        start=start,
+        end=following - dt.timedelta(days=1),
+        zone=ZoneInfo(rt.settings.timezone),
+        billable=billable,
+        tenant=tenant,
+    )
+
+    def work(conn: sa.Connection) -> dict[str, t.Any]:
+        # The dashboard's sources: the smallest rollup that has the keys, and the ledger
+        # for the days written since the last ``aggregate`` run.
+        use = rt.settings.aggregation_tables
+        overall = sources(conn, month, use_rollups=use)
+        by_billable = sources(conn, month, use_rollups=use, by_billable=True)
+        report: dict[str, t.Any] = {"period": {"start": begin.isoformat(), "end": end.isoformat()}}
+        totals = _grouped(conn, overall, ())
+        report["totals"] = totals[0] if totals else _row({}, ())
+        for section, keys in GROUPS.items():
+            report[section] = _grouped(conn, by_billable if "billable_id" in keys else overall, keys)
+        return report
+
+    return rt.store.run(work, write=False)
+
+
+def _grouped(conn: sa.Connection, parts: list[Source], keys: tuple[str, ...]) -> list[dict[str, t.Any]]:
+    """Sum every source by ``keys`` (the rollups' empty strings read as None), biggest cost first."""
+    merged: dict[tuple[t.Any, ...], dict[str, int]] = {}
+    for source, where in parts:
+        columns = [source.c[k] for k in keys]
+        for row in conn.execute(sa.select(*columns, *measures(source)).where(*where).group_by(*columns)):
+            if not row.calls:
+                continue
+            key = tuple(None if v == _EMPTY else v for v in row[: len(keys)])
+            into = merged.setdefault(key, dict.fromkeys(MEASURES, 0))
+            for name, summed in _SUMMED.items():
+                into[name] += int(getattr(row, summed) or 0)
+    ordered = sorted(
+        merged.items(), key=lambda item: (-item[1]["total_cost"], -item[1]["total_tokens"], _sort(item[0]))
+    )
+    return [_row(dict(zip(keys, key, strict=True)), keys, sums) for key, sums in ordered]
+
+
+def _sort(key: tuple[t.Any, ...]) -> tuple[str, ...]:
+    return tuple("" if v is None else str(v) for v in key)
+
+
+def _row(labels: dict[str, t.Any], keys: tuple[str, ...], sums: dict[str, int] | None = None) -> dict[str, t.Any]:
+    sums = sums or dict.fromkeys(MEASURES, 0)
+    row = dict(labels)
+    if "billable_type" in keys:
+        row = {"billable": f"{labels['billable_type']}:{labels['billable_id']}", **row}
+    row.update({n: sums[n] for n in MEASURES if n != "total_cost"})
+    row["total_cost"] = money(sums["total_cost"])
+    return row
+
+
+def money(units: int) -> str:
+    """Pico-units as a plain decimal string with all 12 places (never an exponent)."""
+    return format(from_units(units), "f")
+
+
+# -- rendering --------------------------------------------------------------------------------
+
+_SECTION_TITLES = {
+    "by_billable": "By billable",
+    "by_provider": "By provider",
+    "by_model": "By model",
+    "by_feature": "By feature",
+}
+_CSV_KEYS = ("billable_type", "billable_id", "provider", "model", "feature")
+
+
+def render(report: dict[str, t.Any], fmt: str) -> str:
+    """The report as ``json`` (the machine contract), ``csv`` (one row per group) or a ``table``."""
+    if fmt == "json":
+        return json.dumps(report, indent=2)
+    if fmt == "csv":
+        return _csv(report)
+    if fmt == "table":
+        return _table(report)
+    raise ValueError(f"unknown report format {fmt!r}: use table, csv or json")
+
+
+def _csv(report: dict[str, t.Any]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["section", *_CSV_KEYS, *MEASURES])
+    sections = [("totals", [report["totals"]])] + [(s, report[s]) for s in GROUPS]
+    for section, rows in sections:
+        for row in rows:
+            keys = [_defuse(row.get(k)) for k in _CSV_KEYS]
+            writer.writerow([section, *keys, *(row[m] for m in MEASURES)])
+    return out.getvalue().rstrip("\n")
+
+
+def _defuse(value: t.Any) -> str:
+    """Neutralise spreadsheet formulas in free-text cells (CSV injection)."""
+    text = "" if value is None else str(value)
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def _table(report: dict[str, t.Any]) -> str:
+    period = report["period"]
+    lines = [f"Usage from {period['start']} to {period['end']}", ""]
+    lines += _aligned(["", *_HEADERS], [["Total", *_cells(report["totals"])]])
+    for section, keys in GROUPS.items():
+        lines += ["", _SECTION_TITLES[section]]
+        label = " / ".join(k for k in keys if k != "billable_type").replace("billable_id", "billable")
+        body = [[_label(row, keys), *_cells(row)] for row in report[section]]
+        lines += _aligned([label, *_HEADERS], body) if body else ["  (no usage)"]
+    return "\n".join(lines)
+
+
+_HEADERS = ["calls", "input", "output", "total tokens", "cost"]
+
+
+def _label(row: dict[str, t.Any], keys: tuple[str, ...]) -> str:
+    if "billable" in row:
+        return str(row["billable"])
+    return "/".join("(none)" if row[k] is None else str(row[k]) for k in keys)
+
+
+def _cells(row: dict[str, t.Any]) -> list[str]:
+    counts = [f"{row[m]:,}" for m in MEASURES if m != "total_cost"]
+    cost = row["total_cost"].rstrip("0")
+    whole, _, fraction = cost.partition(".")
+    return [*counts, f"{whole}.{fraction.ljust(2, '0')}"]
+
+
+def _aligned(header: list[str], body: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        return "  " + "  ".join([first, *(c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))]).rstrip()
+
+    return [line(header), *(line(r) for r in body)]
+
+
+def plans_table(rt: Runtime, now: dt.datetime | None = None) -> str:
+    """Every plan with its limits and how many billables are on it (ended subscriptions not counted)."""
+    at = now or utcnow()
+    active = sa.and_(
+        subs.c.plan_id == plans.c.id,
+        sa.or_(subs.c.ends_at.is_(None), subs.c.ends_at > at, subs.c.grace_period_ends_at > at),
+    )
+    count = sa.select(sa.func.count()).select_from(subs).where(active).scalar_subquery()
+    with rt.store.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(
+                plans.c.slug,
+                plans.c.name,
+                plans.c.token_limit,
+                sa.type_coerce(plans.c.cost_limit, sa.BigInteger).label("cost_units"),
+                plans.c.period,
+                plans.c.overage_price_per_1k_tokens,
+                plans.c.features,
+                plans.c.is_active,
+                count.label("subscribers"),
+            ).order_by(plans.c.slug)
+        ).all()
+    if not rows:
+        return "No plans yet."
+    body = [
+        [
+            row.slug,
+            row.name,
+            "unlimited" if row.token_limit is None else f"{row.token_limit:,}",
+            "unlimited" if row.cost_units is None else _plain(from_units(row.cost_units)),
+            row.period or rt.settings.period_type,
+            "-" if row.overage_price_per_1k_tokens is None else _plain(row.overage_price_per_1k_tokens),
+            ", ".join(row.features) if row.features else "all",
+            "yes" if row.is_active else "no",
+            str(row.subscribers),
+        ]
+        for row in rows
+    ]
+    header = ["slug", "name", "tokens", "cost", "period", "overage/1k", "features", "active", "subscribers"]
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *body])
+
+
+def _plain(amount: t.Any) -> str:
+    text = format(amount.normalize(), "f")
+    return text if "." in text else text + ".00"
