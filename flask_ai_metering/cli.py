@@ -17,6 +17,20 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
+from .errors import InvalidUsage
+from .ops import schema as migrations
+from .ops.health import validate
+from .ops.maintenance import cleanup
+from .ops.privacy import anonymize
+from .ops.privacy import forget
+from .ops.reconcile import reconcile
+from .ops.reports import build_report
+from .ops.reports import parse_month
+from .ops.reports import plans_table
+from .ops.reports import render
+from .queueing import flush_outbox
+from .reporting.rollups import aggregate
+
 cli = AppGroup("ai-metering", help="AI usage metering, quotas and billing.")
 
 
@@ -77,8 +91,6 @@ def expire_reservations_command() -> None:
 
     Safe to run from cron while traffic flows.
     """
-    from .queueing import flush_outbox
-
     released = _meter().expire_reservations()
     rt = _meter().runtime()
     # The safety net of queued recording: rows whose task was lost are written here.
@@ -90,8 +102,6 @@ def expire_reservations_command() -> None:
 @click.option("--fix", is_flag=True, help="Repair the drift found (counters are set from the ledger).")
 def reconcile_command(fix: bool) -> None:
     """Check counters against the ledger and reservations; exit 1 on drift (unless --fix)."""
-    from .ops.reconcile import reconcile
-
     problems = reconcile(_meter().runtime(), fix=fix)
     for problem in problems:
         click.echo(problem)
@@ -103,8 +113,6 @@ def reconcile_command(fix: bool) -> None:
 @cli.command("plans")
 def plans_command() -> None:
     """List the plans with their limits and subscriber counts."""
-    from .ops.reports import plans_table
-
     click.echo(plans_table(_meter().runtime()))
 
 
@@ -114,8 +122,6 @@ def plans_command() -> None:
 @click.option("--from-plan", help="Only move the billable if it is on this plan now.")
 def migrate_plan_command(billable: tuple[str, str], plan_slug: str, from_plan: str | None) -> None:
     """Move BILLABLE (TYPE:ID) to the plan PLAN_SLUG from now on (fires plan_changed)."""
-    from .errors import InvalidUsage
-
     try:
         _meter().subscribe(billable, plan_slug, from_plan=from_plan)
     except InvalidUsage as exc:
@@ -130,10 +136,6 @@ def migrate_plan_command(billable: tuple[str, str], plan_slug: str, from_plan: s
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 def report_command(month: str | None, billable: tuple[str, str] | None, tenant: str | None, fmt: str) -> None:
     """Tokens, cost and calls for a month, by billable, provider, model and feature."""
-    from .ops.reports import build_report
-    from .ops.reports import parse_month
-    from .ops.reports import render
-
     try:
         start = parse_month(month)
     except ValueError as exc:
@@ -144,8 +146,6 @@ def report_command(month: str | None, billable: tuple[str, str] | None, tenant: 
 @cli.command("validate")
 def validate_command() -> None:
     """Check configuration, database and data integrity; exit 1 with one line per problem."""
-    from .ops.health import validate
-
     problems = validate(current_app)
     for problem in problems:
         click.echo(problem)
@@ -159,8 +159,6 @@ def validate_command() -> None:
 @click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
 def cleanup_command(days: int | None, dry_run: bool) -> None:
     """Prune old usage, finished reservations and expired idempotency claims (never rollups)."""
-    from .ops.maintenance import cleanup
-
     with Progress("Pruning usage") as progress:
         counts = cleanup(_meter().runtime(), days=days, dry_run=dry_run, progress=progress)
     verb = "Would delete" if dry_run else "Deleted"
@@ -172,8 +170,6 @@ def cleanup_command(days: int | None, dry_run: bool) -> None:
 @click.option("--period", type=click.Choice(["day", "week", "month"]), default="day", show_default=True)
 def aggregate_command(period: str) -> None:
     """Fill the daily rollup tables from the ledger (incremental, safe to re-run)."""
-    from .reporting.rollups import aggregate
-
     with Progress("Aggregating usage") as progress:
         rows = aggregate(_meter().runtime(), period=period, progress=progress)
     _status(f"Aggregated {rows} rollup row(s).", fg="green")
@@ -201,8 +197,6 @@ def sync_overages_command(limit: int | None) -> None:
 @click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
 def forget_command(billable: tuple[str, str], dry_run: bool) -> None:
     """Delete a billable's usage and claims; keep financial records, anonymized."""
-    from .ops.privacy import forget
-
     for table, count in forget(_meter().runtime(), billable, dry_run=dry_run).items():
         click.echo(f"{'Would change' if dry_run else 'Changed'} {count} {table}")
 
@@ -212,8 +206,6 @@ def forget_command(billable: tuple[str, str], dry_run: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Say what would change; change nothing.")
 def anonymize_command(before: str, dry_run: bool) -> None:
     """Clear user, tenant and meta on usage older than --before."""
-    from .ops.privacy import anonymize
-
     try:
         day = dt.date.fromisoformat(before)
     except ValueError:
@@ -231,8 +223,6 @@ def db_group() -> None:
 @click.argument("revision", default="head")
 def db_upgrade(revision: str) -> None:
     """Upgrade the metering tables to REVISION (default: head)."""
-    from .ops import schema as migrations
-
     migrations.upgrade(_meter().runtime().store.engine, revision)
     _status(f"Metering schema at {migrations.current(_meter().runtime().store.engine)}.", fg="green")
 
@@ -241,8 +231,6 @@ def db_upgrade(revision: str) -> None:
 @click.argument("revision", default="-1")
 def db_downgrade(revision: str) -> None:
     """Downgrade the metering tables to REVISION (default: one step; 'base' drops them)."""
-    from .ops import schema as migrations
-
     migrations.downgrade(_meter().runtime().store.engine, revision)
     _status(f"Metering schema at {migrations.current(_meter().runtime().store.engine)}.", fg="green")
 
@@ -250,7 +238,5 @@ def db_downgrade(revision: str) -> None:
 @db_group.command("current")
 def db_current() -> None:
     """Print the metering schema's current revision."""
-    from .ops import schema as migrations
-
     revision = migrations.current(_meter().runtime().store.engine)
     click.echo(json.dumps({"current": revision, "head": migrations.head()}))

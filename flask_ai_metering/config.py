@@ -15,6 +15,7 @@ import typing as t
 from decimal import Decimal
 
 from .errors import ConfigurationError
+from .quota.periods import validate_period_settings
 
 if t.TYPE_CHECKING:
     from flask import Flask
@@ -224,8 +225,6 @@ class Settings:
     @classmethod
     def from_config(cls, config: t.Mapping[str, t.Any]) -> Settings:
         """Validate ``config`` and raise :class:`ConfigurationError` naming the bad key."""
-        from .quota.periods import validate_period_settings
-
         for key in _POSITIVE_INTS + (ConfigVars.PAYMENT_FAILURE_GRACE_PERIOD, ConfigVars.WARNING_THRESHOLD):
             value = config[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -247,7 +246,12 @@ class Settings:
             raise ConfigurationError(f"{ConfigVars.PROVIDERS} must be a dict, got {type(providers).__name__}")
         period_type = str(config[ConfigVars.PERIOD_TYPE]).lower()
         alignment = str(config[ConfigVars.PERIOD_ALIGNMENT]).lower()
-        validate_period_settings(period_type, alignment, config[ConfigVars.TIMEZONE])
+        validate_period_settings(
+            period_type,
+            alignment,
+            config[ConfigVars.TIMEZONE],
+            (ConfigVars.PERIOD_TYPE, ConfigVars.PERIOD_ALIGNMENT, ConfigVars.TIMEZONE),
+        )
         resolver = config[ConfigVars.TENANT_RESOLVER]
         if resolver is not None:
             resolver = import_string(resolver, ConfigVars.TENANT_RESOLVER)

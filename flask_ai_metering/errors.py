@@ -13,6 +13,8 @@ from werkzeug.exceptions import Forbidden
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import TooManyRequests
 
+from .headers import limit_headers
+
 if t.TYPE_CHECKING:
     from .quota.engine import LimitCheck
 
@@ -54,8 +56,6 @@ class _LimitResponse(HTTPException):
         return json.dumps(body)
 
     def get_headers(self, environ: t.Any = None, scope: t.Any = None) -> list[tuple[str, str]]:
-        from .headers import limit_headers
-
         headers = [("Content-Type", "application/json")]
         if self.check is not None:
             headers.extend(limit_headers(self.check, refused=True).items())

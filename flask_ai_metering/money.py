@@ -17,6 +17,8 @@ from decimal import InvalidOperation
 
 import sqlalchemy as sa
 
+from .errors import InvalidUsage
+
 #: Pico-units per currency unit: the resolution of every stored amount.
 UNITS_PER_UNIT = 10**12
 #: The smallest amount we keep: 10^-12 of the currency unit.
@@ -40,8 +42,6 @@ def parse_money(value: t.Any, field: str) -> Decimal:
     :raises InvalidUsage: naming ``field`` when the value is a float, not a number,
         not finite, or has more precision than 10^-12.
     """
-    from .errors import InvalidUsage
-
     if isinstance(value, bool) or isinstance(value, float):
         raise InvalidUsage(
             f"{field} must be a str, int or Decimal, not {type(value).__name__}"

@@ -11,11 +11,14 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from flask_ai_metering.config import ConfigVars
 from flask_ai_metering.errors import ConfigurationError
 from flask_ai_metering.errors import InvalidUsage
 from flask_ai_metering.quota.periods import Period
 from flask_ai_metering.quota.periods import period_for
 from flask_ai_metering.quota.periods import validate_period_settings
+
+KEYS = (ConfigVars.PERIOD_TYPE, ConfigVars.PERIOD_ALIGNMENT, ConfigVars.TIMEZONE)
 
 try:
     import hypothesis
@@ -227,13 +230,13 @@ def test_unknown_settings(settings: dict[str, str], message: str) -> None:
 
 
 def test_validate_period_settings_names_the_config_key() -> None:
-    validate_period_settings("weekly", "rolling", "America/New_York")
+    validate_period_settings("weekly", "rolling", "America/New_York", KEYS)
     with pytest.raises(ConfigurationError, match="^AI_METERING_PERIOD_TYPE must be one of .*got 'weakly'"):
-        validate_period_settings("weakly", "calendar", "UTC")
+        validate_period_settings("weakly", "calendar", "UTC", KEYS)
     with pytest.raises(ConfigurationError, match="^AI_METERING_PERIOD_ALIGNMENT must be one of"):
-        validate_period_settings("monthly", None, "UTC")
+        validate_period_settings("monthly", None, "UTC", KEYS)
     with pytest.raises(ConfigurationError, match="^AI_METERING_TIMEZONE must be an IANA timezone name"):
-        validate_period_settings("monthly", "calendar", "Europe/Nowhere")
+        validate_period_settings("monthly", "calendar", "Europe/Nowhere", KEYS)
 
 
 def test_next_and_previous_round_trip() -> None:

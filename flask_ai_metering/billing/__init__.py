@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import typing as t
 
+from ..config import ConfigVars
+from ..config import import_string
 from ..errors import ConfigurationError
 
 if t.TYPE_CHECKING:
@@ -66,9 +68,6 @@ class NullBillingDriver:
 
 def load_driver(spec: t.Any, store: Transactions, settings: Settings) -> BillingDriver:
     """Build the driver named by ``AI_METERING_BILLING_DRIVER``."""
-    from ..config import ConfigVars
-    from ..config import import_string
-
     if spec in (None, "", "null"):
         return NullBillingDriver(store, settings)
     if spec == "stripe":

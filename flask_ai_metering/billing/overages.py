@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from ..models import Overage
 from ..models import table
+from ..money import UNITS_PER_UNIT
 from ..money import round_money
 
 if t.TYPE_CHECKING:
@@ -88,7 +89,5 @@ def floor_minor(units: int, currency: str) -> int:
     cent not billed now stays in the running total and is billed once it adds up.
     Three-decimal currencies round down to a multiple of ten, as Stripe requires.
     """
-    from ..money import UNITS_PER_UNIT
-
     minor = units * minor_per_unit(currency) // UNITS_PER_UNIT
     return minor - minor % 10 if currency.lower() in THREE_DECIMAL_CURRENCIES else minor

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import typing as t
 
+from ..config import ConfigVars
 from ..errors import ConfigurationError
 from .sync import Claim
 from .sync import OverageSyncer
@@ -36,8 +37,6 @@ def make_client(settings: Settings) -> t.Any:
 
     :raises ConfigurationError: the key is missing or the ``stripe`` package is not installed.
     """
-    from ..config import ConfigVars
-
     if not settings.stripe_api_key:
         raise ConfigurationError(f"{ConfigVars.STRIPE_API_KEY} is required by the 'stripe' billing driver")
     try:

@@ -18,6 +18,7 @@ from decimal import Decimal
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
+from .. import signals
 from ..errors import CreditsInsufficient
 from ..errors import InvalidUsage
 from ..models import CreditTransaction
@@ -28,6 +29,9 @@ from ..money import from_units
 from ..money import parse_money
 from ..money import to_units
 from ..quota.policy import Billable
+from ..transactions import is_duplicate
+from ..validation import idempotency_key as check_key
+from ..validation import meta as check_meta
 
 if t.TYPE_CHECKING:
     from ..transactions import Transactions
@@ -214,10 +218,6 @@ class Wallet:
         return self._apply(-_positive_units(amount), reason, meta, idempotency_key)
 
     def _apply(self, units: int, reason: str, meta: dict[str, t.Any] | None, key: str | None) -> CreditTransaction:
-        from ..transactions import is_duplicate
-        from ..validation import idempotency_key as check_key
-        from ..validation import meta as check_meta
-
         key = check_key(key)
         meta = check_meta(meta, max_bytes=self.max_meta_bytes, sanitize=False)
         if not isinstance(reason, str) or len(reason) > 255:
@@ -268,8 +268,6 @@ class Wallet:
         return txn
 
     def _signal(self, units: int, balance_units: int, txn: CreditTransaction, reason: str) -> None:
-        from .. import signals
-
         signal = signals.credits_added if units > 0 else signals.credits_deducted
         signal.send(
             self._sender,

@@ -39,6 +39,7 @@ import typing as t
 import sqlalchemy as sa
 
 from .. import signals
+from ..config import ConfigVars
 from ..errors import ConfigurationError
 from ..models import Subscription
 from ..models import table
@@ -72,8 +73,6 @@ def handle_stripe_webhook(
     :raises ConfigurationError: no signing secret is configured.
     """
     import stripe
-
-    from ..config import ConfigVars
 
     rt: Runtime = meter_or_runtime.runtime() if hasattr(meter_or_runtime, "runtime") else meter_or_runtime
     secret = secret or rt.settings.stripe_webhook_secret

@@ -16,13 +16,13 @@ import typing as t
 
 import sqlalchemy as sa
 
+from .. import queueing
 from .. import signals
 from ..billing import wallets
 from ..billing.overages import record_overage
 from ..models import utcnow
 from ..money import from_units
 from ..money import to_units
-from .. import queueing
 from ..quota import engine as quota
 from .ledger import insert_usage
 from .ledger import released_key

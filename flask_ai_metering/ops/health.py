@@ -16,6 +16,7 @@ import typing as t
 
 import sqlalchemy as sa
 
+from ..billing import NullBillingDriver
 from ..config import DEFAULTS
 from ..config import Settings
 from ..config import unknown_keys
@@ -25,7 +26,9 @@ from ..models import Reservation
 from ..models import Subscription
 from ..models import Usage
 from ..models import utcnow
+from ..queueing import celery_for
 from . import schema as migrations
+from .reconcile import reconcile
 
 if t.TYPE_CHECKING:
     from flask import Flask
@@ -72,8 +75,6 @@ def _config(app: Flask) -> list[str]:
 
 def _runtime(app: Flask) -> tuple[Runtime, list[str]]:
     """The app's runtime; when its billing driver cannot load, one with the null driver and the reason."""
-    from ..billing import NullBillingDriver
-
     meter = app.extensions["ai_metering"]
     try:
         return meter.runtime(), []
@@ -102,8 +103,6 @@ def _database(rt: Runtime) -> list[str]:
 
 
 def _data(rt: Runtime) -> list[str]:
-    from .reconcile import reconcile
-
     now = utcnow()
     problems = [f"ledger: {line}" for line in reconcile(rt, now=now)]
     with rt.store.engine.connect() as conn:
@@ -181,8 +180,6 @@ def _stuck(conn: sa.Connection, rt: Runtime, now: dt.datetime) -> list[str]:
 
 def _broker(app: Flask) -> list[str]:
     from kombu.utils.url import maybe_sanitize_url
-
-    from ..queueing import celery_for
 
     celery = celery_for(app)
     try:

@@ -26,6 +26,7 @@ from ..models import Counter
 from ..models import Reservation
 from ..models import Usage
 from ..models import utcnow
+from .reconcile import PRUNED_BEFORE
 
 if t.TYPE_CHECKING:
     from ..reporting.rollups import Progress
@@ -60,7 +61,6 @@ def prune_cutoff(rt: Runtime, days: int | None, now: dt.datetime) -> dt.datetime
 
 def _mark_pruned(rt: Runtime, cutoff: dt.datetime) -> None:
     """Record that no usage before ``cutoff`` is kept, so ``reconcile`` checks only whole periods."""
-    from .reconcile import PRUNED_BEFORE
 
     def work(conn: sa.Connection) -> None:
         current = conn.execute(

@@ -28,6 +28,7 @@ from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 
+from ..metering.holds import release_reservation
 from ..models import TOKEN_COLUMNS
 from ..models import Counter
 from ..models import CreditWallet
@@ -116,8 +117,6 @@ def forget(rt: Runtime, billable: Billable, dry_run: bool = False) -> dict[str, 
 
 def _release_pending(rt: Runtime, conn: sa.Connection, billable: Billable) -> None:
     """Return the holds of calls in flight, as the sweeper would, before their rows go."""
-    from ..metering.holds import release_reservation
-
     now = utcnow()
     pending = conn.execute(
         sa.select(reservations.c.id).where(_of(reservations, billable), reservations.c.status == "pending")

@@ -19,10 +19,10 @@ import typing as t
 from ..metering.usage import Extracted
 from ..metering.usage import TokenCounts
 from ..metering.usage import check_token_count
-from . import TextTally
-from . import count
-from . import field
-from . import model_of
+from .base import TextTally
+from .base import count
+from .base import field
+from .base import model_of
 
 #: The usage fields a stream may report, each a running total that overwrites.
 _STREAM_COUNTS = (

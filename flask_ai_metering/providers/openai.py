@@ -13,10 +13,10 @@ import typing as t
 
 from ..metering.usage import Extracted
 from ..metering.usage import TokenCounts
-from . import TextTally
-from . import count
-from . import field
-from . import model_of
+from .base import TextTally
+from .base import count
+from .base import field
+from .base import model_of
 
 #: Responses API stream events whose ``delta`` is generated text (or tool arguments),
 #: counted for an estimate when a stream ends without usage.

@@ -31,7 +31,6 @@ from datetime import timezone as dt_timezone
 from zoneinfo import ZoneInfo
 from zoneinfo import ZoneInfoNotFoundError
 
-from ..config import ConfigVars
 from ..errors import ConfigurationError
 from ..errors import InvalidUsage
 
@@ -169,16 +168,22 @@ def period_for(
     return _rule(period_type, alignment, timezone, anchor).period_for(at)
 
 
-def validate_period_settings(period_type: t.Any, alignment: t.Any, timezone: t.Any) -> None:
+def validate_period_settings(
+    period_type: t.Any,
+    alignment: t.Any,
+    timezone: t.Any,
+    keys: tuple[str, str, str],
+) -> None:
     """Check the three period settings, naming the config key of a bad one.
 
-    :raises ConfigurationError: naming ``AI_METERING_PERIOD_TYPE``,
-        ``AI_METERING_PERIOD_ALIGNMENT`` or ``AI_METERING_TIMEZONE``.
+    :param keys: the config keys of the three settings, named in the error
+        (:class:`~flask_ai_metering.config.Settings` passes its ``ConfigVars``).
+    :raises ConfigurationError: naming the key of the bad setting.
     """
     try:
-        _choice(period_type, PERIOD_TYPES, ConfigVars.PERIOD_TYPE)
-        _choice(alignment, ALIGNMENTS, ConfigVars.PERIOD_ALIGNMENT)
-        _zone(timezone, ConfigVars.TIMEZONE)
+        _choice(period_type, PERIOD_TYPES, keys[0])
+        _choice(alignment, ALIGNMENTS, keys[1])
+        _zone(timezone, keys[2])
     except ValueError as exc:
         raise ConfigurationError(str(exc)) from None
 
