@@ -26,6 +26,10 @@ from .meter import CallSpec
 from .meter import Hold
 from .meter import Replay
 from .meter import Runtime
+from .metering.instrument import FeatureScope
+from .metering.instrument import current_scope_feature
+from .metering.instrument import instrument as _instrument
+from .metering.instrument import uninstrument as _uninstrument
 from .results import MeterResult
 from .storage import Store
 from .streams import wrap_stream
@@ -224,7 +228,10 @@ class AiMetering:
             model=v.name(kw.get("model"), "model"),
             user_id=attribution_id(user, "user"),
             tenant_id=attribution_id(tenant, "tenant"),
-            feature=v.feature(kw.get("feature"), strict=rt.settings.validate_features),
+            feature=v.feature(
+                current_scope_feature() if kw.get("feature") is None else kw["feature"],
+                strict=rt.settings.validate_features,
+            ),
             meta=v.meta(kw.get("meta"), max_bytes=rt.settings.max_meta_bytes, sanitize=rt.settings.sanitize_metadata),
             idempotency_key=v.idempotency_key(kw.get("idempotency_key")),
             max_tokens=v.max_tokens(kw.get("max_tokens")),
@@ -467,6 +474,21 @@ class AiMetering:
 
     def feature(self, feature: str) -> MeterCall:
         return self._builder().feature(feature)
+
+    def instrument(self, client: R, *, feature: str | None = None, billable: t.Any = None, tenant: t.Any = None) -> R:
+        """Meter an OpenAI or Anthropic client's calls with no change at the call site; returns ``client``.
+
+        See :mod:`flask_ai_metering.metering.instrument` for what is metered and how.
+        """
+        return t.cast(R, _instrument(self, client, feature=feature, billable=billable, tenant=tenant))
+
+    def uninstrument(self, client: R) -> R:
+        """Undo :meth:`instrument`: the client's SDK methods are its own again; returns ``client``."""
+        return t.cast(R, _uninstrument(client))
+
+    def scope(self, *, feature: str | None = None) -> FeatureScope:
+        """``with meter.scope(feature="chat"):`` (or as a decorator): the feature of calls made inside."""
+        return FeatureScope(feature)
 
 
 def _authenticated_user() -> t.Any:

@@ -1,0 +1,1 @@
+"""Metering: ways to meter AI calls."""
