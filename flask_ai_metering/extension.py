@@ -25,6 +25,10 @@ from .metering.calls import MeterCall
 from .metering.calls import MeterResult
 from .metering.fast_path import choose_fast_path
 from .metering.holds import expire_reservations
+from .metering.instrument import FeatureScope
+from .metering.instrument import current_scope_feature
+from .metering.instrument import instrument as _instrument
+from .metering.instrument import uninstrument as _uninstrument
 from .metering.spec import CallSpec
 from .metering.spec import build_spec
 from .metering.spec import check_record_options
@@ -50,6 +54,8 @@ if t.TYPE_CHECKING:
     from .quota.engine import LimitCheck
 
 log = logging.getLogger("flask_ai_metering")
+#: An SDK client given to :meth:`AiMetering.instrument`, returned as it came.
+Client = t.TypeVar("Client")
 
 
 class _AppState:
@@ -193,6 +199,8 @@ class AiMetering:
         if tenant is None and rt.settings.tenant_resolver is not None:
             tenant = rt.settings.tenant_resolver()
         billable = self.resolve_billable(options.pop("billable", None))
+        if options.get("feature") is None:
+            options["feature"] = current_scope_feature()
         return build_spec(rt, billable, user=user, tenant=tenant, **options)
 
     # -- metering ----------------------------------------------------------------------
@@ -318,6 +326,23 @@ class AiMetering:
 
     def feature(self, feature: str) -> MeterCall:
         return self._builder().feature(feature)
+
+    def instrument(
+        self, client: Client, *, feature: str | None = None, billable: t.Any = None, tenant: t.Any = None
+    ) -> Client:
+        """Meter an OpenAI or Anthropic client's calls with no change at the call site; returns ``client``.
+
+        See :mod:`flask_ai_metering.metering.instrument` for what is metered and how.
+        """
+        return t.cast(Client, _instrument(self, client, feature=feature, billable=billable, tenant=tenant))
+
+    def uninstrument(self, client: Client) -> Client:
+        """Undo :meth:`instrument`: the client's SDK methods are its own again; returns ``client``."""
+        return t.cast(Client, _uninstrument(client))
+
+    def scope(self, *, feature: str | None = None) -> FeatureScope:
+        """``with meter.scope(feature="chat"):`` (or as a decorator): the feature of calls made inside."""
+        return FeatureScope(feature)
 
 
 def _authenticated_user() -> t.Any:

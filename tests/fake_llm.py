@@ -114,7 +114,9 @@ def _chat(body: dict[str, t.Any], model: str, u: OpenAIUsage, pieces: list[str])
     return events
 
 
-def _responses(body: dict[str, t.Any], model: str, u: OpenAIUsage, pieces: list[str]) -> _Reply:
+def _responses(
+    body: dict[str, t.Any], model: str, u: OpenAIUsage, pieces: list[str], *, item_events: bool = False
+) -> _Reply:
     text = {"type": "output_text", "text": "".join(pieces), "annotations": []}
     message = {"type": "message", "id": "msg_fake", "status": "completed", "role": "assistant"}
     usage = {
@@ -148,9 +150,21 @@ def _responses(body: dict[str, t.Any], model: str, u: OpenAIUsage, pieces: list[
 
     started = {**response, "status": "in_progress", "output": [], "usage": None}
     delta = {"item_id": "msg_fake", "output_index": 0, "content_index": 0, "logprobs": []}
+    if not item_events:
+        return [
+            event(type="response.created", response=started),
+            *(event(type="response.output_text.delta", delta=p, **delta) for p in pieces),
+            event(type="response.completed", response=response),
+        ]
+    # As the real API does, which the SDK's responses.stream() helper needs to build its snapshot.
+    where = {"output_index": 0}
+    part = {"item_id": "msg_fake", "output_index": 0, "content_index": 0}
     return [
         event(type="response.created", response=started),
+        event(type="response.output_item.added", item={**message, "status": "in_progress", "content": []}, **where),
+        event(type="response.content_part.added", part={**text, "text": ""}, **part),
         *(event(type="response.output_text.delta", delta=p, **delta) for p in pieces),
+        event(type="response.output_item.done", item={**message, "content": [text]}, **where),
         event(type="response.completed", response=response),
     ]
 
@@ -254,6 +268,9 @@ class FakeLLMServer:
             self.chunk_text = "hello "
             #: Seconds to wait before each streamed event after the first.
             self.chunk_delay = 0.0
+            #: Responses API streams also send ``output_item``/``content_part`` events, as the
+            #: real API does (the SDK's ``responses.stream()`` helper needs them).
+            self.responses_item_events = False
             #: Request model -> the model answered (e.g. a dated name); others are echoed.
             self.model_map: dict[str, str] = {}
             self._openai_queue: collections.deque[OpenAIUsage] = collections.deque()
@@ -351,7 +368,10 @@ class FakeLLMServer:
                 reply = _messages(body, model, usage_a, pieces)
             elif request.path in _OPENAI_ROUTES:
                 usage_o = self._openai_queue.popleft() if self._openai_queue else self.openai_usage
-                reply = _OPENAI_ROUTES[request.path](body, model, usage_o, pieces)
+                if request.path == "/v1/responses":
+                    reply = _responses(body, model, usage_o, pieces, item_events=self.responses_item_events)
+                else:
+                    reply = _OPENAI_ROUTES[request.path](body, model, usage_o, pieces)
             else:
                 return 404, _error(404, f"No route {request.path}", anthropic=False), None
             drop = self._drops.popleft() if isinstance(reply, list) and self._drops else None
