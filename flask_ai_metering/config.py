@@ -84,6 +84,13 @@ class ConfigVars:
     DEFAULT_MAX_TOKENS = "AI_METERING_DEFAULT_MAX_TOKENS"
     #: Percentage of a limit at which ``limit_approaching`` fires.
     WARNING_THRESHOLD = "AI_METERING_WARNING_THRESHOLD"
+    #: The most tokens of one kind a provider may report for one call; a larger count is
+    #: clamped to it and the row flagged ``estimated`` (the reported figure kept in meta).
+    MAX_REPORTED_TOKENS = "AI_METERING_MAX_REPORTED_TOKENS"
+    #: Append-only file keeping spent usage the database could not take (default:
+    #: ``ai_metering_journal.jsonl`` in the app's instance folder); ``expire-reservations``
+    #: commits what it holds.
+    JOURNAL_PATH = "AI_METERING_JOURNAL_PATH"
     #: Secret key of the Stripe billing driver.
     STRIPE_API_KEY = "AI_METERING_STRIPE_API_KEY"
     #: Base URL of the Stripe API (set only to point at a local Stripe server).
@@ -124,6 +131,8 @@ DEFAULTS: dict[str, t.Any] = {
     ConfigVars.RESERVATION_TTL: 60,
     ConfigVars.DEFAULT_MAX_TOKENS: 4096,
     ConfigVars.WARNING_THRESHOLD: 80,
+    ConfigVars.MAX_REPORTED_TOKENS: 100_000_000,
+    ConfigVars.JOURNAL_PATH: None,
     ConfigVars.STRIPE_API_KEY: None,
     ConfigVars.STRIPE_API_BASE: None,
     ConfigVars.STRIPE_WEBHOOK_SECRET: None,
@@ -140,6 +149,7 @@ _POSITIVE_INTS = (
     ConfigVars.MAX_META_BYTES,
     ConfigVars.RESERVATION_TTL,
     ConfigVars.DEFAULT_MAX_TOKENS,
+    ConfigVars.MAX_REPORTED_TOKENS,
 )
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -218,6 +228,8 @@ class Settings:
     reservation_ttl: int
     default_max_tokens: int
     warning_threshold: int
+    max_reported_tokens: int
+    journal_path: str | None
     stripe_api_key: str | None
     stripe_api_base: str | None
     stripe_webhook_secret: str | None
@@ -287,6 +299,8 @@ class Settings:
             reservation_ttl=config[ConfigVars.RESERVATION_TTL],
             default_max_tokens=config[ConfigVars.DEFAULT_MAX_TOKENS],
             warning_threshold=config[ConfigVars.WARNING_THRESHOLD],
+            max_reported_tokens=config[ConfigVars.MAX_REPORTED_TOKENS],
+            journal_path=config[ConfigVars.JOURNAL_PATH] or None,
             stripe_api_key=config[ConfigVars.STRIPE_API_KEY],
             stripe_api_base=config[ConfigVars.STRIPE_API_BASE],
             stripe_webhook_secret=config[ConfigVars.STRIPE_WEBHOOK_SECRET],

@@ -24,7 +24,6 @@ from .metering import recording
 from .metering.calls import MeterCall
 from .metering.calls import MeterResult
 from .metering.fast_path import choose_fast_path
-from .metering.holds import expire_reservations
 from .metering.instrument import FeatureScope
 from .metering.instrument import current_scope_feature
 from .metering.instrument import instrument as _instrument
@@ -32,6 +31,7 @@ from .metering.instrument import uninstrument as _uninstrument
 from .metering.spec import CallSpec
 from .metering.spec import build_spec
 from .metering.spec import check_record_options
+from .metering.sweeper import expire_reservations
 from .metering.usage import TokenCounts
 from .ops.schema import exclude_from_app_migrations
 from .pricing import PriceBook
@@ -249,7 +249,7 @@ class AiMetering:
         return recording.record_one(rt, self._spec(rt, usage=usage, **options), occurred_at)
 
     def record_batch(self, rows: t.Iterable[t.Mapping[str, t.Any]]) -> list[MeterResult]:
-        """Record many usages, ``AI_METERING_BATCH_SIZE`` rows per transaction.
+        """Record many usages in one transaction: all of them or none.
 
         Every row is validated first: one bad row raises :class:`InvalidUsage`
         (naming its index) and nothing is recorded.

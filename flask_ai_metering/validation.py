@@ -123,9 +123,14 @@ def billing_mode(value: t.Any) -> str | None:
 
 
 def max_tokens(value: t.Any) -> int | None:
+    return token_count(value, "max_tokens")
+
+
+def token_count(value: t.Any, field: str) -> int | None:
+    """An optional token count, refused (naming ``field``) unless a real ``int`` in range."""
     if value is None:
         return None
-    return check_token_count(value, "max_tokens")
+    return check_token_count(value, field)
 
 
 def meta(value: t.Any, *, max_bytes: int, sanitize: bool) -> dict[str, t.Any] | None:

@@ -30,6 +30,7 @@ from flask_ai_metering import AiMetering
 from flask_ai_metering import CreditsInsufficient
 from flask_ai_metering.metering import commits
 from flask_ai_metering.metering import holds
+from flask_ai_metering.metering import sweeper
 from flask_ai_metering.metering.spec import CallSpec
 from flask_ai_metering.metering.spec import Hold
 from flask_ai_metering.metering.usage import Extracted
@@ -162,7 +163,7 @@ def make_machine(app: Flask, meter: AiMetering, overdraft: bool) -> type[RuleBas
         def expire(self) -> None:
             later = utcnow() + dt.timedelta(seconds=self.rt.settings.reservation_ttl + 1)
             # Other examples' holds may be pending too (a failed example leaves them): at least ours.
-            assert holds.expire_reservations(self.rt, now=later) >= len(self.pending)
+            assert sweeper.expire_reservations(self.rt, now=later) >= len(self.pending)
             self.held = 0
             self.expired.extend(self.pending)
             self.pending.clear()

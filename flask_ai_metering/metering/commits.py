@@ -12,7 +12,10 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
+import logging
+import time
 import typing as t
+from types import SimpleNamespace
 
 import sqlalchemy as sa
 
@@ -20,15 +23,23 @@ from .. import queueing
 from .. import signals
 from ..billing import wallets
 from ..billing.overages import record_overage
+from ..errors import AiMeteringError
 from ..models import utcnow
 from ..money import from_units
 from ..money import to_units
 from ..quota import engine as quota
+from ..quota.policy import resolve_policy
+from .ledger import from_payload
 from .ledger import insert_usage
+from .ledger import normalised_model
 from .ledger import released_key
 from .ledger import reservations
 from .ledger import to_payload
+from .ledger import usage_from_row
+from .ledger import usage_table
 from .ledger import usage_values
+from .safekeeping import keep
+from .spec import Hold
 from .spec import Recorded
 from .usage import PricedUsage
 
@@ -37,8 +48,13 @@ if t.TYPE_CHECKING:
     from ..quota.policy import Policy
     from ..runtime import Runtime
     from .spec import CallSpec
-    from .spec import Hold
     from .usage import Extracted
+    from .usage import TokenCounts
+
+log = logging.getLogger("flask_ai_metering")
+
+#: Attempts of a commit after the provider answered, each on a fresh connection.
+COMMIT_ATTEMPTS = 3
 
 
 @dataclasses.dataclass
@@ -63,35 +79,99 @@ def commit(
     duration_ms: int | None = None,
     occurred_at: dt.datetime | None = None,
 ) -> Recorded:
-    """Record the actual usage against the hold; announce it once durable."""
-    model = extracted.model or spec.model
-    tokens = extracted.tokens
+    """Record the actual usage against the hold; announce it once durable.
+
+    The provider has answered, so the usage is owed: a failed write is retried on
+    a fresh connection, and one that still fails is kept (:mod:`.safekeeping`) for
+    ``expire-reservations`` to commit. The caller gets its response either way.
+    """
+    model = normalised_model(extracted.model) or spec.model
+    tokens, clamped = clamp_counts(extracted.tokens, rt.settings.max_reported_tokens)
+    estimated = extracted.estimated or bool(clamped)
     at = occurred_at or utcnow()
     costs = rt.prices.cost(spec.provider, model, tokens, at)
     cost_units = to_units(costs.total_cost)
-    values = usage_values(
-        spec, tokens, costs, model, at, estimated=extracted.estimated, hold=hold, duration_ms=duration_ms
-    )
-    fast = rt.fast.try_commit(rt, hold, values, cost_units)
-    if fast is not None:
-        usage_id, state = fast
-        effects = Effects(quota.limit_check(hold.policy, state, warning_threshold=rt.settings.warning_threshold))
-        # Its own statement, after the commit: retrying it must not re-run the commit.
-        if hold.policy.limited and effects.check.approaching:
-            if rt.store.run(functools.partial(quota.mark_approaching, counter_id=hold.counter_id), autocommit=True):
-                effects.approaching.append(effects.check)
-    else:
-        usage_id, effects = rt.store.run(functools.partial(_commit_portably, rt, hold, values, cost_units))
-    if usage_id is None:  # queued: the row waits in the outbox for the publisher thread
+    values = usage_values(spec, tokens, costs, model, at, estimated=estimated, hold=hold, duration_ms=duration_ms)
+    if clamped:
+        values["meta"] = {**(values["meta"] or {}), "ai_metering_clamped": clamped}
+    usage = PricedUsage.of(tokens, costs, provider=spec.provider, model=model, estimated=estimated)
+    try:
+        usage_id, effects = _write(rt, hold, values, cost_units)
+    except Exception as error:
+        if isinstance(error, AiMeteringError):
+            raise
+        where = keep(rt, hold.reservation_id, values)
+        log.error(
+            "could not commit reservation %s's usage (%s); kept in %s for expire-reservations",
+            hold.reservation_id,
+            type(error).__name__,
+            where,
+        )
+        return Recorded(usage, None, None)
+    if usage_id is None and rt.settings.queue_recording:  # the row waits in the outbox
         queueing.enqueue_usage(rt, hold.reservation_id)
-    usage = PricedUsage.of(tokens, costs, provider=spec.provider, model=model, estimated=extracted.estimated)
     announce(rt, spec.billable, usage, usage_id, spec.feature, effects)
     return Recorded(usage, usage_id, effects.check)
 
 
+def _write(rt: Runtime, hold: Hold, values: dict[str, t.Any], cost_units: int) -> tuple[int | None, Effects]:
+    """The commit's transaction, retried on a fresh connection when the database fails it.
+
+    A retry is safe: the reservation's status changes once, and a retry that finds
+    its earlier attempt committed returns that outcome instead of writing again.
+    """
+    for attempt in range(COMMIT_ATTEMPTS):
+        try:
+            if attempt == 0:
+                fast = _write_fast(rt, hold, values, cost_units)
+                if fast is not None:
+                    return fast
+            work = functools.partial(_commit_portably, rt, hold, values, cost_units, retry=attempt > 0)
+            return rt.store.run(work)
+        except Exception as error:
+            if isinstance(error, AiMeteringError) or attempt == COMMIT_ATTEMPTS - 1:
+                raise
+            log.warning(
+                "commit of reservation %s failed (%s); retrying on a fresh connection",
+                hold.reservation_id,
+                type(error).__name__,
+            )
+            # A dead server leaves every pooled connection dead: start the pool afresh.
+            rt.store.engine.dispose(close=False)
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _write_fast(
+    rt: Runtime, hold: Hold, values: dict[str, t.Any], cost_units: int
+) -> tuple[int | None, Effects] | None:
+    fast = rt.fast.try_commit(rt, hold, values, cost_units)
+    if fast is None:
+        return None
+    usage_id, state = fast
+    effects = Effects(quota.limit_check(hold.policy, state, warning_threshold=rt.settings.warning_threshold))
+    # Its own statement, after the commit: retrying it must not re-run the commit.
+    if hold.policy.limited and effects.check.approaching:
+        if rt.store.run(functools.partial(quota.mark_approaching, counter_id=hold.counter_id), autocommit=True):
+            effects.approaching.append(effects.check)
+    return usage_id, effects
+
+
+def clamp_counts(tokens: TokenCounts, ceiling: int) -> tuple[TokenCounts, dict[str, int]]:
+    """Counts no larger than ``ceiling`` each, and the reported ones that were larger."""
+    over = {f.name: getattr(tokens, f.name) for f in dataclasses.fields(tokens) if getattr(tokens, f.name) > ceiling}
+    if not over:
+        return tokens, {}
+    return dataclasses.replace(tokens, **{name: ceiling for name in over}), over
+
+
 def _commit_portably(
-    rt: Runtime, hold: Hold, values: dict[str, t.Any], cost_units: int, conn: sa.Connection
+    rt: Runtime, hold: Hold, values: dict[str, t.Any], cost_units: int, conn: sa.Connection, *, retry: bool = False
 ) -> tuple[int | None, Effects]:
+    if retry:
+        done = _recorded_before(rt, hold, conn)
+        if done is not None:
+            return done
     at = values["occurred_at"]
     total_tokens = values["total_tokens"]
     won = quota.settle_reservation(conn, hold.reservation_id, "committed", at, keep_key=True)
@@ -133,6 +213,49 @@ def _commit_portably(
     return usage_id, effects
 
 
+def _recorded_before(rt: Runtime, hold: Hold, conn: sa.Connection) -> tuple[int | None, Effects] | None:
+    """The outcome of an earlier attempt of this commit that did reach the database, if one did."""
+    status = conn.execute(sa.select(reservations.c.status).where(reservations.c.id == hold.reservation_id)).scalar()
+    usage_id = conn.execute(
+        sa.select(usage_table.c.id).where(usage_table.c.reservation_id == hold.reservation_id)
+    ).scalar()
+    if status != "committed" and usage_id is None:
+        return None
+    state = quota.counter_state(conn, hold.counter_id)
+    return usage_id, Effects(quota.limit_check(hold.policy, state, warning_threshold=rt.settings.warning_threshold))
+
+
+def commit_kept(
+    rt: Runtime, conn: sa.Connection, reservation_id: int, payload: dict[str, t.Any]
+) -> tuple[int | None, Effects] | None:
+    """Commit usage that :func:`.safekeeping.keep` kept for ``reservation_id``; None if it is recorded already.
+
+    The hold is rebuilt from the reservation, the policy read for the time the call
+    happened; the same transaction as a live commit then records it (a hold the
+    sweeper already released only adds the usage).
+    """
+    values = from_payload(payload)
+    settled = quota.held_by(conn, reservation_id)
+    billable = (values["billable_type"], values["billable_id"])
+    policy = resolve_policy(conn, billable, values["occurred_at"], rt.settings)
+    hold = Hold(
+        reservation_id,
+        settled.counter_id,
+        policy,
+        values["billing_mode"],
+        settled.tokens,
+        settled.cost_units,
+        settled.wallet_id,
+        settled.credit_units,
+    )
+    if _recorded_before(rt, hold, conn) is not None:
+        return None
+    usage_id, effects = _commit_portably(rt, hold, values, to_units(values["total_cost"]), conn)
+    if not rt.settings.queue_recording:
+        conn.execute(sa.update(reservations).where(reservations.c.id == reservation_id).values(payload=None))
+    return usage_id, effects
+
+
 def apply_usage_effects(
     rt: Runtime,
     conn: sa.Connection,
@@ -157,6 +280,13 @@ def apply_usage_effects(
         if overage is not None:
             effects.overages.append(overage)
     return effects
+
+
+def announce_kept(rt: Runtime, payload: dict[str, t.Any], usage_id: int | None, effects: Effects) -> None:
+    """Announce usage committed from what was kept, as its live commit would have."""
+    values = from_payload(payload)
+    usage = usage_from_row(SimpleNamespace(**values))
+    announce(rt, (values["billable_type"], values["billable_id"]), usage, usage_id, values["feature"], effects)
 
 
 def announce(

@@ -170,19 +170,3 @@ def release_reservation(
     if settled.wallet_id is not None and settled.credit_units:
         wallets.release(conn, settled.wallet_id, settled.credit_units)
     return True
-
-
-def expire_reservations(rt: Runtime, *, now: dt.datetime | None = None, batch: int = 500) -> int:
-    """Release every pending reservation past its expiry; safe beside live traffic."""
-    total = 0
-    while True:
-        seen, released = rt.store.run(functools.partial(_expire_batch, rt, now, batch))
-        total += released
-        if seen < batch:
-            return total
-
-
-def _expire_batch(rt: Runtime, now: dt.datetime | None, batch: int, conn: sa.Connection) -> tuple[int, int]:
-    at = now or utcnow()
-    ids = quota.pending_expired(conn, at, batch)
-    return len(ids), sum(release_reservation(rt, conn, rid, "expired", at) for rid in ids)

@@ -549,13 +549,15 @@ class Instrumentation:
         if kind == "chat":
             cap *= max(_count(request.get("n")) or 1, 1)
         model = _given(request.get("model"))
+        prompt = estimate_prompt_tokens(kind, request)
         return {
             "billable": self.billable,
             "tenant": self.tenant,
             "feature": current_scope_feature() or self.feature,
             "provider": self.provider,
             "model": model if isinstance(model, str) else None,
-            "max_tokens": estimate_prompt_tokens(kind, request) + cap,
+            "max_tokens": prompt + cap,
+            "prompt_tokens_estimate": prompt,
             "idempotency_key": idempotency_key_of(_given(request.get("extra_headers"))),
         }
 

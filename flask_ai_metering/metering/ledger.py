@@ -34,6 +34,8 @@ usage_table = table(UsageRow)
 reservations = table(Reservation)
 
 _MONEY_FIELDS = ("input_cost", "output_cost", "total_cost")
+#: The longest model name the ledger stores.
+_MODEL_LENGTH: int = getattr(usage_table.c.model.type, "length", None) or 150
 _INSERT_USAGE = sa.insert(usage_table)
 
 
@@ -74,6 +76,14 @@ def usage_values(
         "reservation_id": hold.reservation_id if hold else None,
         "occurred_at": at,
     }
+
+
+def normalised_model(model: str | None) -> str | None:
+    """A provider-reported model name the ledger can store: no control characters, cut to the column."""
+    if not model:
+        return None
+    cleaned = "".join(ch for ch in model if ch.isprintable()).strip()
+    return cleaned[:_MODEL_LENGTH] or None
 
 
 def insert_usage(conn: sa.Connection, values: dict[str, t.Any]) -> int:

@@ -9,11 +9,13 @@ in a worker thread so the event loop never waits on them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import typing as t
 
 from .. import signals
+from ..providers.base import response_text
 from ..quota.leases import keeper
 from ..quota.standing import current_check
 from .calls import MeterResult
@@ -22,6 +24,7 @@ from .holds import release
 from .holds import reserve
 from .spec import Hold
 from .spec import Replay
+from .streams import CHARS_PER_TOKEN
 from .streams import wrap_stream
 from .usage import Extracted
 from .usage import TokenCounts
@@ -29,6 +32,7 @@ from .usage import TokenCounts
 if t.TYPE_CHECKING:
     from ..runtime import Runtime
     from .spec import CallSpec
+    from .spec import Recorded
 
 log = logging.getLogger("flask_ai_metering")
 
@@ -109,7 +113,7 @@ def finish(rt: Runtime, spec: CallSpec, hold: Hold, response: t.Any, started: fl
     try:
         extracted = provider.extract(response)
         if extracted is None:
-            extracted = manual_usage(spec)
+            extracted = manual_usage(spec, response)
     except BaseException as error:
         failed(rt, spec, hold, error)
         raise
@@ -128,20 +132,38 @@ class _StreamCommit:
         self.result.usage, self.result.limit, self.result.usage_id = recorded.usage, recorded.check, recorded.usage_id
 
 
-def _commit(rt: Runtime, spec: CallSpec, hold: Hold, extracted: Extracted, started: float) -> t.Any:
+def _commit(rt: Runtime, spec: CallSpec, hold: Hold, extracted: Extracted, started: float) -> Recorded:
     duration = int((time.perf_counter() - started) * 1000)
     try:
-        return commit(rt, spec, hold, extracted, duration_ms=duration)
+        return commit(rt, spec, hold, owed(extracted, spec, hold), duration_ms=duration)
     finally:
         keeper.drop(hold.reservation_id)
 
 
-def manual_usage(spec: CallSpec) -> Extracted:
-    """The usage of a response that carried none: ``usage=`` if given, else an estimated zero."""
+def manual_usage(spec: CallSpec, response: t.Any = None) -> Extracted:
+    """The usage of a response that carried none: ``usage=`` if given, else an estimate from its text."""
     if spec.usage is not None:
         return Extracted(tokens=spec.usage, model=spec.model)
+    output = -(-len(response_text(response)) // CHARS_PER_TOKEN)
     log.warning(
-        "the %s response carried no usage and no usage= was given; recording an estimated zero",
+        "the %s response carried no usage and no usage= was given; recording an estimate",
         spec.provider,
     )
-    return Extracted(tokens=TokenCounts(), model=spec.model, estimated=True)
+    return Extracted(tokens=TokenCounts(output_tokens=output), model=spec.model, estimated=True)
+
+
+def owed(extracted: Extracted, spec: CallSpec, hold: Hold) -> Extracted:
+    """An estimate never charges less than the prompt plus the output seen.
+
+    A call that reached the provider but reported no input (an abandoned stream, a
+    response without usage) is charged the caller's ``prompt_tokens_estimate``, or
+    else the rest of its hold: ``max_tokens`` is the call's whole budget, so the
+    prompt was at most that. Never 0/0.
+    """
+    if not extracted.estimated or extracted.tokens.input_tokens:
+        return extracted
+    output = extracted.tokens.output_tokens
+    prompt = spec.prompt_tokens_estimate if spec.prompt_tokens_estimate is not None else max(hold.tokens - output, 0)
+    if not prompt:
+        return extracted
+    return dataclasses.replace(extracted, tokens=dataclasses.replace(extracted.tokens, input_tokens=prompt))

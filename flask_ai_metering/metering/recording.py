@@ -41,12 +41,20 @@ if t.TYPE_CHECKING:
     from ..runtime import Runtime
 
 
+#: How far ahead of this server's clock ``occurred_at`` may be (another server's clock skew).
+_SKEW = dt.timedelta(hours=1)
+
+
 def _when(occurred_at: t.Any, field: str) -> dt.datetime:
+    """A validated ``occurred_at``: aware, and not in the future (recorded usage already happened)."""
     if occurred_at is None:
         return utcnow()
     if not isinstance(occurred_at, dt.datetime) or occurred_at.tzinfo is None:
-        raise InvalidUsage(f"{field} must be a timezone-aware datetime, got {occurred_at!r}")
-    return occurred_at.astimezone(dt.timezone.utc)
+        raise InvalidUsage(f"{field} must be a timezone-aware datetime, got {type(occurred_at).__name__}")
+    at = occurred_at.astimezone(dt.timezone.utc)
+    if at > utcnow() + _SKEW:
+        raise InvalidUsage(f"{field} is in the future ({at.isoformat()}): record usage that already happened")
+    return at
 
 
 @dataclasses.dataclass
@@ -120,10 +128,11 @@ def record_one(rt: Runtime, spec: CallSpec, occurred_at: t.Any) -> MeterResult:
 
 
 def record_many(rt: Runtime, items: list[tuple[CallSpec, t.Any]]) -> list[MeterResult]:
-    """Record rows in chunks of ``AI_METERING_BATCH_SIZE``, one transaction each.
+    """Record every row in one transaction: all of them or none.
 
-    Keys already in the ledger are replayed, not written; a key given twice in
-    the batch is refused before anything is written.
+    Every row is validated before anything is written; an error while writing
+    names its row and rolls the whole batch back. Keys already in the ledger are
+    replayed, not written; a key given twice in the batch is refused.
     """
     prepared = [(spec, _when(when, f"rows[{i}].occurred_at")) for i, (spec, when) in enumerate(items)]
     seen: set[tuple[str, str, str, str]] = set()
@@ -133,28 +142,30 @@ def record_many(rt: Runtime, items: list[tuple[CallSpec, t.Any]]) -> list[MeterR
             if key in seen:
                 raise InvalidUsage(f"rows[{index}].idempotency_key {spec.idempotency_key!r} appears twice")
             seen.add(key)
-    results: list[MeterResult] = []
-    size = rt.settings.batch_size
-    for start in range(0, len(prepared), size):
-        chunk = prepared[start : start + size]
-        outcome = rt.store.run(functools.partial(_write_chunk, rt, chunk))
-        results.extend(item if isinstance(item, MeterResult) else item.announce(rt) for item in outcome)
-    return results
+    outcome = rt.store.run(functools.partial(_write_chunk, rt, prepared))
+    return [item if isinstance(item, MeterResult) else item.announce(rt) for item in outcome]
 
 
 def _write_chunk(
     rt: Runtime, chunk: list[tuple[CallSpec, dt.datetime]], conn: sa.Connection
 ) -> list[MeterResult | _Written]:
-    """One transaction of a batch: replay keys already recorded, write the rest."""
+    """The batch's transaction: replay keys already recorded, write the rest."""
     existing = _existing_keys(conn, [spec for spec, _ in chunk])
     out: list[MeterResult | _Written] = []
-    for spec, at in chunk:
+    for index, (spec, at) in enumerate(chunk):
         key = None if spec.idempotency_key is None else (*spec.billable, spec.scope, spec.idempotency_key)
         if key in existing:
             usage, usage_id = existing[key]
             out.append(MeterResult(None, usage, None, replayed=True, usage_id=usage_id))
-        else:
+            continue
+        try:
             out.append(_write(rt, conn, spec, at))
+        except InvalidUsage as error:
+            raise InvalidUsage(f"rows[{index}]: {error}") from None
+        except Exception as error:
+            if hasattr(error, "add_note"):  # Python 3.11+
+                error.add_note(f"while recording rows[{index}]; no row of the batch was recorded")
+            raise
     return out
 
 

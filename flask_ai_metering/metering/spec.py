@@ -45,6 +45,8 @@ class CallSpec:
     max_tokens: int | None = None
     usage: TokenCounts | None = None
     billing_mode: str | None = None
+    #: The prompt's size as the caller estimates it, charged when the provider reports no usage.
+    prompt_tokens_estimate: int | None = None
 
     @property
     def scope(self) -> str:
@@ -79,9 +81,11 @@ class Recorded:
     """A committed call's usage and where its billable stands after it."""
 
     usage: PricedUsage
-    #: None when the row was queued (``AI_METERING_QUEUE_RECORDING``) and is not written yet.
+    #: None when the row was queued (``AI_METERING_QUEUE_RECORDING``) or kept for later
+    #: (the database failed the commit), and is not written yet.
     usage_id: int | None
-    check: LimitCheck
+    #: None when the usage was kept for later: where the billable stands is not known then.
+    check: LimitCheck | None
 
 
 def build_spec(
@@ -111,6 +115,7 @@ def build_spec(
         max_tokens=v.max_tokens(kw.get("max_tokens")),
         usage=usage,
         billing_mode=v.billing_mode(kw.get("billing_mode")),
+        prompt_tokens_estimate=v.token_count(kw.get("prompt_tokens_estimate"), "prompt_tokens_estimate"),
     )
 
 

@@ -27,6 +27,30 @@ def model_of(obj: t.Any) -> str | None:
     return model if isinstance(model, str) and model else None
 
 
+def response_text(response: t.Any) -> str:
+    """The generated text of a complete response, in any of the SDKs' shapes ('' if none).
+
+    Used to estimate the output of a response that reported no usage: OpenAI chat
+    ``choices[].message.content``, Responses ``output_text``, Anthropic ``content[].text``.
+    """
+    if response is None:
+        return ""
+    text = field(response, "output_text")
+    if isinstance(text, str):
+        return text
+    parts: list[str] = []
+    for choice in field(response, "choices") or ():
+        content = field(field(choice, "message"), "content")
+        if isinstance(content, str):
+            parts.append(content)
+    content = field(response, "content")
+    if isinstance(content, str):
+        parts.append(content)
+    elif isinstance(content, (list, tuple)):
+        parts.extend(part for part in (field(block, "text") for block in content) if isinstance(part, str))
+    return "".join(parts)
+
+
 class TextTally:
     """What every built-in stream accumulator keeps: the model, and the characters of output seen."""
 

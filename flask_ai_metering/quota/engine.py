@@ -436,6 +436,11 @@ def apply_to_counter(
     return CounterState.of(conn.execute(_AMOUNTS, {"cid": counter_id}).one())
 
 
+def counter_state(conn: sa.Connection, counter_id: int) -> CounterState:
+    """A counter's amounts as they stand."""
+    return CounterState.of(conn.execute(_AMOUNTS, {"cid": counter_id}).one())
+
+
 def mark_approaching(conn: sa.Connection, *, counter_id: int) -> bool:
     """Flag the counter as warned; True only for the one caller that flipped it."""
     return (
