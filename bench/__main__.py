@@ -6,7 +6,12 @@ naive check-then-increment — and reports ratios against it.
 
 Environment: ``AI_METERING_TEST_POSTGRES_URL`` (PostgreSQL benches run when it is
 reachable), ``BENCH_QUICK=1`` (shorter runs), ``BENCH_DASHBOARD_ROWS`` (default
-1,000,000; e.g. ``1000000,10000000``).
+1,000,000; e.g. ``1000000,10000000``), ``BENCH_HTTP=0`` (leave out the HTTP bench),
+``BENCH_HTTP_SECONDS`` / ``BENCH_HTTP_ROUNDS`` (wrk run length, default 5 s, best of
+2), ``BENCH_HTTP_SOAK=1`` (add the 100,000-request RSS soak; see bench/http.py).
+
+``python -m bench http`` runs the HTTP bench alone (gunicorn + wrk);
+``python -m bench http-soak`` runs the worker RSS soak alone.
 """
 
 from __future__ import annotations
@@ -19,8 +24,6 @@ import platform
 import sys
 import typing as t
 from pathlib import Path
-
-from bench.common import postgres_available
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -38,38 +41,59 @@ def _table(rows: list[dict[str, t.Any]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
     logging.getLogger("flask_ai_metering").setLevel(logging.ERROR)
     quick = os.environ.get("BENCH_QUICK") == "1"
+    only = argv[0] if argv else None
+    if only not in (None, "http", "http-soak"):
+        print("usage: python -m bench [http | http-soak]", file=sys.stderr)
+        return 2
+    # The HTTP bench's own check: it does not import bench.common.
+    from bench.http import postgres_available
+
     backends = ["sqlite"] + (["postgresql"] if postgres_available() else [])
     if "postgresql" not in backends:
         print("PostgreSQL not reachable (AI_METERING_TEST_POSTGRES_URL): SQLite only", file=sys.stderr)
-    rows: list[dict[str, t.Any]] = []
-    from bench import overhead
-    from bench import quota
-
-    print("call overhead…", file=sys.stderr)
-    rows += overhead.run(backends, calls=500 if quick else 2000)
-    print("quota throughput…", file=sys.stderr)
-    rows += quota.run(backends, concurrencies=(1, 8) if quick else (1, 8, 32))
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     RESULTS.mkdir(exist_ok=True)
     meta = {"when": stamp, "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
-    for name, call in _optional_benches(backends, quick):
+    rows: list[dict[str, t.Any]] = []
+    if only is None:
+        from bench import overhead
+        from bench import quota
+
+        print("call overhead…", file=sys.stderr)
+        rows += overhead.run(backends, calls=500 if quick else 2000)
+        print("quota throughput…", file=sys.stderr)
+        rows += quota.run(backends, concurrencies=(1, 8) if quick else (1, 8, 32))
+    for name, call in _optional_benches(backends, quick, only):
         print(f"{name}…", file=sys.stderr)
         rows += call()
         # Saved after each bench, so a failure later keeps what was measured.
         (RESULTS / f"{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
     (RESULTS / f"{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
+    if not rows:
+        print("nothing measured", file=sys.stderr)
+        return 1
     text = _table(rows)
-    (RESULTS / "latest.md").write_text(f"# Bench results {stamp}\n{text}\n")
+    # A partial run (``python -m bench http``) keeps the full run's latest.md.
+    latest = "latest.md" if only is None else f"latest-{only}.md"
+    (RESULTS / latest).write_text(f"# Bench results {stamp}\n{text}\n")
     print(text)
-    print(f"\nsaved bench/results/{stamp}.json and bench/results/latest.md", file=sys.stderr)
+    print(f"\nsaved bench/results/{stamp}.json and bench/results/{latest}", file=sys.stderr)
     return 0
 
 
-def _optional_benches(backends: list[str], quick: bool) -> list[tuple[str, t.Callable[[], list[dict[str, t.Any]]]]]:
-    """Benches of the dashboard and queued recording, when their modules are present."""
+def _optional_benches(
+    backends: list[str], quick: bool, only: str | None = None
+) -> list[tuple[str, t.Callable[[], list[dict[str, t.Any]]]]]:
+    """Benches of the dashboard, queued recording and HTTP, when their modules are present."""
+    from bench import http
+
+    if only == "http":
+        return [("HTTP under gunicorn + wrk", lambda: http.run(backends))]
+    if only == "http-soak":
+        return [("HTTP soak, worker RSS", lambda: http.soak(backends))]
     benches = []
     try:
         from bench import dashboard
@@ -91,8 +115,10 @@ def _optional_benches(backends: list[str], quick: bool) -> list[tuple[str, t.Cal
         pass
     else:
         benches.append(("queued recording", lambda: queue.run(backends, calls=300 if quick else 1000)))
+    if os.environ.get("BENCH_HTTP") != "0":
+        benches.append(("HTTP under gunicorn + wrk", lambda: http.run(backends)))
     return benches
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
