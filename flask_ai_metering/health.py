@@ -58,6 +58,8 @@ def validate(app: Flask, rt: Runtime | None = None) -> list[str]:
 
 
 def _config(app: Flask) -> list[str]:
+    from .privacy import secret_key_problem
+
     problems = []
     for key in unknown_keys(app.config):
         close = difflib.get_close_matches(key, DEFAULTS, n=1)
@@ -67,6 +69,9 @@ def _config(app: Flask) -> list[str]:
         Settings.from_config(app.config)
     except ConfigurationError as exc:
         problems.append(f"config: {exc}")
+    weak_key = secret_key_problem(app)
+    if weak_key is not None:
+        problems.append(f"config: {weak_key}; set a long random SECRET_KEY")
     return problems
 
 
