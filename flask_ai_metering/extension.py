@@ -157,7 +157,7 @@ class AiMetering:
             from .cli import cli
 
             app.cli.add_command(cli, self.cli_group)
-        if self.register_dashboard and settings.dashboard_enabled:
+        if self.register_dashboard and (settings.dashboard_enabled or settings.stripe_webhook_route):
             from .dashboard import register_dashboard
 
             register_dashboard(app, self, settings)
@@ -421,7 +421,8 @@ class AiMetering:
         """Put ``billable`` on ``plan`` (a ``Plan`` or its slug); move it if already subscribed.
 
         Options: ``billing_mode`` ("plan" or "credits"), ``stripe_customer_id``,
-        ``started_at``, ``renews_at``, ``ends_at``, ``trial_ends_at``.
+        ``stripe_subscription_id`` (what webhooks match), ``started_at``, ``renews_at``,
+        ``ends_at``, ``trial_ends_at``.
         """
         from .subscriptions import subscribe
 

@@ -8,6 +8,11 @@ None). Templates live under ``templates/ai_metering/`` (a host app overrides one
 shipping the same path) and extend ``AI_METERING_BASE_TEMPLATE``. plotly.js comes
 from the installed plotly package at a versioned, year-cached URL: no CDN, and not
 4.8 MB inlined into every page.
+
+With ``AI_METERING_STRIPE_WEBHOOK_ROUTE`` the blueprint also serves
+``POST <prefix>/stripe/webhook`` (endpoint ``ai_metering.stripe_webhook``): no
+dashboard login (Stripe's signature is the authentication), exempt from Flask-WTF's
+CSRF protection, 400 for a bad signature or a malformed event.
 """
 
 from __future__ import annotations
@@ -44,6 +49,10 @@ def make_blueprint(settings: Settings) -> Blueprint:
     )
     bp.before_request(views.authorize)
     bp.register_error_handler(views.FilterError, views.bad_filter)
+    if settings.stripe_webhook_route:
+        bp.add_url_rule("/stripe/webhook", views.WEBHOOK_ENDPOINT, views.stripe_webhook, methods=["POST"])
+    if not settings.dashboard_enabled:
+        return bp
     bp.add_url_rule("/", "overview", views.overview)
     bp.add_url_rule("/usage", "usage", views.usage)
     bp.add_url_rule("/usage.csv", "usage_csv", views.usage_csv)
@@ -63,3 +72,5 @@ def make_blueprint(settings: Settings) -> Blueprint:
 def register_dashboard(app: Flask, meter: t.Any, settings: Settings) -> None:
     """Register the dashboard blueprint on ``app`` under ``settings.dashboard_prefix``."""
     app.register_blueprint(make_blueprint(settings), url_prefix=settings.dashboard_prefix)
+    if settings.stripe_webhook_route:
+        views.exempt_webhook_from_csrf(app)
