@@ -224,9 +224,10 @@ class Settings:
     reservation_ttl: int
     default_max_tokens: int
     warning_threshold: int
-    stripe_api_key: str | None
+    #: Secrets stay out of ``repr()``/``str()`` (tracebacks with locals, Sentry, the debugger).
+    stripe_api_key: str | None = dataclasses.field(repr=False)
     stripe_api_base: str | None
-    stripe_webhook_secret: str | None
+    stripe_webhook_secret: str | None = dataclasses.field(repr=False)
     stripe_webhook_route: bool = False
     stripe_webhook_match_customer: bool = False
 
