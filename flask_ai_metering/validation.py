@@ -111,6 +111,8 @@ def billable_key(billable: t.Any, field: str = "billable") -> tuple[str, str]:
         kind, ident = billable
         if not isinstance(kind, str) or not kind or len(kind) > 100:
             raise InvalidUsage(f"{field} type must be a non-empty str of at most 100 characters, got {kind!r}")
+        if "\x00" in kind:
+            raise InvalidUsage(f"{field} type must not contain a NUL character")
         return kind, _identifier(ident, f"{field} id")
     if billable is None:
         raise InvalidUsage(
@@ -150,6 +152,9 @@ def _identifier(value: t.Any, field: str) -> str:
     text = str(value)
     if not text or len(text) > _ID_MAX:
         raise InvalidUsage(f"{field} must be 1 to {_ID_MAX} characters, got {text!r}")
+    if "\x00" in text:
+        # PostgreSQL cannot store it (a raw DataError otherwise, after quota was checked).
+        raise InvalidUsage(f"{field} must not contain a NUL character")
     return text
 
 

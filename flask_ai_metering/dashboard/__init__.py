@@ -21,6 +21,7 @@ import typing as t
 
 from flask import Blueprint
 from flask import Flask
+from werkzeug.routing import PathConverter
 
 from ..resources import resource_dir
 from . import views
@@ -33,6 +34,26 @@ if t.TYPE_CHECKING:
     from ..config import Settings
 
 __all__ = ["register_dashboard"]
+
+
+class BillableIdConverter(PathConverter):
+    """A billable id in a URL path, whatever it holds: ``a/b``, ``.``, ``..``, ``a//b``.
+
+    Slashes stay slashes (the id spans path segments); a segment that clients or
+    Werkzeug would rewrite (empty, ``.``, ``..``) or that starts with ``~`` gets a
+    ``~`` in front, which :meth:`to_python` takes off again. So every id has a page
+    that a browser reaches as linked.
+
+    :meta private:
+    """
+
+    def to_python(self, value: str) -> str:
+        return "/".join(part[1:] if part.startswith("~") else part for part in value.split("/"))
+
+    def to_url(self, value: t.Any) -> str:
+        parts = str(value).split("/")
+        escaped = "/".join("~" + p if p in ("", ".", "..") or p.startswith("~") else p for p in parts)
+        return super().to_url(escaped)
 
 
 def make_blueprint(settings: Settings) -> Blueprint:
@@ -56,7 +77,7 @@ def make_blueprint(settings: Settings) -> Blueprint:
     bp.add_url_rule("/", "overview", views.overview)
     bp.add_url_rule("/usage", "usage", views.usage)
     bp.add_url_rule("/usage.csv", "usage_csv", views.usage_csv)
-    bp.add_url_rule("/billables/<billable_type>/<billable_id>", "billable", views.billable)
+    bp.add_url_rule("/billables/<billable_type>/<ai_metering_id:billable_id>", "billable", views.billable)
     bp.add_url_rule("/plans", "plans", views.plans)
     bp.add_url_rule("/static/plotly-<version>.min.js", "plotly_js", views.plotly_js)
     for name, fn in (("money", money), ("number", number), ("percent", percent), ("resets_in", resets_in)):
@@ -71,6 +92,7 @@ def make_blueprint(settings: Settings) -> Blueprint:
 
 def register_dashboard(app: Flask, meter: t.Any, settings: Settings) -> None:
     """Register the dashboard blueprint on ``app`` under ``settings.dashboard_prefix``."""
+    app.url_map.converters.setdefault("ai_metering_id", BillableIdConverter)
     app.register_blueprint(make_blueprint(settings), url_prefix=settings.dashboard_prefix)
     if settings.stripe_webhook_route:
         views.exempt_webhook_from_csrf(app)

@@ -215,6 +215,8 @@ def billable(billable_type: str, billable_id: str) -> str:
     f = _filters()
     if len(billable_type) > 100 or len(billable_id) > 100:
         raise FilterError("The billable type and id are at most 100 characters each.")
+    if any(ord(c) < 32 for c in billable_type + billable_id):
+        raise FilterError("The billable type and id must not contain control characters.")
     data = pages.billable_page(_runtime(), (billable_type, billable_id), f)
     figure = charts.cost_over_time(data.summary, f.start, f.end, "model")
     return render_template("ai_metering/billable.html", filters=f, data=data, figure=figure)
