@@ -6,6 +6,7 @@ from . import signals
 from .decorators import quota_required
 from .errors import AiLimitExceeded
 from .errors import AiMeteringError
+from .errors import BillableRequired
 from .errors import ConfigurationError
 from .errors import CreditsInsufficient
 from .errors import FeatureNotAllowed
@@ -20,6 +21,7 @@ __all__ = [
     "AiLimitExceeded",
     "AiMetering",
     "AiMeteringError",
+    "BillableRequired",
     "ConfigurationError",
     "CreditsInsufficient",
     "FeatureNotAllowed",

@@ -17,12 +17,15 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
+from .errors import ConfigurationError
 from .errors import InvalidUsage
 from .ops import schema as migrations
 from .ops.health import validate
 from .ops.maintenance import cleanup
 from .ops.privacy import anonymize
 from .ops.privacy import forget
+from .ops.privacy import latest_anonymizable
+from .ops.privacy import require_secret_key
 from .ops.reconcile import reconcile
 from .ops.reports import build_report
 from .ops.reports import parse_month
@@ -57,6 +60,11 @@ class _Billable(click.ParamType):  # type: ignore[type-arg]
 
 BILLABLE = _Billable()
 
+#: The largest ``--days`` (a century): more is a typo, and would overflow the calendar.
+MAX_DAYS = 36_600
+#: The largest ``--limit`` of a sync: beyond what any database's LIMIT accepts is a typo.
+MAX_LIMIT = 2**31 - 1
+
 
 class Progress:
     """A progress bar on stderr when it is a terminal; silent in pipes and tests."""
@@ -83,6 +91,32 @@ class Progress:
 
 def _status(message: str, **style: t.Any) -> None:
     click.secho(message, err=True, **style)
+
+
+def _interactive() -> bool:
+    """True when a person can answer a question (stdin is a terminal)."""
+    try:
+        return sys.stdin.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+#: The ``--yes/-y`` flag of every destructive command.
+yes_option = click.option("--yes", "-y", is_flag=True, help="Do it without asking (required when not on a terminal).")
+
+
+def confirm_destructive(yes: bool, question: str) -> None:
+    """Go on when ``--yes`` was given or a person on a terminal says yes; else exit.
+
+    Off a terminal (cron, CI, a pipe) nobody can answer, so the command refuses
+    with exit code 2 rather than guess; a "no" on a terminal aborts with 1.
+    """
+    if yes:
+        return
+    if _interactive():
+        click.confirm(question, abort=True, err=True)
+        return
+    raise click.UsageError(f"{question} Refusing without confirmation: pass --yes to run it non-interactively.")
 
 
 @cli.command("expire-reservations")
@@ -155,10 +189,19 @@ def validate_command() -> None:
 
 
 @cli.command("cleanup")
-@click.option("--days", type=click.IntRange(min=1), help="Keep this many days (default AI_METERING_PRUNE_AFTER_DAYS).")
+@click.option(
+    "--days",
+    type=click.IntRange(min=1, max=MAX_DAYS),
+    help="Keep this many days (default AI_METERING_PRUNE_AFTER_DAYS).",
+)
 @click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
-def cleanup_command(days: int | None, dry_run: bool) -> None:
+@yes_option
+def cleanup_command(days: int | None, dry_run: bool, yes: bool) -> None:
     """Prune old usage, finished reservations and expired idempotency claims (never rollups)."""
+
+    if not dry_run:
+        kept = _meter().runtime().settings.prune_after_days if days is None else days
+        confirm_destructive(yes, f"Delete usage rows and finished reservations older than {kept} day(s)?")
     with Progress("Pruning usage") as progress:
         counts = cleanup(_meter().runtime(), days=days, dry_run=dry_run, progress=progress)
     verb = "Would delete" if dry_run else "Deleted"
@@ -176,7 +219,7 @@ def aggregate_command(period: str) -> None:
 
 
 @cli.command("sync-stripe-overages")
-@click.option("--limit", type=click.IntRange(min=1), help="Sync at most this many overages.")
+@click.option("--limit", type=click.IntRange(min=1, max=MAX_LIMIT), help="Sync at most this many overages.")
 def sync_overages_command(limit: int | None) -> None:
     """Send pending overages to the billing driver, each exactly once."""
     with Progress("Syncing overages") as progress:
@@ -195,8 +238,16 @@ def sync_overages_command(limit: int | None) -> None:
 @cli.command("forget")
 @click.argument("billable", type=BILLABLE)
 @click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
-def forget_command(billable: tuple[str, str], dry_run: bool) -> None:
+@yes_option
+def forget_command(billable: tuple[str, str], dry_run: bool, yes: bool) -> None:
     """Delete a billable's usage and claims; keep financial records, anonymized."""
+
+    if not dry_run:
+        try:
+            require_secret_key(current_app)
+        except ConfigurationError as exc:
+            raise click.UsageError(str(exc)) from None
+        confirm_destructive(yes, f"Delete the usage of {billable[0]}:{billable[1]} and pseudonymize its records?")
     for table, count in forget(_meter().runtime(), billable, dry_run=dry_run).items():
         click.echo(f"{'Would change' if dry_run else 'Changed'} {count} {table}")
 
@@ -204,13 +255,26 @@ def forget_command(billable: tuple[str, str], dry_run: bool) -> None:
 @cli.command("anonymize")
 @click.option("--before", required=True, metavar="YYYY-MM-DD", help="Anonymize usage that happened before this day.")
 @click.option("--dry-run", is_flag=True, help="Say what would change; change nothing.")
-def anonymize_command(before: str, dry_run: bool) -> None:
-    """Clear user, tenant and meta on usage older than --before."""
+@yes_option
+def anonymize_command(before: str, dry_run: bool, yes: bool) -> None:
+    """Clear user, tenant and meta on usage older than --before (a day before every running period)."""
+
     try:
         day = dt.date.fromisoformat(before)
     except ValueError:
         raise click.BadParameter(f"expected YYYY-MM-DD, got {before!r}", param_hint="--before") from None
-    count = anonymize(_meter().runtime(), dt.datetime.combine(day, dt.time(), dt.timezone.utc), dry_run=dry_run)
+    cutoff = dt.datetime.combine(day, dt.time(), dt.timezone.utc)
+    rt = _meter().runtime()
+    latest = latest_anonymizable(rt)
+    if cutoff > latest:
+        raise click.BadParameter(
+            f"{before} is in the future or inside a running period; the latest allowed is {latest:%Y-%m-%d}"
+            " (counters of running periods are checked against their usage)",
+            param_hint="--before",
+        )
+    if not dry_run:
+        confirm_destructive(yes, f"Clear user, tenant and meta of usage before {before}?")
+    count = anonymize(rt, cutoff, dry_run=dry_run)
     click.echo(f"{'Would anonymize' if dry_run else 'Anonymized'} {count} usage row(s)")
 
 
@@ -219,20 +283,60 @@ def db_group() -> None:
     """Run flask_ai_metering's own migrations (separate from the app's)."""
 
 
+def _check_revision(revision: str) -> None:
+    """Exit 2 unless ``revision`` names one of the shipped scripts (or head, base, +N, -N)."""
+    import re
+
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    if revision in ("head", "heads", "base") or re.fullmatch(r"[+-][0-9]{1,4}", revision):
+        return
+    try:
+        found = ScriptDirectory.from_config(migrations.config()).get_revisions(revision)
+    except CommandError:
+        found = ()
+    if not found:
+        raise click.BadParameter(f"no such metering revision: {revision!r}", param_hint="REVISION")
+
+
+def _migrate(step: t.Callable[[t.Any, str], None], revision: str) -> None:
+    """Run an Alembic step; a revision Alembic cannot reach from here exits 2 with its message."""
+    from alembic.util import CommandError
+
+    engine = _meter().runtime().store.engine
+    try:
+        step(engine, revision)
+    except CommandError as exc:
+        raise click.UsageError(f"cannot migrate to {revision!r}: {exc}") from None
+    _status(f"Metering schema at {migrations.current(engine)}.", fg="green")
+
+
 @db_group.command("upgrade")
 @click.argument("revision", default="head")
 def db_upgrade(revision: str) -> None:
     """Upgrade the metering tables to REVISION (default: head)."""
-    migrations.upgrade(_meter().runtime().store.engine, revision)
-    _status(f"Metering schema at {migrations.current(_meter().runtime().store.engine)}.", fg="green")
+
+    _check_revision(revision)
+    _migrate(migrations.upgrade, revision)
 
 
 @db_group.command("downgrade")
-@click.argument("revision", default="-1")
-def db_downgrade(revision: str) -> None:
-    """Downgrade the metering tables to REVISION (default: one step; 'base' drops them)."""
-    migrations.downgrade(_meter().runtime().store.engine, revision)
-    _status(f"Metering schema at {migrations.current(_meter().runtime().store.engine)}.", fg="green")
+@click.argument("revision")
+@yes_option
+def db_downgrade(revision: str, yes: bool) -> None:
+    """Downgrade the metering tables to REVISION ('base' drops them all, with their data).
+
+    REVISION is required, and so is --yes (or a "yes" on a terminal): a downgrade
+    drops tables and columns, and what they held is gone.
+    """
+
+    _check_revision(revision)
+    current = migrations.current(_meter().runtime().store.engine)
+    confirm_destructive(
+        yes, f"Downgrade the metering schema from {current} to {revision}? Dropped tables and columns lose their data."
+    )
+    _migrate(migrations.downgrade, revision)
 
 
 @db_group.command("current")

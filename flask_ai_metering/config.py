@@ -97,6 +97,11 @@ class ConfigVars:
     STRIPE_API_BASE = "AI_METERING_STRIPE_API_BASE"
     #: Stripe webhook signing secret.
     STRIPE_WEBHOOK_SECRET = "AI_METERING_STRIPE_WEBHOOK_SECRET"
+    #: Serve ``POST <dashboard prefix>/stripe/webhook`` (CSRF-exempt, no dashboard login).
+    STRIPE_WEBHOOK_ROUTE = "AI_METERING_STRIPE_WEBHOOK_ROUTE"
+    #: Let a webhook find a subscription by its Stripe customer when no subscription
+    #: has the event's subscription id (it then remembers that id); off by default.
+    STRIPE_WEBHOOK_MATCH_CUSTOMER = "AI_METERING_STRIPE_WEBHOOK_MATCH_CUSTOMER"
 
 
 #: Every key with its default, applied by ``init_app``.
@@ -136,6 +141,8 @@ DEFAULTS: dict[str, t.Any] = {
     ConfigVars.STRIPE_API_KEY: None,
     ConfigVars.STRIPE_API_BASE: None,
     ConfigVars.STRIPE_WEBHOOK_SECRET: None,
+    ConfigVars.STRIPE_WEBHOOK_ROUTE: False,
+    ConfigVars.STRIPE_WEBHOOK_MATCH_CUSTOMER: False,
 }
 
 _CHOICES = {
@@ -230,9 +237,12 @@ class Settings:
     warning_threshold: int
     max_reported_tokens: int
     journal_path: str | None
-    stripe_api_key: str | None
+    #: Secrets stay out of ``repr()``/``str()`` (tracebacks with locals, Sentry, the debugger).
+    stripe_api_key: str | None = dataclasses.field(repr=False)
     stripe_api_base: str | None
-    stripe_webhook_secret: str | None
+    stripe_webhook_secret: str | None = dataclasses.field(repr=False)
+    stripe_webhook_route: bool = False
+    stripe_webhook_match_customer: bool = False
 
     @classmethod
     def from_config(cls, config: t.Mapping[str, t.Any]) -> Settings:
@@ -270,6 +280,10 @@ class Settings:
             if not callable(resolver):
                 raise ConfigurationError(f"{ConfigVars.TENANT_RESOLVER} must be callable")
         prefix = str(config[ConfigVars.DASHBOARD_PREFIX] or "/ai-metering")
+        if config[ConfigVars.STRIPE_WEBHOOK_ROUTE] and not config[ConfigVars.STRIPE_WEBHOOK_SECRET]:
+            raise ConfigurationError(
+                f"{ConfigVars.STRIPE_WEBHOOK_ROUTE} needs {ConfigVars.STRIPE_WEBHOOK_SECRET} to verify the events"
+            )
         return cls(
             enabled=bool(config[ConfigVars.ENABLED]),
             default_provider=str(config[ConfigVars.DEFAULT_PROVIDER]),
@@ -304,6 +318,8 @@ class Settings:
             stripe_api_key=config[ConfigVars.STRIPE_API_KEY],
             stripe_api_base=config[ConfigVars.STRIPE_API_BASE],
             stripe_webhook_secret=config[ConfigVars.STRIPE_WEBHOOK_SECRET],
+            stripe_webhook_route=bool(config[ConfigVars.STRIPE_WEBHOOK_ROUTE]),
+            stripe_webhook_match_customer=bool(config[ConfigVars.STRIPE_WEBHOOK_MATCH_CUSTOMER]),
         )
 
 

@@ -9,6 +9,7 @@ from flask import current_app
 
 from .billing.wallets import Wallet
 from .errors import AiLimitExceeded
+from .errors import BillableRequired
 from .errors import CreditsInsufficient
 from .errors import FeatureNotAllowed
 from .headers import limit_headers
@@ -34,7 +35,9 @@ def quota_required(view: t.Callable[P, R] | None = None, *, feature: str | None 
 
     Bare, a request is allowed while anything remains; with ``tokens=N`` while at
     least N remain. ``feature=`` answers 403 when the plan lists its features and
-    this is not one of them. A refusal raises :class:`AiLimitExceeded` (429) or
+    this is not one of them. With no billable (an anonymous request) it raises
+    :class:`BillableRequired` (401; the app's error handler may say otherwise). A
+    refusal raises :class:`AiLimitExceeded` (429) or
     :class:`CreditsInsufficient` (402), carrying the limit headers; an allowed
     response carries the ``X-Remaining-*`` headers too. Works on async views.
     """
@@ -58,7 +61,10 @@ def quota_required(view: t.Callable[P, R] | None = None, *, feature: str | None 
 def enforce(meter: t.Any, *, feature: str | None = None, tokens: int = 0) -> t.Any:
     """Raise the HTTP error that refuses the current billable, or return its ``LimitCheck``."""
     rt = meter.runtime()
-    billable = meter.resolve_billable()
+    resolved = meter._billable_resolver()
+    if resolved is None:
+        raise BillableRequired()
+    billable = meter.resolve_billable(resolved)
     policy, check = standing(rt, billable, max_tokens(tokens) or 0)
     if not policy.allows_feature(feature):
         raise FeatureNotAllowed(feature, policy.plan_slug or "")

@@ -12,6 +12,7 @@ import typing as t
 from werkzeug.exceptions import Forbidden
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import TooManyRequests
+from werkzeug.exceptions import Unauthorized
 
 from .headers import limit_headers
 
@@ -39,6 +40,8 @@ class _LimitResponse(HTTPException):
     """Shared body and headers of the 429 and 402 answers."""
 
     error_code = "ai_limit_exceeded"
+    #: Whether the period's reset can lift this refusal (``Retry-After`` is sent only then).
+    lifted_by_reset = True
 
     def __init__(self, message: str, check: LimitCheck | None = None) -> None:
         super().__init__(description=message)
@@ -58,7 +61,7 @@ class _LimitResponse(HTTPException):
     def get_headers(self, environ: t.Any = None, scope: t.Any = None) -> list[tuple[str, str]]:
         headers = [("Content-Type", "application/json")]
         if self.check is not None:
-            headers.extend(limit_headers(self.check, refused=True).items())
+            headers.extend(limit_headers(self.check, refused=self.lifted_by_reset).items())
         return headers
 
 
@@ -76,10 +79,25 @@ class AiLimitExceeded(_LimitResponse, AiMeteringError, TooManyRequests):
 
 
 class CreditsInsufficient(_LimitResponse, AiMeteringError):
-    """The billable's credit wallet cannot pay for the call (HTTP 402)."""
+    """The billable's credit wallet cannot pay for the call (HTTP 402).
+
+    No ``Retry-After``: credits come from a top-up, not from waiting.
+    """
 
     code = 402
     error_code = "credits_insufficient"
+    lifted_by_reset = False
+
+
+class BillableRequired(AiMeteringError, Unauthorized):
+    """A guarded route was reached with no billable to check (HTTP 401): nobody is logged in.
+
+    The app decides what an anonymous caller sees: register an error handler for
+    this class (or for 401), e.g. to redirect to the login page.
+    """
+
+    def __init__(self, description: str = "Sign in to use this feature.") -> None:
+        super().__init__(description=description)
 
 
 class FeatureNotAllowed(AiMeteringError, Forbidden):
@@ -98,6 +116,7 @@ class BillingError(AiMeteringError):
 __all__ = [
     "AiLimitExceeded",
     "AiMeteringError",
+    "BillableRequired",
     "BillingError",
     "ConfigurationError",
     "CreditsInsufficient",

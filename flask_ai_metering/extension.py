@@ -14,6 +14,7 @@ from flask import has_request_context
 from . import validation as v
 from .billing import load_driver
 from .billing.wallets import Wallet
+from .billing.webhooks import handle_stripe_webhook
 from .cli import cli
 from .config import Settings
 from .config import apply_defaults
@@ -146,7 +147,7 @@ class AiMetering:
         exclude_from_app_migrations(app)
         if self.cli_group:
             app.cli.add_command(cli, self.cli_group)
-        if self.register_dashboard and settings.dashboard_enabled:
+        if self.register_dashboard and (settings.dashboard_enabled or settings.stripe_webhook_route):
             register_dashboard(app, self, settings)
 
     # -- registration ----------------------------------------------------------------
@@ -286,7 +287,8 @@ class AiMetering:
         """Put ``billable`` on ``plan`` (a ``Plan`` or its slug); move it if already subscribed.
 
         Options: ``billing_mode`` ("plan" or "credits"), ``stripe_customer_id``,
-        ``started_at``, ``renews_at``, ``ends_at``, ``trial_ends_at``.
+        ``stripe_subscription_id`` (what webhooks match), ``started_at``, ``renews_at``,
+        ``ends_at``, ``trial_ends_at``.
         """
         state = self._state()
         return subscribe(self.runtime(), state.db, self.resolve_billable(billable), plan, **options)
@@ -306,6 +308,17 @@ class AiMetering:
             sender=rt.app,
             max_meta_bytes=rt.settings.max_meta_bytes,
         )
+
+    def handle_stripe_webhook(self, payload: bytes, signature: str, **options: t.Any) -> t.Any:
+        """Verify a Stripe webhook and apply it to the matching subscription; return the event.
+
+        What the shipped ``POST <prefix>/stripe/webhook`` route calls; apps with their
+        own route call it too. See :func:`flask_ai_metering.billing.webhooks.handle_stripe_webhook`.
+
+        :raises stripe.SignatureVerificationError: the signature is wrong or too old (answer 400).
+        :raises ValueError: the event is malformed (answer 400).
+        """
+        return handle_stripe_webhook(self, payload, signature, **options)
 
     # -- fluent form ---------------------------------------------------------------------
 

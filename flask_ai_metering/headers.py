@@ -12,7 +12,9 @@ if t.TYPE_CHECKING:
 def limit_headers(check: LimitCheck, *, refused: bool = False, now: dt.datetime | None = None) -> dict[str, str]:
     """``X-Remaining-*``, ``X-Usage-Percentage``, ``RateLimit-*`` (tokens) and, when refused, ``Retry-After``.
 
-    A header for an unlimited dimension is left out.
+    A header for an unlimited dimension is left out. ``Retry-After`` is sent only
+    when waiting for the period's reset lifts the refusal: not for an expired
+    subscription (callers also leave it out for an empty credit wallet).
     """
     headers: dict[str, str] = {}
     reset = check.retry_after(now)
@@ -25,6 +27,6 @@ def limit_headers(check: LimitCheck, *, refused: bool = False, now: dt.datetime 
         headers["X-Remaining-Cost"] = format(check.remaining_cost.normalize(), "f")
     if check.remaining_tokens is not None or check.remaining_cost is not None:
         headers["X-Usage-Percentage"] = f"{check.usage_percentage:.2f}"
-    if refused:
+    if refused and not check.expired:
         headers["Retry-After"] = str(reset)
     return headers

@@ -165,6 +165,9 @@ class Subscription(Base):
     plan_version: Mapped[int] = mapped_column(default=0, server_default="0")
     stripe_customer_id: Mapped[str | None] = mapped_column(sa.String(_KEY))
     stripe_subscription_id: Mapped[str | None] = mapped_column(sa.String(_KEY))
+    #: ``created`` of the last Stripe event applied to this subscription: an older
+    #: event delivered later (Stripe retries in any order) is ignored.
+    stripe_event_at: Mapped[dt.datetime | None]
     meta: Mapped[dict[str, t.Any] | None]
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)

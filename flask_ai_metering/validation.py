@@ -23,13 +23,81 @@ BILLING_MODES = ("plan", "credits")
 _KEY_MAX = 255
 _ID_MAX = 100
 _NAME_MAX = 150
-#: Metadata keys dropped by ``AI_METERING_SANITIZE_METADATA``: secrets and prompt text.
-_SENSITIVE_KEY = re.compile(
-    r"(pass(word)?|secret|token|api[_-]?key|authorization|auth|cookie|session|credential|private[_-]?key"
-    r"|prompt|completion|messages?|content|input_text|output_text)$",
+_MAX_DEPTH = 10
+
+# What ``AI_METERING_SANITIZE_METADATA`` drops. A key is split into words (at ``_``,
+# ``-``, ``.``, spaces and camelCase: ``chat_history``, ``stripe-secret-key``,
+# ``messagesList``, ``userPromptText``) and plurals are folded (``credentials``).
+#: Words that make a key a secret wherever they stand.
+_SECRET_WORDS = frozenset(
+    {"pass", "passwd", "password", "passphrase", "pwd", "secret", "token", "credential", "cred", "creds"}
+    | {"authorization", "auth", "bearer", "jwt", "apikey", "signature", "otp", "pin", "cvc", "cvv"}
+)
+#: Squashed spellings found inside a key written without separators (``x-apikey``, ``myPassword1``).
+_SECRET_INFIXES = ("password", "passwd", "secret", "apikey", "accesskey", "privatekey", "credential", "bearer")
+#: ``key``/``keys``/``tokens`` make a secret after one of these (``openai_key``, ``access_tokens``).
+_KEY_QUALIFIERS = frozenset(
+    {"api", "access", "secret", "private", "openai", "anthropic", "stripe", "signing", "encryption", "client"}
+    | {"license", "ssh", "aws", "gcp", "azure", "master", "service", "refresh", "auth", "session", "id", "bearer"}
+)
+#: Words of prompt and completion text, and of session identifiers.
+_TEXT_WORDS = frozenset(
+    {"prompt", "completion", "message", "content", "input", "output", "query", "history", "transcript"}
+    | {"conversation", "instruction", "cookie", "session", "body"}
+)
+#: A last word that makes a text word a count or an id (``input_tokens``, ``query_id``, ``message_count``).
+_COUNT_WORDS = frozenset(
+    {"id", "ids", "count", "counts", "length", "len", "type", "kind", "version", "size", "limit", "tokens"}
+    | {"number", "num", "chars", "words", "bytes", "index", "at", "ms", "seconds"}
+)
+_WORD = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|[0-9]+")
+#: Values shaped like credentials: provider and Stripe keys, bearer tokens, JWTs.
+_SECRET_VALUE = re.compile(
+    r"\b(?:sk|rk|pk_live|whsec)[-_][A-Za-z0-9_-]{8,}"
+    r"|\bBearer\s+\S{8,}"
+    r"|\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}"
+    r"|\bAKIA[0-9A-Z]{16}\b"
+    r"|\bgh[pousr]_[A-Za-z0-9]{20,}",
     re.IGNORECASE,
 )
-_MAX_DEPTH = 10
+#: What a key-shaped metadata value is replaced with.
+REDACTED = "[redacted]"
+
+
+def _singular(word: str) -> str:
+    if word.endswith("ies") and len(word) > 4:
+        return word[:-3] + "y"
+    if word.endswith("s") and not word.endswith("ss") and len(word) > 3:
+        return word[:-1]
+    return word
+
+
+def sensitive_key(key: str) -> bool:
+    """True for a metadata key that names a secret or prompt text (see the word lists above)."""
+    words = [w.lower() for w in _WORD.findall(key)]
+    if not words:
+        return False
+    squashed = "".join(words)
+    if any(infix in squashed for infix in _SECRET_INFIXES):
+        return True
+    counted = len(words) > 1 and words[-1] in _COUNT_WORDS
+    for i, word in enumerate(words):
+        if word in ("key", "keys", "tokens"):
+            qualified = i > 0 and words[i - 1] in _KEY_QUALIFIERS
+            if qualified or (len(words) == 1 and word != "tokens"):
+                return True
+            continue
+        single = _singular(word)
+        if single in _SECRET_WORDS:
+            return True
+        if single in _TEXT_WORDS and not (counted and i < len(words) - 1):
+            return True
+    return False
+
+
+def secret_value(value: str) -> bool:
+    """True for a string holding something shaped like a credential (``sk-…``, ``Bearer …``, a JWT)."""
+    return _SECRET_VALUE.search(value) is not None
 
 
 def billable_key(billable: t.Any, field: str = "billable") -> tuple[str, str]:
@@ -43,6 +111,8 @@ def billable_key(billable: t.Any, field: str = "billable") -> tuple[str, str]:
         kind, ident = billable
         if not isinstance(kind, str) or not kind or len(kind) > 100:
             raise InvalidUsage(f"{field} type must be a non-empty str of at most 100 characters, got {kind!r}")
+        if "\x00" in kind:
+            raise InvalidUsage(f"{field} type must not contain a NUL character")
         return kind, _identifier(ident, f"{field} id")
     if billable is None:
         raise InvalidUsage(
@@ -82,6 +152,9 @@ def _identifier(value: t.Any, field: str) -> str:
     text = str(value)
     if not text or len(text) > _ID_MAX:
         raise InvalidUsage(f"{field} must be 1 to {_ID_MAX} characters, got {text!r}")
+    if "\x00" in text:
+        # PostgreSQL cannot store it (a raw DataError otherwise, after quota was checked).
+        raise InvalidUsage(f"{field} must not contain a NUL character")
     return text
 
 
@@ -142,8 +215,8 @@ def meta(value: t.Any, *, max_bytes: int, sanitize: bool) -> dict[str, t.Any] | 
     cleaned = _clean(value, "meta", sanitize, 0)
     try:
         encoded = json.dumps(cleaned, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
-        raise InvalidUsage(f"meta is not JSON: {exc}") from None
+    except (TypeError, ValueError):
+        raise InvalidUsage("meta is not JSON") from None
     size = len(encoded.encode())
     if size > max_bytes:
         raise InvalidUsage(f"meta is {size} bytes of JSON; AI_METERING_MAX_META_BYTES allows {max_bytes}")
@@ -157,19 +230,22 @@ def _clean(value: t.Any, path: str, sanitize: bool, depth: int) -> t.Any:
         out = {}
         for key, item in value.items():
             if not isinstance(key, str):
-                raise InvalidUsage(f"{path} keys must be str, got {key!r}")
-            if sanitize and _SENSITIVE_KEY.search(key):
+                raise InvalidUsage(f"{path} keys must be str, got {type(key).__name__}")
+            if sanitize and sensitive_key(key):
                 continue
             out[key] = _clean(item, f"{path}.{key}", sanitize, depth + 1)
         return out
     if isinstance(value, (list, tuple)):
         return [_clean(item, f"{path}[{i}]", sanitize, depth + 1) for i, item in enumerate(value)]
+    # Messages name the path and the type, never the value: it may be a secret.
     if isinstance(value, float) and not math.isfinite(value):
-        raise InvalidUsage(f"{path} is not JSON: {value!r}")
+        raise InvalidUsage(f"{path} is not JSON: a float that is not finite")
     if isinstance(value, Decimal):
         if not value.is_finite():
-            raise InvalidUsage(f"{path} is not JSON: {value!r}")
+            raise InvalidUsage(f"{path} is not JSON: a Decimal that is not finite")
         return str(value)
-    if value is None or isinstance(value, (str, int, float, bool)):
+    if isinstance(value, str):
+        return REDACTED if sanitize and secret_value(value) else value
+    if value is None or isinstance(value, (int, float, bool)):
         return value
-    raise InvalidUsage(f"{path} is not JSON: {type(value).__name__} {value!r}")
+    raise InvalidUsage(f"{path} is not JSON: {type(value).__name__}")

@@ -148,6 +148,7 @@ def make_app(db_url: str) -> t.Iterator[AppFactory]:
 
     def factory(**config: t.Any) -> tuple[Flask, SQLAlchemy, AiMetering]:
         app = Flask(f"test_app_{len(made)}")
+        config.setdefault("SECRET_KEY", "test-secret-key-not-a-placeholder-0123456789")
         app.config.update(
             TESTING=True,
             SQLALCHEMY_DATABASE_URI=db_url,

@@ -118,7 +118,7 @@ def test_cleanup_command(make_app: AppFactory) -> None:
     runner = app.test_cli_runner()
     dry = runner.invoke(args=["ai-metering", "cleanup", "--dry-run"])
     assert dry.exit_code == 0 and "Would delete 2 usage rows" in dry.output
-    done = runner.invoke(args=["ai-metering", "cleanup", "--days", "365"])
+    done = runner.invoke(args=["ai-metering", "cleanup", "--days", "365", "--yes"])
     assert done.exit_code == 0 and "Deleted 2 usage rows" in done.output
 
 

@@ -65,7 +65,7 @@ def test_db_current_downgrade_upgrade(runner, meter):
     result = run(runner, "db", "current")
     assert result.exit_code == 0
     assert json.loads(result.stdout) == {"current": migrations.head(), "head": migrations.head()}
-    result = run(runner, "db", "downgrade", "base")
+    result = run(runner, "db", "downgrade", "base", "--yes")
     assert result.exit_code == 0 and "Metering schema at None" in result.stderr
     assert json.loads(run(runner, "db", "current").stdout)["current"] is None
     result = run(runner, "db", "upgrade")
@@ -257,7 +257,7 @@ def test_validate_reports_an_unknown_billing_driver_and_a_missing_schema(make_ap
 def app_on(url: str) -> t.Iterator[Flask]:
     """An app on a database the fixtures did not prepare."""
     app = Flask("elsewhere")
-    app.config.update(SQLALCHEMY_DATABASE_URI=url)
+    app.config.update(SQLALCHEMY_DATABASE_URI=url, SECRET_KEY="a-long-random-secret-key-0123456789")
     db = SQLAlchemy(app)
     AiMetering(app, db=db)
     with app.app_context():
@@ -275,7 +275,7 @@ def test_forget_and_dry_run(runner, meter):
     result = run(runner, "forget", "Team:42", "--dry-run")
     assert result.exit_code == 0 and "Would change 1 usage rows" in result.stdout
     assert snapshot(meter) == before
-    result = run(runner, "forget", "Team:42")
+    result = run(runner, "forget", "Team:42", "--yes")
     assert result.exit_code == 0 and "Changed 1 usage rows" in result.stdout
     with meter.runtime().store.engine.connect() as conn:
         assert list(conn.execute(sa.select(Usage.billable_id)).scalars()) == ["7"]
@@ -289,7 +289,7 @@ def test_anonymize_and_dry_run(runner, meter):
     result = run(runner, "anonymize", "--before", "2026-01-02", "--dry-run")
     assert result.exit_code == 0 and result.stdout.strip() == "Would anonymize 1 usage row(s)"
     assert snapshot(meter) == before
-    result = run(runner, "anonymize", "--before", "2026-01-02")
+    result = run(runner, "anonymize", "--before", "2026-01-02", "--yes")
     assert result.exit_code == 0 and result.stdout.strip() == "Anonymized 1 usage row(s)"
     with meter.runtime().store.engine.connect() as conn:
         assert list(conn.execute(sa.select(Usage.user_id).order_by(Usage.id)).scalars()) == [None, "1"]

@@ -31,7 +31,7 @@ def test_cli_downgrade_current_upgrade(app):
     runner = app.test_cli_runner()
     result = runner.invoke(args=["ai-metering", "db", "current"])
     assert result.exit_code == 0 and json.loads(result.output)["current"] == migrations.head()
-    assert runner.invoke(args=["ai-metering", "db", "downgrade", "base"]).exit_code == 0
+    assert runner.invoke(args=["ai-metering", "db", "downgrade", "base", "--yes"]).exit_code == 0
     engine = app.extensions["sqlalchemy"].engine
     assert not [n for n in sa.inspect(engine).get_table_names() if n.startswith("ai_metering_") and "alembic" not in n]
     assert json.loads(runner.invoke(args=["ai-metering", "db", "current"]).output)["current"] is None

@@ -7,7 +7,6 @@ runs the same machinery against localstripe.
 
 from __future__ import annotations
 
-import datetime as dt
 import random
 import threading
 import typing as t
@@ -28,7 +27,6 @@ from flask_ai_metering.billing.sync import Claim
 from flask_ai_metering.billing.sync import OverageSyncer
 from flask_ai_metering.errors import ConfigurationError
 from flask_ai_metering.models import Overage
-from flask_ai_metering.models import utcnow
 from flask_ai_metering.ops.reconcile import reconcile
 from tests.conftest import add_plan
 from tests.conftest import concurrently
@@ -174,7 +172,9 @@ def test_two_concurrent_syncs_bill_each_overage_once(make_app: AppFactory, bille
             use(meter, 7)  # 7 cents each: nothing carried
         driver = syncer(meter)
     reports = concurrently(driver.sync_overages)
-    assert sum(r.synced for r in reports) == 30 and all(r.ok for r in reports)
+    assert sum(r.synced for r in reports) == 30 and all(r.failed == 0 for r in reports)
+    # What one run found held by the other (alive) it left to it, and said so.
+    assert sum(len(r.held) for r in reports) <= 30
     with app.app_context():
         assert sorted(i["overage_id"] for i in biller.items.values()) == [r.id for r in rows(meter)]
         assert driver.sync_overages().synced == 0 and len(biller.items) == 30
@@ -197,13 +197,11 @@ def test_a_sync_that_died_after_the_remote_create_is_finished_without_a_duplicat
             with pytest.raises(SystemExit):
                 driver.sync_overages()
         assert len(biller.items) == 1 and rows(meter)[0].status == "syncing"
-        assert driver.sync_overages().synced == 0  # not stale yet: the claim is respected
-        later = utcnow() + dt.timedelta(hours=1)
         with meter.runtime().store.engine.connect() as conn:
-            assert check_overages(meter.runtime(), conn) == []
-            assert "has been syncing" in check_overages(meter.runtime(), conn, now=later)[0]
-        report = driver.sync_overages(now=later)
-        assert report.synced == 1 and len(biller.items) == 1
+            assert "left syncing" in check_overages(meter.runtime(), conn)[0]
+        # The claim died with its sync: a re-run right away finishes it, without a duplicate.
+        report = driver.sync_overages()
+        assert report.synced == 1 and report.ok and len(biller.items) == 1
         row = rows(meter)[0]
         assert (row.status, row.stripe_id, row.sync_attempts) == ("synced", "item_1", 2)
 

@@ -64,7 +64,7 @@ def use(meter: t.Any, billable: tuple[str, str], n: int, **kw: t.Any) -> None:
 
 def test_forget_erases_usage_and_keeps_financial_records_under_a_pseudonym(make_app):
     app, db, meter = make_app(
-        SECRET_KEY="s3cret", AI_METERING_OVERAGE_BEHAVIOR="charge", AI_METERING_AGGREGATION_TABLES=True
+        SECRET_KEY="s3cret-long-enough-key", AI_METERING_OVERAGE_BEHAVIOR="charge", AI_METERING_AGGREGATION_TABLES=True
     )
     with app.app_context():
         add_plan(db, slug="pro", token_limit=150, overage_price_per_1k_tokens=Decimal("0.5"))

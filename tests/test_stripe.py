@@ -235,7 +235,11 @@ def event(kind: str, obj: dict[str, t.Any]) -> dict[str, t.Any]:
 
 @pytest.fixture
 def webhook_app(make_app: AppFactory) -> t.Iterator[tuple[Flask, AiMetering]]:
-    app, db, meter = make_app(AI_METERING_STRIPE_WEBHOOK_SECRET=SECRET, AI_METERING_PAYMENT_FAILURE_GRACE_PERIOD=3)
+    app, db, meter = make_app(
+        AI_METERING_STRIPE_WEBHOOK_SECRET=SECRET,
+        AI_METERING_PAYMENT_FAILURE_GRACE_PERIOD=3,
+        AI_METERING_STRIPE_WEBHOOK_MATCH_CUSTOMER=True,  # these events name the customer only
+    )
     with app.app_context():
         add_plan(db, slug="pro", token_limit=1000)
         meter.subscribe(TEAM, "pro", stripe_customer_id="cus_w")
@@ -307,7 +311,9 @@ def test_subscription_deleted_ends_it_now_and_signals_once(webhook_app: tuple[Fl
 
 
 def test_zero_grace_days_end_the_subscription_on_the_failed_payment(make_app: AppFactory, tmp_path: Path) -> None:
-    app, db, meter = make_app(AI_METERING_PAYMENT_FAILURE_GRACE_PERIOD=0)
+    app, db, meter = make_app(
+        AI_METERING_PAYMENT_FAILURE_GRACE_PERIOD=0, AI_METERING_STRIPE_WEBHOOK_MATCH_CUSTOMER=True
+    )
     with app.app_context():
         add_plan(db, slug="pro")
         meter.subscribe(TEAM, "pro", stripe_customer_id="cus_z")

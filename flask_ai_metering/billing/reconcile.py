@@ -4,8 +4,9 @@
   overages priced so far, rounded down: ``B == floor(E)``, the carry invariant of
   :mod:`.sync`. A difference means money billed twice or lost.
 * A synced overage that billed something names its remote item.
-* No overage is stuck in ``syncing`` past the takeover age (its sync died; the
-  next sync looks it up remotely and finishes it).
+* No overage is left in ``syncing`` by a sync that died: its claim lock is free
+  (:mod:`.locks`), so no live sync holds it; the next sync looks it up remotely
+  and finishes it.
 
 None of these is changed by ``--fix``: what was sent to the payment provider
 cannot be corrected from our side alone, so the lines say what to look at.
@@ -20,9 +21,8 @@ import sqlalchemy as sa
 
 from ..models import Overage
 from ..models import table
-from ..models import utcnow
+from .locks import ClaimLocks
 from .overages import floor_minor
-from .sync import OverageSyncer
 
 if t.TYPE_CHECKING:
     from ..runtime import Runtime
@@ -59,15 +59,18 @@ def check_overages(rt: Runtime, conn: sa.Connection, *, fix: bool = False, now: 
     )
     for (overage_id,) in unnamed:
         problems.append(f"overage {overage_id} is synced with an amount but names no remote item")
-    stale_before = (now or utcnow()) - OverageSyncer.stale_after
-    stuck = conn.execute(
-        sa.select(overages.c.id, overages.c.sync_started_at).where(
-            overages.c.status == "syncing", overages.c.sync_started_at < stale_before
-        )
-    )
-    for overage_id, started in stuck:
-        problems.append(
-            f"overage {overage_id} has been syncing since {started:%Y-%m-%d %H:%M} UTC (its sync died);"
-            " run sync-stripe-overages to finish it"
-        )
+    syncing = conn.execute(
+        sa.select(overages.c.id, overages.c.sync_started_at).where(overages.c.status == "syncing")
+    ).all()
+    if syncing:
+        with ClaimLocks(rt.store) as locks:
+            for overage_id, started in syncing:
+                if not locks.try_acquire(int(overage_id)):
+                    continue  # a live sync is on it
+                locks.release(int(overage_id))
+                since = f" since {started:%Y-%m-%d %H:%M} UTC" if started is not None else ""
+                problems.append(
+                    f"overage {overage_id} was left syncing{since} by a sync that died;"
+                    " run sync-stripe-overages to finish it"
+                )
     return problems

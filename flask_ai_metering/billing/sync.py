@@ -3,10 +3,14 @@
 Each overage moves ``pending`` → ``syncing`` → ``synced`` by guarded UPDATEs:
 
 1. **Claim**, in a transaction of its own per billable: the billable's
-   subscription row is locked, then each claimable overage (``pending``, or
-   ``syncing`` for longer than :attr:`OverageSyncer.stale_after`: its sync died)
-   is moved to ``syncing`` with ``sync_attempts + 1``. Two concurrent syncs never
-   hold the same row.
+   subscription row is locked, then each unsynced overage whose claim lock
+   (:mod:`.locks`) this run can take is moved to ``syncing`` with
+   ``sync_attempts + 1``. The lock belongs to the run's database session, not to
+   a clock: it is held until the overage is marked, and vanishes the moment the
+   claiming process dies or loses its connection. So a ``syncing`` row whose lock
+   is free was left by a dead sync and is taken over at once, and one whose lock
+   is taken belongs to a live sync: it is reported with its age and left alone.
+   Two concurrent syncs never hold the same row.
 2. **Price in minor units**, once, at its first claim and under that lock: an
    overage bills ``floor(E + amount) - B`` minor units, where ``E`` is the exact
    sum of the billable's overages priced so far (per currency) and ``B`` the minor
@@ -21,10 +25,14 @@ Each overage moves ``pending`` → ``syncing`` → ``synced`` by guarded UPDATEs
    so a sync whose claim was taken over cannot overwrite the new owner. A
    failure puts the row back to ``pending`` (same guard), keeping its amount.
 
-The remaining window: a sync that stalls for longer than ``stale_after`` between
-its claim and its create, while another sync takes the row over, finds nothing
-and creates; the idempotency key then makes the provider return the same item
-(within Stripe's 24 hours). Keep ``stale_after`` well above the provider timeout.
+The remaining window: a sync whose lock connection drops while it is alive (a
+database restart) between its claim and its create, while another sync takes the
+row over, finds nothing and creates; the idempotency key then makes the provider
+return the same item (within Stripe's 24 hours). A run checks its lock session
+just before each create to keep that window small.
+
+A run's report counts what it left unsynced (failed, held by another live sync,
+or waiting for a billing customer); the CLI exits 1 while any is left.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from ..models import Subscription
 from ..models import table
 from ..models import utcnow
 from ..money import to_units
+from .locks import ClaimLocks
 from .overages import floor_minor
 
 if t.TYPE_CHECKING:
@@ -97,38 +106,47 @@ class SyncReport:
     failed: int = 0
     #: Overages of billables without a customer to bill; left pending.
     waiting: int = 0
+    #: Overages another live sync holds: ``(overage id, seconds since its claim)``
+    #: (None when its claim is too fresh to have been written yet); left to it.
+    held: list[tuple[int, float | None]] = dataclasses.field(default_factory=list)
     #: Minor units sent per currency.
     sent_minor: dict[str, int] = dataclasses.field(default_factory=dict)
     errors: list[str] = dataclasses.field(default_factory=list)
 
     @property
+    def unsynced(self) -> int:
+        """Overages this run met and left unsynced (failed, held elsewhere, or without a customer)."""
+        return self.failed + len(self.held) + self.waiting
+
+    @property
     def ok(self) -> bool:
-        return self.failed == 0
+        """True when nothing this run met is left unsynced."""
+        return self.unsynced == 0
 
     def __str__(self) -> str:
         sent = ", ".join(f"{minor} {cur} minor units" for cur, minor in sorted(self.sent_minor.items())) or "nothing"
         line = f"Synced {self.synced} overage(s) ({sent}); {self.carried} carried under one minor unit"
         line += f"; {self.failed} failed"
+        if self.held:
+            ages = ", ".join(
+                f"overage {oid} claimed {'just now' if age is None else f'{age:.0f}s ago'}" for oid, age in self.held
+            )
+            line += f"; {len(self.held)} held by another live sync ({ages})"
         if self.waiting:
             line += f"; {self.waiting} wait for a billing customer (meter.subscribe(..., stripe_customer_id=...))"
         return line + "."
 
 
-def _claimable(stale_before: dt.datetime) -> sa.ColumnElement[bool]:
-    return sa.or_(
-        overages.c.status == "pending",
-        sa.and_(overages.c.status == "syncing", overages.c.sync_started_at < stale_before),
-    )
+#: Not synced yet: ``pending``, or ``syncing`` (whether its sync is alive is the lock's to say).
+_UNSYNCED = overages.c.status.in_(("pending", "syncing"))
 
 
 def _of(billable: Billable) -> sa.ColumnElement[bool]:
     return sa.and_(overages.c.billable_type == billable[0], overages.c.billable_id == billable[1])
 
 
-def candidates(
-    conn: sa.Connection, stale_before: dt.datetime, ids: t.Sequence[int] | None
-) -> list[tuple[Billable, str | None, int]]:
-    """Billables with claimable overages, oldest first: ``(billable, customer, count)``.
+def candidates(conn: sa.Connection, ids: t.Sequence[int] | None) -> list[tuple[Billable, str | None, int]]:
+    """Billables with unsynced overages, oldest first: ``(billable, customer, count)``.
 
     Overages of a billable without a subscription are not listed: the subscription
     row is the lock that serialises pricing, and says whom to bill.
@@ -139,7 +157,7 @@ def candidates(
             subs,
             sa.and_(subs.c.billable_type == overages.c.billable_type, subs.c.billable_id == overages.c.billable_id),
         )
-        .where(_claimable(stale_before))
+        .where(_UNSYNCED)
         .group_by(overages.c.billable_type, overages.c.billable_id, subs.c.stripe_customer_id)
         .order_by(sa.func.min(overages.c.id))
     )
@@ -154,12 +172,18 @@ def claim(
     *,
     limit: int,
     now: dt.datetime,
-    stale_before: dt.datetime,
+    locks: ClaimLocks,
     ids: t.Sequence[int] | None = None,
-) -> list[Claim]:
-    """Claim up to ``limit`` of the billable's overages and price them in minor units."""
+) -> tuple[list[Claim], list[tuple[int, float | None]]]:
+    """Claim up to ``limit`` of the billable's overages and price them in minor units.
+
+    Returns the claims (their locks held in ``locks`` until marked) and the
+    overages another live sync holds, with the seconds since their claim.
+    """
+    held: list[tuple[int, float | None]] = []
 
     def work(conn: sa.Connection) -> list[Claim]:
+        held.clear()
         sub = conn.execute(
             sa.select(subs.c.stripe_customer_id)
             .where(subs.c.billable_type == billable[0], subs.c.billable_id == billable[1])
@@ -167,13 +191,19 @@ def claim(
         ).first()
         if sub is None:
             return []
-        stmt = sa.select(overages).where(_of(billable), _claimable(stale_before)).order_by(overages.c.id).limit(limit)
+        stmt = sa.select(overages).where(_of(billable), _UNSYNCED).order_by(overages.c.id)
         if ids is not None:
             stmt = stmt.where(overages.c.id.in_(list(ids)))
         rows = conn.execute(stmt).all()
         exact, billed = _priced_totals(conn, billable)
-        claims = []
+        claims: list[Claim] = []
         for row in rows:
+            if len(claims) >= limit:
+                break
+            if not locks.try_acquire(int(row.id)):
+                started = row.sync_started_at if row.status == "syncing" else None
+                held.append((int(row.id), None if started is None else max((now - started).total_seconds(), 0.0)))
+                continue
             minor = row.synced_amount_minor
             customer = row.stripe_customer_id or sub.stripe_customer_id
             units = to_units(row.amount)
@@ -182,7 +212,7 @@ def claim(
                 minor = floor_minor(total, row.currency) - billed.get(row.currency, 0)
             claimed = conn.execute(
                 sa.update(overages)
-                .where(overages.c.id == row.id, _claimable(stale_before))
+                .where(overages.c.id == row.id, _UNSYNCED)
                 .values(
                     status="syncing",
                     sync_started_at=now,
@@ -191,7 +221,8 @@ def claim(
                     stripe_customer_id=customer,
                 )
             ).rowcount
-            if claimed != 1:
+            if claimed != 1:  # marked synced since we read it
+                locks.release(int(row.id))
                 continue
             if row.synced_amount_minor is None:
                 exact[row.currency] = exact.get(row.currency, 0) + units
@@ -212,7 +243,12 @@ def claim(
             )
         return claims
 
-    return store.run(work)
+    before = set(locks.held)
+    claims = store.run(work)
+    # A retried transaction may have locked rows that its last attempt did not claim.
+    for overage_id in set(locks.held) - before - {c.overage_id for c in claims}:
+        locks.release(overage_id)
+    return claims, list(held)
 
 
 def _priced_totals(conn: sa.Connection, billable: Billable) -> tuple[dict[str, int], dict[str, int]]:
@@ -266,8 +302,6 @@ class OverageSyncer:
     """
 
     name = "remote"
-    #: A ``syncing`` claim older than this is taken to be dead and taken over.
-    stale_after = dt.timedelta(minutes=15)
     requires_customer = True
 
     def __init__(self, store: Transactions, settings: Settings) -> None:
@@ -292,12 +326,15 @@ class OverageSyncer:
         ids: t.Sequence[int] | None = None,
         now: dt.datetime | None = None,
     ) -> SyncReport:
-        """Push claimable overages (all, or ``ids``), at most ``limit``, each exactly once."""
+        """Push unsynced overages (all, or ``ids``), at most ``limit``, each exactly once.
+
+        Overages left by a dead sync are taken over at once; those another live
+        sync holds are listed in :attr:`SyncReport.held` and left to it.
+        """
         at = now or utcnow()
-        stale_before = at - self.stale_after
         report = SyncReport()
         with self.store.engine.connect() as conn:
-            found = candidates(conn, stale_before, ids)
+            found = candidates(conn, ids)
         ready = []
         for billable, customer, count in found:
             if self.requires_customer and not customer:
@@ -307,20 +344,34 @@ class OverageSyncer:
         remaining = sum(count for _, count in ready) if limit is None else min(limit, sum(c for _, c in ready))
         if progress is not None:
             progress.start(remaining)
-        for billable, _ in ready:
-            if remaining <= 0:
-                break
-            for item in claim(self.store, billable, limit=remaining, now=at, stale_before=stale_before, ids=ids):
-                remaining -= 1
-                self._push(item, report, at)
-                if progress is not None:
-                    progress.update(1)
+        with ClaimLocks(self.store) as locks:
+            for billable, _ in ready:
+                if remaining <= 0:
+                    break
+                claims, held = claim(self.store, billable, limit=remaining, now=at, locks=locks, ids=ids)
+                report.held += held
+                for item in claims:
+                    remaining -= 1
+                    try:
+                        self._push(item, report, at, locks)
+                    finally:
+                        locks.release(item.overage_id)
+                    if progress is not None:
+                        progress.update(1)
+        for overage_id, age in report.held:
+            log.warning(
+                "overage %s is held by another live sync (claimed %s); left to it",
+                overage_id,
+                "just now" if age is None else f"{age:.0f}s ago",
+            )
         return report
 
-    def _push(self, claim: Claim, report: SyncReport, now: dt.datetime) -> None:
+    def _push(self, claim: Claim, report: SyncReport, now: dt.datetime, locks: ClaimLocks) -> None:
         try:
             remote_id = None
             if claim.amount_minor > 0:
+                if not locks.alive():
+                    raise ConnectionError("lost the database session that holds this sync's claims")
                 if not still_claimed(self.store, claim):
                     return
                 remote_id = self.find_remote(claim) if claim.retried else None
@@ -340,7 +391,7 @@ class OverageSyncer:
             try:
                 mark_failed(self.store, claim, error)
             except Exception:
-                log.exception("could not release the claim on overage %s; it is retried when stale", claim.overage_id)
+                log.exception("could not give back overage %s; the next sync takes it over", claim.overage_id)
             return
         if claim.amount_minor == 0:
             report.carried += 1
@@ -352,7 +403,8 @@ class OverageSyncer:
         """Sync these overages in a daemon thread, off the request's critical path.
 
         Failures stay ``pending`` for ``flask ai-metering sync-stripe-overages``;
-        a process that exits mid-sync leaves a claim that the next sync takes over.
+        a process that exits mid-sync leaves a ``syncing`` row whose claim died
+        with it, which the next sync takes over at once.
         """
         ids = list(overage_ids)
 

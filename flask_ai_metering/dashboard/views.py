@@ -62,11 +62,59 @@ def current_user() -> t.Any:
     return user._get_current_object()
 
 
+#: The Stripe webhook's endpoint name in the blueprint (``ai_metering.stripe_webhook``).
+WEBHOOK_ENDPOINT = "stripe_webhook"
+
+
 def authorize() -> None:
-    """Deny by default: without an authorizer, or when it says no, every page is 403."""
+    """Deny by default: without an authorizer, or when it says no, every page is 403.
+
+    The Stripe webhook is not a page: Stripe's signature authenticates it.
+    """
+    if request.endpoint == f"ai_metering.{WEBHOOK_ENDPOINT}":
+        return
     authorizer = _meter()._dashboard_authorizer
     if authorizer is None or not authorizer(current_user()):
         abort(403)
+
+
+def stripe_webhook() -> tuple[t.Any, int]:
+    """``POST <prefix>/stripe/webhook``: verify and apply a Stripe event.
+
+    204 when applied (or ignored as unknown or stale), 400 for a bad signature or a
+    malformed event; Stripe retries anything else.
+    """
+    import stripe
+
+    try:
+        _meter().handle_stripe_webhook(request.get_data(), request.headers.get("Stripe-Signature", ""))
+    except stripe.SignatureVerificationError:
+        return {"error": "bad_signature", "message": "the Stripe-Signature header does not verify"}, 400
+    except ValueError as exc:
+        return {"error": "bad_event", "message": str(exc)}, 400
+    return "", 204
+
+
+def exempt_webhook_from_csrf(app: t.Any) -> None:
+    """Exempt the webhook from Flask-WTF's ``CSRFProtect``, whichever extension inits first.
+
+    Stripe cannot send a CSRF token; the signature is the check. ``CSRFProtect``
+    lives in ``app.extensions["csrf"]`` once set up, which may be after us: the
+    exemption is added at the first app context that finds it.
+    """
+    from flask import appcontext_pushed
+
+    location = f"{stripe_webhook.__module__}.{stripe_webhook.__name__}"
+
+    def exempt(sender: t.Any, **_: t.Any) -> None:
+        csrf = sender.extensions.get("csrf")
+        if csrf is None or getattr(csrf, "_ai_metering_exempt", False) or not hasattr(csrf, "exempt"):
+            return
+        csrf.exempt(location)
+        csrf._ai_metering_exempt = True
+
+    exempt(app)
+    appcontext_pushed.connect(exempt, app, weak=False)
 
 
 def bad_filter(error: FilterError) -> tuple[str, int]:
@@ -165,6 +213,8 @@ def billable(billable_type: str, billable_id: str) -> str:
     f = _filters()
     if len(billable_type) > 100 or len(billable_id) > 100:
         raise FilterError("The billable type and id are at most 100 characters each.")
+    if any(ord(c) < 32 for c in billable_type + billable_id):
+        raise FilterError("The billable type and id must not contain control characters.")
     data = pages.billable_page(_runtime(), (billable_type, billable_id), f)
     figure = charts.cost_over_time(data.summary, f.start, f.end, "model")
     return render_template("ai_metering/billable.html", filters=f, data=data, figure=figure)

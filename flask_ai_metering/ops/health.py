@@ -28,6 +28,7 @@ from ..models import Usage
 from ..models import utcnow
 from ..queueing import celery_for
 from . import schema as migrations
+from .privacy import secret_key_problem
 from .reconcile import reconcile
 
 if t.TYPE_CHECKING:
@@ -61,6 +62,7 @@ def validate(app: Flask, rt: Runtime | None = None) -> list[str]:
 
 
 def _config(app: Flask) -> list[str]:
+
     problems = []
     for key in unknown_keys(app.config):
         close = difflib.get_close_matches(key, DEFAULTS, n=1)
@@ -70,6 +72,9 @@ def _config(app: Flask) -> list[str]:
         Settings.from_config(app.config)
     except ConfigurationError as exc:
         problems.append(f"config: {exc}")
+    weak_key = secret_key_problem(app)
+    if weak_key is not None:
+        problems.append(f"config: {weak_key}; set a long random SECRET_KEY")
     return problems
 
 

@@ -28,6 +28,7 @@ from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 
+from ..errors import ConfigurationError
 from ..metering.holds import release_reservation
 from ..models import TOKEN_COLUMNS
 from ..models import Counter
@@ -37,6 +38,7 @@ from ..models import Reservation
 from ..models import Subscription
 from ..models import Usage
 from ..models import utcnow
+from ..quota.periods import period_for
 from ..reporting.rollups import BILLABLES
 from ..reporting.rollups import DERIVED
 from ..reporting.rollups import DETAILED
@@ -70,6 +72,53 @@ _KEPT = (
 _ROLLUP_MEASURES = ("calls", *TOKEN_COLUMNS, "total_cost", "unpriced_calls")
 
 
+#: ``SECRET_KEY`` values seen in tutorials and templates: as good as no key.
+_PLACEHOLDER_KEYS = {"dev", "development", "secret", "secret-key", "secret_key", "changeme", "change-me", "test"}
+#: The shortest ``SECRET_KEY`` a pseudonym may be keyed with.
+MIN_SECRET_KEY_LENGTH = 16
+
+
+def secret_key_problem(app: t.Any) -> str | None:
+    """Why the app's ``SECRET_KEY`` cannot key pseudonyms (None when it can)."""
+    key = app.config.get("SECRET_KEY")
+    if not key:
+        return "SECRET_KEY is not set: forget's pseudonyms could be reversed by trying ids"
+    raw = key if isinstance(key, bytes) else str(key).encode()
+    if len(raw) < MIN_SECRET_KEY_LENGTH or raw.decode(errors="replace").strip().lower() in _PLACEHOLDER_KEYS:
+        return (
+            f"SECRET_KEY is weak (a placeholder or under {MIN_SECRET_KEY_LENGTH} bytes):"
+            " forget's pseudonyms could be reversed by trying ids"
+        )
+    return None
+
+
+def require_secret_key(app: t.Any) -> None:
+    """:raises ConfigurationError: ``SECRET_KEY`` is unset or weak (see :func:`secret_key_problem`)."""
+
+    problem = secret_key_problem(app)
+    if problem is not None:
+        raise ConfigurationError(problem + "; set a long random SECRET_KEY first")
+
+
+def latest_anonymizable(rt: Runtime, now: dt.datetime | None = None) -> dt.datetime:
+    """The latest ``anonymize`` cutoff allowed: the start of the earliest running period.
+
+    Usage of a running period is what its counter and limit checks are explained
+    by, so it keeps its attribution until the period ends; so does the default
+    calendar period of billables without a subscription, and the future.
+    """
+
+    at = now or utcnow()
+    latest = period_for(
+        at, period_type=rt.settings.period_type, alignment="calendar", timezone=rt.settings.timezone
+    ).start
+    with rt.store.engine.connect() as conn:
+        running = conn.execute(
+            sa.select(sa.func.min(counters.c.period_start)).where(counters.c.period_end > at)
+        ).scalar()
+    return min(latest, running) if running is not None else latest
+
+
 def pseudonym(rt: Runtime, billable: Billable) -> str:
     """The stable id a forgotten billable's financial records carry from now on."""
     key = str(rt.app.secret_key or "").encode()
@@ -86,7 +135,12 @@ def forget(rt: Runtime, billable: Billable, dry_run: bool = False) -> dict[str, 
 
     Returns rows per kind (what would change, with ``dry_run``). One transaction:
     a failure changes nothing.
+
+    :raises ConfigurationError: (unless ``dry_run``) the app's ``SECRET_KEY`` is
+        unset or weak, so the pseudonyms could be reversed.
     """
+    if not dry_run:
+        require_secret_key(rt.app)
     alias = pseudonym(rt, billable)
 
     def work(conn: sa.Connection) -> dict[str, int]:

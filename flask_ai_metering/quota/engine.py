@@ -68,6 +68,8 @@ class LimitCheck:
     reserved_cost: Decimal = Decimal(0)
     #: Why the call was refused, in words fit for an end user.
     reason: str | None = None
+    #: The subscription has ended (or not started): the period's reset does not lift the refusal.
+    expired: bool = False
 
     @property
     def resets_at(self) -> dt.datetime:
@@ -153,6 +155,7 @@ def limit_check(
         used_cost=from_units(state.used_cost_units),
         reserved_cost=from_units(state.reserved_cost_units),
         reason=reason,
+        expired=policy.expired,
     )
 
 

@@ -59,6 +59,7 @@ def subscribe(
     *,
     billing_mode: str = "plan",
     stripe_customer_id: str | None = None,
+    stripe_subscription_id: str | None = None,
     from_plan: str | None = None,
     **dates: dt.datetime | None,
 ) -> Subscription:
@@ -93,6 +94,8 @@ def subscribe(
         values["updated_at"] = now
         if stripe_customer_id is not None:
             values["stripe_customer_id"] = stripe_customer_id
+        if stripe_subscription_id is not None:
+            values["stripe_subscription_id"] = stripe_subscription_id
         if current is None:
             values.setdefault("started_at", now)
             inserted = rt.store.insert_ignore(

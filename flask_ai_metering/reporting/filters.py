@@ -111,6 +111,8 @@ def _text(args: t.Mapping[str, str], name: str) -> str | None:
 
 def parse_billable(raw: str) -> tuple[str, str]:
     kind, sep, ident = raw.partition(":")
+    if any(ord(c) < 32 for c in raw):
+        raise FilterError("'billable' must not contain control characters.")
     if not sep or not kind or not ident or len(kind) > 100 or len(ident) > 100:
         raise FilterError(f"'billable' must be TYPE:ID (for example Team:42), got {raw[:60]!r}.")
     return kind, ident
