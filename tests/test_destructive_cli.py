@@ -13,9 +13,9 @@ import pytest
 import sqlalchemy as sa
 
 from flask_ai_metering import cli as cli_module
-from flask_ai_metering import migrations
 from flask_ai_metering.models import Base
 from flask_ai_metering.models import utcnow
+from flask_ai_metering.ops import schema as migrations
 
 UTC = dt.timezone.utc
 TEAM = ("Team", "42")

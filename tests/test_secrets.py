@@ -8,10 +8,10 @@ import typing as t
 import pytest
 import sqlalchemy as sa
 
-from flask_ai_metering import privacy
 from flask_ai_metering.errors import ConfigurationError
 from flask_ai_metering.errors import InvalidUsage
 from flask_ai_metering.models import Usage
+from flask_ai_metering.ops import privacy
 from flask_ai_metering.ops.health import validate
 
 if t.TYPE_CHECKING:

@@ -34,7 +34,7 @@ import typing as t
 import sqlalchemy as sa
 
 if t.TYPE_CHECKING:
-    from ..storage import Store
+    from ..transactions import Transactions
 
 log = logging.getLogger("flask_ai_metering")
 
@@ -51,7 +51,7 @@ class ClaimLocks:
     again, so a retried transaction can call it twice.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Transactions) -> None:
         self.store = store
         self.held: set[int] = set()
         self._conn: sa.Connection | None = None
