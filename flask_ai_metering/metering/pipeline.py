@@ -18,6 +18,8 @@ from ..quota.leases import keeper
 from ..quota.standing import current_check
 from .calls import MeterResult
 from .commits import commit
+from .failures import describe
+from .failures import record_failure
 from .holds import release
 from .holds import reserve
 from .spec import Hold
@@ -45,7 +47,7 @@ def run(rt: Runtime, spec: CallSpec, fn: t.Callable[[], t.Any]) -> MeterResult:
     try:
         response = fn()
     except BaseException as error:
-        failed(rt, spec, outcome, error)
+        failed(rt, spec, outcome, error, started)
         raise
     return finish(rt, spec, outcome, response, started)
 
@@ -72,7 +74,7 @@ async def arun(rt: Runtime, spec: CallSpec, fn: t.Callable[[], t.Awaitable[t.Any
     try:
         response = await fn()
     except BaseException as error:
-        await asyncio.shield(asyncio.to_thread(failed, rt, spec, outcome, error))
+        await asyncio.shield(asyncio.to_thread(failed, rt, spec, outcome, error, started))
         raise
     return await asyncio.to_thread(finish, rt, spec, outcome, response, started)
 
@@ -83,14 +85,16 @@ def replayed(rt: Runtime, spec: CallSpec, replay: Replay) -> MeterResult:
     return MeterResult(None, replay.usage, check, replayed=True, usage_id=replay.usage_id)
 
 
-def failed(rt: Runtime, spec: CallSpec, hold: Hold, error: BaseException) -> None:
-    """The provider call raised: give the hold back (the key is freed for a retry) and say so."""
+def failed(rt: Runtime, spec: CallSpec, hold: Hold, error: BaseException, started: float) -> None:
+    """The provider call raised: give the hold back (the key is freed for a retry), record it, say so."""
+    described = describe(error, started)
     keeper.drop(hold.reservation_id)
     try:
         release(rt, hold)
     except Exception:
         log.exception("could not release reservation %s; it expires on its own", hold.reservation_id)
     if isinstance(error, Exception):
+        record_failure(rt, spec, described)
         if rt.settings.log_failures:
             log.warning("%s call failed: %s", spec.provider, type(error).__name__)
         signals.provider_call_failed.send(
@@ -111,7 +115,7 @@ def finish(rt: Runtime, spec: CallSpec, hold: Hold, response: t.Any, started: fl
         if extracted is None:
             extracted = manual_usage(spec)
     except BaseException as error:
-        failed(rt, spec, hold, error)
+        failed(rt, spec, hold, error, started)
         raise
     recorded = _commit(rt, spec, hold, extracted, started)
     return MeterResult(response, recorded.usage, recorded.check, usage_id=recorded.usage_id)
