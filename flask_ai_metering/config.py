@@ -90,6 +90,14 @@ class ConfigVars:
     STRIPE_API_BASE = "AI_METERING_STRIPE_API_BASE"
     #: Stripe webhook signing secret.
     STRIPE_WEBHOOK_SECRET = "AI_METERING_STRIPE_WEBHOOK_SECRET"
+    #: Emit OpenTelemetry GenAI spans and metrics (only when the app configured an SDK provider).
+    OTEL_ENABLED = "AI_METERING_OTEL_ENABLED"
+    #: Export Prometheus counters and the overhead histogram (needs the ``prometheus`` extra).
+    PROMETHEUS_ENABLED = "AI_METERING_PROMETHEUS_ENABLED"
+    #: The ``prometheus_client`` registry (or its dotted path); None: the client's default registry.
+    PROMETHEUS_REGISTRY = "AI_METERING_PROMETHEUS_REGISTRY"
+    #: Distinct model labels kept in Prometheus; later models are counted as ``other``.
+    PROMETHEUS_MAX_MODELS = "AI_METERING_PROMETHEUS_MAX_MODELS"
 
 
 #: Every key with its default, applied by ``init_app``.
@@ -127,6 +135,10 @@ DEFAULTS: dict[str, t.Any] = {
     ConfigVars.STRIPE_API_KEY: None,
     ConfigVars.STRIPE_API_BASE: None,
     ConfigVars.STRIPE_WEBHOOK_SECRET: None,
+    ConfigVars.OTEL_ENABLED: True,
+    ConfigVars.PROMETHEUS_ENABLED: False,
+    ConfigVars.PROMETHEUS_REGISTRY: None,
+    ConfigVars.PROMETHEUS_MAX_MODELS: 50,
 }
 
 _CHOICES = {
@@ -140,6 +152,7 @@ _POSITIVE_INTS = (
     ConfigVars.MAX_META_BYTES,
     ConfigVars.RESERVATION_TTL,
     ConfigVars.DEFAULT_MAX_TOKENS,
+    ConfigVars.PROMETHEUS_MAX_MODELS,
 )
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -221,6 +234,11 @@ class Settings:
     stripe_api_key: str | None
     stripe_api_base: str | None
     stripe_webhook_secret: str | None
+    otel_enabled: bool = True
+    prometheus_enabled: bool = False
+    #: A ``CollectorRegistry``, its dotted path, or None for the client's default registry.
+    prometheus_registry: t.Any = None
+    prometheus_max_models: int = 50
 
     @classmethod
     def from_config(cls, config: t.Mapping[str, t.Any]) -> Settings:
@@ -290,6 +308,10 @@ class Settings:
             stripe_api_key=config[ConfigVars.STRIPE_API_KEY],
             stripe_api_base=config[ConfigVars.STRIPE_API_BASE],
             stripe_webhook_secret=config[ConfigVars.STRIPE_WEBHOOK_SECRET],
+            otel_enabled=bool(config[ConfigVars.OTEL_ENABLED]),
+            prometheus_enabled=bool(config[ConfigVars.PROMETHEUS_ENABLED]),
+            prometheus_registry=config[ConfigVars.PROMETHEUS_REGISTRY],
+            prometheus_max_models=config[ConfigVars.PROMETHEUS_MAX_MODELS],
         )
 
 

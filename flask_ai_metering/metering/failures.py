@@ -42,6 +42,8 @@ class FailedCall:
     http_status: int | None
     #: Seconds from the provider call's start to the error.
     duration: float
+    #: The ``perf_counter`` reading when the error reached metering.
+    ended: float
 
 
 def error_type(error: BaseException) -> str:
@@ -65,7 +67,8 @@ def http_status(error: BaseException) -> int | None:
 
 def describe(error: BaseException, started: float) -> FailedCall:
     """The :class:`FailedCall` of ``error``, raised ``started`` (a ``perf_counter``) into the call."""
-    return FailedCall(error_type(error), http_status(error), max(0.0, time.perf_counter() - started))
+    ended = time.perf_counter()
+    return FailedCall(error_type(error), http_status(error), max(0.0, ended - started), ended)
 
 
 def record_failure(rt: Runtime, spec: CallSpec, failed: FailedCall) -> None:

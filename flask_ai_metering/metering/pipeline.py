@@ -13,6 +13,7 @@ import logging
 import time
 import typing as t
 
+from .. import observability
 from .. import signals
 from ..quota.leases import keeper
 from ..quota.standing import current_check
@@ -100,6 +101,7 @@ def failed(rt: Runtime, spec: CallSpec, hold: Hold, error: BaseException, starte
         signals.provider_call_failed.send(
             rt.app, billable=spec.billable, provider=spec.provider, model=spec.model, error=error
         )
+        observability.call_failed(rt, spec, hold, described)
 
 
 def finish(rt: Runtime, spec: CallSpec, hold: Hold, response: t.Any, started: float) -> MeterResult:
@@ -128,16 +130,20 @@ class _StreamCommit:
         self.rt, self.spec, self.hold, self.started, self.result = rt, spec, hold, started, result
 
     def __call__(self, extracted: Extracted) -> None:
-        recorded = _commit(self.rt, self.spec, self.hold, extracted, self.started)
+        recorded = _commit(self.rt, self.spec, self.hold, extracted, self.started, stream=True)
         self.result.usage, self.result.limit, self.result.usage_id = recorded.usage, recorded.check, recorded.usage_id
 
 
-def _commit(rt: Runtime, spec: CallSpec, hold: Hold, extracted: Extracted, started: float) -> t.Any:
-    duration = int((time.perf_counter() - started) * 1000)
+def _commit(
+    rt: Runtime, spec: CallSpec, hold: Hold, extracted: Extracted, started: float, stream: bool = False
+) -> t.Any:
+    ended = time.perf_counter()
     try:
-        return commit(rt, spec, hold, extracted, duration_ms=duration)
+        recorded = commit(rt, spec, hold, extracted, duration_ms=int((ended - started) * 1000))
     finally:
         keeper.drop(hold.reservation_id)
+    observability.call_ended(rt, spec, hold, extracted, recorded, started=started, ended=ended, stream=stream)
+    return recorded
 
 
 def manual_usage(spec: CallSpec) -> Extracted:
