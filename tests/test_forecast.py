@@ -90,7 +90,7 @@ def record_steady(meter, billable: tuple[str, str], per_day: int) -> None:
 
 
 @pytest.mark.parametrize("rollups", [False, True])
-def test_report_forecast_of_a_steady_billable(make_app: AppFactory, rollups: bool):
+def test_report_forecast_of_a_steady_billable(backend: str, make_app: AppFactory, rollups: bool):
     app, _, meter = make_app(AI_METERING_AGGREGATION_TABLES=rollups)
     with app.app_context():
         record_steady(meter, ("Team", "steady"), 1000)
