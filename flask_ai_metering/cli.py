@@ -168,13 +168,17 @@ def migrate_plan_command(billable: tuple[str, str], plan_slug: str, from_plan: s
 @click.option("--billable", type=BILLABLE, help="Only this billable (TYPE:ID).")
 @click.option("--tenant", help="Only this tenant id.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-def report_command(month: str | None, billable: tuple[str, str] | None, tenant: str | None, fmt: str) -> None:
+@click.option("--forecast", is_flag=True, help="Add the projected month total per billable (weighted run rate).")
+def report_command(
+    month: str | None, billable: tuple[str, str] | None, tenant: str | None, fmt: str, forecast: bool
+) -> None:
     """Tokens, cost and calls for a month, by billable, provider, model and feature."""
     try:
         start = parse_month(month)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--month") from None
-    click.echo(render(build_report(_meter().runtime(), start, billable=billable, tenant=tenant), fmt))
+    report = build_report(_meter().runtime(), start, billable=billable, tenant=tenant, forecast=forecast)
+    click.echo(render(report, fmt))
 
 
 @cli.command("validate")

@@ -102,6 +102,14 @@ class ConfigVars:
     #: Let a webhook find a subscription by its Stripe customer when no subscription
     #: has the event's subscription id (it then remembers that id); off by default.
     STRIPE_WEBHOOK_MATCH_CUSTOMER = "AI_METERING_STRIPE_WEBHOOK_MATCH_CUSTOMER"
+    #: Emit OpenTelemetry GenAI spans and metrics (only when the app configured an SDK provider).
+    OTEL_ENABLED = "AI_METERING_OTEL_ENABLED"
+    #: Export Prometheus counters and the overhead histogram (needs the ``prometheus`` extra).
+    PROMETHEUS_ENABLED = "AI_METERING_PROMETHEUS_ENABLED"
+    #: The ``prometheus_client`` registry (or its dotted path); None: the client's default registry.
+    PROMETHEUS_REGISTRY = "AI_METERING_PROMETHEUS_REGISTRY"
+    #: Distinct model labels kept in Prometheus; later models are counted as ``other``.
+    PROMETHEUS_MAX_MODELS = "AI_METERING_PROMETHEUS_MAX_MODELS"
 
 
 #: Every key with its default, applied by ``init_app``.
@@ -143,6 +151,10 @@ DEFAULTS: dict[str, t.Any] = {
     ConfigVars.STRIPE_WEBHOOK_SECRET: None,
     ConfigVars.STRIPE_WEBHOOK_ROUTE: False,
     ConfigVars.STRIPE_WEBHOOK_MATCH_CUSTOMER: False,
+    ConfigVars.OTEL_ENABLED: True,
+    ConfigVars.PROMETHEUS_ENABLED: False,
+    ConfigVars.PROMETHEUS_REGISTRY: None,
+    ConfigVars.PROMETHEUS_MAX_MODELS: 50,
 }
 
 _CHOICES = {
@@ -157,6 +169,7 @@ _POSITIVE_INTS = (
     ConfigVars.RESERVATION_TTL,
     ConfigVars.DEFAULT_MAX_TOKENS,
     ConfigVars.MAX_REPORTED_TOKENS,
+    ConfigVars.PROMETHEUS_MAX_MODELS,
 )
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -243,6 +256,11 @@ class Settings:
     stripe_webhook_secret: str | None = dataclasses.field(repr=False)
     stripe_webhook_route: bool = False
     stripe_webhook_match_customer: bool = False
+    otel_enabled: bool = True
+    prometheus_enabled: bool = False
+    #: A ``CollectorRegistry``, its dotted path, or None for the client's default registry.
+    prometheus_registry: t.Any = None
+    prometheus_max_models: int = 50
 
     @classmethod
     def from_config(cls, config: t.Mapping[str, t.Any]) -> Settings:
@@ -320,6 +338,10 @@ class Settings:
             stripe_webhook_secret=config[ConfigVars.STRIPE_WEBHOOK_SECRET],
             stripe_webhook_route=bool(config[ConfigVars.STRIPE_WEBHOOK_ROUTE]),
             stripe_webhook_match_customer=bool(config[ConfigVars.STRIPE_WEBHOOK_MATCH_CUSTOMER]),
+            otel_enabled=bool(config[ConfigVars.OTEL_ENABLED]),
+            prometheus_enabled=bool(config[ConfigVars.PROMETHEUS_ENABLED]),
+            prometheus_registry=config[ConfigVars.PROMETHEUS_REGISTRY],
+            prometheus_max_models=config[ConfigVars.PROMETHEUS_MAX_MODELS],
         )
 
 

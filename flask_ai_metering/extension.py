@@ -34,6 +34,7 @@ from .metering.spec import build_spec
 from .metering.spec import check_record_options
 from .metering.sweeper import expire_reservations
 from .metering.usage import TokenCounts
+from .observability import build_observers
 from .ops.schema import exclude_from_app_migrations
 from .pricing import PriceBook
 from .providers import builtin_providers
@@ -71,6 +72,7 @@ class _AppState:
             if isinstance(entry, t.Mapping) and entry.get("class"):
                 providers[name] = load_provider(name, entry["class"])
         self.providers = providers
+        self.observers = build_observers(settings)
         self._store: Transactions | None = None
         self._fast: FastPath | None = None
         self._driver: BillingDriver | None = None
@@ -88,7 +90,9 @@ class _AppState:
         """What a metered call needs, from this app's objects (``billing``: another driver)."""
         store = self.store
         assert self._fast is not None
-        return Runtime(app, self.settings, store, self.prices, self.providers, billing or self.billing, self._fast)
+        return Runtime(
+            app, self.settings, store, self.prices, self.providers, billing or self.billing, self._fast, self.observers
+        )
 
     @property
     def billing(self) -> BillingDriver:

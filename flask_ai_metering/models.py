@@ -349,6 +349,40 @@ class Usage(_TokenColumns, Base):
         return f"<Usage {self.id} {self.billable_type}:{self.billable_id} {self.model} {self.total_tokens}>"
 
 
+class Failure(Base):
+    """One provider call that raised: who, what, which error, how long. Never a message or a prompt.
+
+    Kept apart from the usage ledger so money totals never mix with failures;
+    ``cleanup`` prunes it on the ledger's retention.
+    """
+
+    __tablename__ = PREFIX + "failures"
+    __table_args__ = (
+        sa.Index(None, "occurred_at"),
+        sa.Index(None, "model", "occurred_at"),
+        sa.Index(None, "billable_type", "billable_id", "occurred_at"),
+    )
+
+    id: Mapped[int] = mapped_column(sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True)
+    billable_type: Mapped[str | None] = mapped_column(sa.String(_BILLABLE_TYPE))
+    billable_id: Mapped[str | None] = mapped_column(sa.String(_ID))
+    user_id: Mapped[str | None] = mapped_column(sa.String(_ID))
+    tenant_id: Mapped[str | None] = mapped_column(sa.String(_ID))
+    provider: Mapped[str] = mapped_column(sa.String(50))
+    model: Mapped[str | None] = mapped_column(sa.String(150))
+    feature: Mapped[str | None] = mapped_column(sa.String(100))
+    #: The exception's class name (e.g. ``RateLimitError``), never its message.
+    error_type: Mapped[str] = mapped_column(sa.String(100))
+    #: The HTTP status the provider answered with, when the error carries one.
+    http_status: Mapped[int | None]
+    #: Wall time from the call's start to the error.
+    duration_ms: Mapped[int | None]
+    occurred_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"<Failure {self.id} {self.provider}/{self.model} {self.error_type}>"
+
+
 class CreditWallet(Base):
     """A billable's prepaid balance; ``balance`` always equals the sum of its transactions."""
 
@@ -518,6 +552,7 @@ __all__ = [
     "Counter",
     "CreditTransaction",
     "CreditWallet",
+    "Failure",
     "Overage",
     "Plan",
     "Reservation",

@@ -17,6 +17,7 @@ if t.TYPE_CHECKING:
     from .billing import BillingDriver
     from .config import Settings
     from .metering.fast_path import FastPath
+    from .observability import Observer
     from .pricing import PriceBook
     from .providers import Provider
     from .transactions import Transactions
@@ -35,6 +36,8 @@ class Runtime:
     #: The dialect's one-statement path (PostgreSQL), or the no-op path elsewhere:
     #: chosen once per app, so the portable code never asks which database it is on.
     fast: FastPath
+    #: OpenTelemetry and Prometheus observers of finished calls (empty: none configured).
+    observers: tuple[Observer, ...] = ()
 
     def provider(self, name: str) -> Provider:
         try:

@@ -86,6 +86,7 @@ def test_forget_erases_usage_and_keeps_financial_records_under_a_pseudonym(make_
         assert planned == {
             "reservations": 4,
             "usage rows": 3,
+            "failure rows": 0,
             "rollup rows": 1,
             "billable rollup rows": 1,
             "counters": 1,

@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
+import time
 import typing as t
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
+from .. import observability
 from .. import signals
 from ..billing import wallets
 from ..errors import AiLimitExceeded
@@ -59,6 +61,7 @@ def reserve(rt: Runtime, spec: CallSpec, now: dt.datetime | None = None) -> Hold
     :raises FeatureNotAllowed: the plan does not list ``spec.feature``.
     :raises IdempotencyConflict: the key's first call is still in flight.
     """
+    entered = time.perf_counter()
     tokens, cost_units = reservation_size(rt, spec)
     size = HoldSize(tokens, cost_units, enforce=rt.settings.overage_behavior == "block")
     for _ in range(3):
@@ -72,9 +75,15 @@ def reserve(rt: Runtime, spec: CallSpec, now: dt.datetime | None = None) -> Hold
             if spec.idempotency_key is None or not is_duplicate(error):
                 raise
             continue
+        except FeatureNotAllowed as refused:
+            observability.call_refused(rt, spec, refused)
+            raise
         if isinstance(outcome, (AiLimitExceeded, CreditsInsufficient)):
             signals.limit_reached.send(rt.app, billable=spec.billable, check=outcome.check)
+            observability.call_refused(rt, spec, outcome)
             raise outcome
+        if rt.observers and isinstance(outcome, Hold):
+            outcome = dataclasses.replace(outcome, reserved_in=time.perf_counter() - entered)
         return outcome
     raise IdempotencyConflict(f"idempotency key {spec.idempotency_key!r} is still in flight")
 

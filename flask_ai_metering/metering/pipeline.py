@@ -14,12 +14,15 @@ import logging
 import time
 import typing as t
 
+from .. import observability
 from .. import signals
 from ..providers.base import response_text
 from ..quota.leases import keeper
 from ..quota.standing import current_check
 from .calls import MeterResult
 from .commits import commit
+from .failures import describe
+from .failures import record_failure
 from .holds import release
 from .holds import reserve
 from .spec import Hold
@@ -49,7 +52,7 @@ def run(rt: Runtime, spec: CallSpec, fn: t.Callable[[], t.Any]) -> MeterResult:
     try:
         response = fn()
     except BaseException as error:
-        failed(rt, spec, outcome, error)
+        failed(rt, spec, outcome, error, started)
         raise
     return finish(rt, spec, outcome, response, started)
 
@@ -76,7 +79,7 @@ async def arun(rt: Runtime, spec: CallSpec, fn: t.Callable[[], t.Awaitable[t.Any
     try:
         response = await fn()
     except BaseException as error:
-        await asyncio.shield(asyncio.to_thread(failed, rt, spec, outcome, error))
+        await asyncio.shield(asyncio.to_thread(failed, rt, spec, outcome, error, started))
         raise
     return await asyncio.to_thread(finish, rt, spec, outcome, response, started)
 
@@ -87,19 +90,22 @@ def replayed(rt: Runtime, spec: CallSpec, replay: Replay) -> MeterResult:
     return MeterResult(None, replay.usage, check, replayed=True, usage_id=replay.usage_id)
 
 
-def failed(rt: Runtime, spec: CallSpec, hold: Hold, error: BaseException) -> None:
-    """The provider call raised: give the hold back (the key is freed for a retry) and say so."""
+def failed(rt: Runtime, spec: CallSpec, hold: Hold, error: BaseException, started: float) -> None:
+    """The provider call raised: give the hold back (the key is freed for a retry), record it, say so."""
+    described = describe(error, started)
     keeper.drop(hold.reservation_id)
     try:
         release(rt, hold)
     except Exception:
         log.exception("could not release reservation %s; it expires on its own", hold.reservation_id)
     if isinstance(error, Exception):
+        record_failure(rt, spec, described)
         if rt.settings.log_failures:
             log.warning("%s call failed: %s", spec.provider, type(error).__name__)
         signals.provider_call_failed.send(
             rt.app, billable=spec.billable, provider=spec.provider, model=spec.model, error=error
         )
+        observability.call_failed(rt, spec, hold, described)
 
 
 def finish(rt: Runtime, spec: CallSpec, hold: Hold, response: t.Any, started: float) -> MeterResult:
@@ -115,7 +121,7 @@ def finish(rt: Runtime, spec: CallSpec, hold: Hold, response: t.Any, started: fl
         if extracted is None:
             extracted = manual_usage(spec, response)
     except BaseException as error:
-        failed(rt, spec, hold, error)
+        failed(rt, spec, hold, error, started)
         raise
     recorded = _commit(rt, spec, hold, extracted, started)
     return MeterResult(response, recorded.usage, recorded.check, usage_id=recorded.usage_id)
@@ -128,16 +134,21 @@ class _StreamCommit:
         self.rt, self.spec, self.hold, self.started, self.result = rt, spec, hold, started, result
 
     def __call__(self, extracted: Extracted) -> None:
-        recorded = _commit(self.rt, self.spec, self.hold, extracted, self.started)
+        recorded = _commit(self.rt, self.spec, self.hold, extracted, self.started, stream=True)
         self.result.usage, self.result.limit, self.result.usage_id = recorded.usage, recorded.check, recorded.usage_id
 
 
-def _commit(rt: Runtime, spec: CallSpec, hold: Hold, extracted: Extracted, started: float) -> Recorded:
-    duration = int((time.perf_counter() - started) * 1000)
+def _commit(
+    rt: Runtime, spec: CallSpec, hold: Hold, extracted: Extracted, started: float, stream: bool = False
+) -> Recorded:
+    ended = time.perf_counter()
     try:
-        return commit(rt, spec, hold, owed(extracted, spec, hold), duration_ms=duration)
+        extracted = owed(extracted, spec, hold)
+        recorded = commit(rt, spec, hold, extracted, duration_ms=int((ended - started) * 1000))
     finally:
         keeper.drop(hold.reservation_id)
+    observability.call_ended(rt, spec, hold, extracted, recorded, started=started, ended=ended, stream=stream)
+    return recorded
 
 
 def manual_usage(spec: CallSpec, response: t.Any = None) -> Extracted:

@@ -66,6 +66,8 @@ class Hold:
     cost_units: int
     wallet_id: int | None
     credit_units: int
+    #: Seconds the reserve took (metering overhead before the call), when observers want it.
+    reserved_in: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

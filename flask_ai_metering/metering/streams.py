@@ -37,7 +37,7 @@ def settle_usage(acc: StreamAccumulator, *, complete: bool, model: str | None) -
         return reported
     if reported is not None:
         tokens = dataclasses.replace(reported.tokens, output_tokens=estimate)
-        return Extracted(tokens=tokens, model=reported.model, estimated=True)
+        return dataclasses.replace(reported, tokens=tokens, estimated=True)
     log.warning(
         "a %s stream reported no usage; recording an estimate of %d output tokens"
         " (for OpenAI pass stream_options={'include_usage': True})",

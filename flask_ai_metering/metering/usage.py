@@ -110,6 +110,12 @@ class Extracted:
     model: str | None = None
     #: True when the counts are an estimate (a stream that never reported usage).
     estimated: bool = False
+    # Descriptive only (for observability), so left out of equality: two readings of
+    # the same usage are equal whatever they say about why generation stopped.
+    #: Why generation stopped, as the provider said (``stop``, ``length``, ``end_turn``…), if it said.
+    finish_reasons: tuple[str, ...] = dataclasses.field(default=(), compare=False)
+    #: The GenAI operation the response answers: ``chat`` or ``embeddings`` (None: unknown).
+    operation: str | None = dataclasses.field(default=None, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)

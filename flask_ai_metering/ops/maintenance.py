@@ -1,6 +1,6 @@
 """``flask ai-metering cleanup``: prune old ledger rows and finished reservations, in batches.
 
-What goes: usage rows older than the retention window, and reservations that are
+What goes: usage rows and failure rows older than the retention window, and reservations that are
 finished (``committed``, ``released`` or ``expired`` — an idempotency claim is a
 reservation, so expired claims go with them) and older than the same cutoff.
 What stays: rollups (they are the long-term history), counters, pending
@@ -23,6 +23,7 @@ import sqlalchemy as sa
 
 from ..models import AggregationState
 from ..models import Counter
+from ..models import Failure
 from ..models import Reservation
 from ..models import Usage
 from ..models import utcnow
@@ -38,6 +39,7 @@ usage = t.cast(sa.Table, Usage.__table__)
 reservations = t.cast(sa.Table, Reservation.__table__)
 counters = t.cast(sa.Table, Counter.__table__)
 state = t.cast(sa.Table, AggregationState.__table__)
+failures = t.cast(sa.Table, Failure.__table__)
 
 FINISHED = ("committed", "released", "expired")
 
@@ -133,5 +135,8 @@ def cleanup(
             sa.and_(reservations.c.status.in_(FINISHED), reservations.c.created_at < cutoff),
             dry_run=dry_run,
             progress=None,
+        ),
+        "failure rows": _delete_in_batches(
+            rt, failures, failures.c.occurred_at < cutoff, dry_run=dry_run, progress=None
         ),
     }

@@ -1,6 +1,6 @@
 """Data protection: ``forget`` a billable, ``anonymize`` old usage.
 
-``forget`` erases what identifies a billable's activity: its usage rows, its
+``forget`` erases what identifies a billable's activity: its usage and failure rows, its
 reservations (which carry idempotency keys and queued usage), its counters and
 its rollup rows. Financial records that bookkeeping law requires us to keep
 (overages, credit wallets and their transactions, and the subscription that
@@ -33,6 +33,7 @@ from ..metering.holds import release_reservation
 from ..models import TOKEN_COLUMNS
 from ..models import Counter
 from ..models import CreditWallet
+from ..models import Failure
 from ..models import Overage
 from ..models import Reservation
 from ..models import Subscription
@@ -60,6 +61,7 @@ overages = t.cast(sa.Table, Overage.__table__)
 _DELETED = (
     ("reservations", reservations),
     ("usage rows", usage),
+    ("failure rows", t.cast(sa.Table, Failure.__table__)),
     ("rollup rows", rollups),
     ("billable rollup rows", BILLABLES.table),
     ("counters", counters),

@@ -15,6 +15,8 @@ import datetime as dt
 import io
 import json
 import typing as t
+from decimal import ROUND_HALF_EVEN
+from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
@@ -24,6 +26,8 @@ from ..models import Subscription
 from ..models import utcnow
 from ..money import from_units
 from ..reporting.filters import Filters
+from ..reporting.forecast import daily_by_billable
+from ..reporting.forecast import project
 from ..reporting.queries import Source
 from ..reporting.queries import sources
 from ..reporting.rollups import measures
@@ -75,12 +79,20 @@ def month_window(start: dt.date, timezone: str) -> tuple[dt.datetime, dt.datetim
 
 
 def build_report(
-    rt: Runtime, start: dt.date, billable: tuple[str, str] | None = None, tenant: str | None = None
+    rt: Runtime,
+    start: dt.date,
+    billable: tuple[str, str] | None = None,
+    tenant: str | None = None,
+    *,
+    forecast: bool = False,
+    now: dt.datetime | None = None,
 ) -> dict[str, t.Any]:
     """Tokens, cost and calls of the month opening at ``start``, by billable, provider, model and feature.
 
     Money is a decimal string with 12 places; ``billable`` and ``tenant`` narrow
-    every section and the totals alike.
+    every section and the totals alike. With ``forecast`` a ``forecast`` section
+    projects the month's total per billable and overall, as of ``now``
+    (:mod:`~flask_ai_metering.reporting.forecast`).
     """
     begin, end = month_window(start, rt.settings.timezone)
     following = (start.replace(day=28) + dt.timedelta(days=4)).replace(day=1)
@@ -103,6 +115,8 @@ def build_report(
         report["totals"] = totals[0] if totals else _row({}, ())
         for section, keys in GROUPS.items():
             report[section] = _grouped(conn, by_billable if "billable_id" in keys else overall, keys)
+        if forecast:
+            report["forecast"] = _forecast(conn, month, begin, end, now or utcnow(), use)
         return report
 
     return rt.store.run(work, write=False)
@@ -124,6 +138,40 @@ def _grouped(conn: sa.Connection, parts: list[Source], keys: tuple[str, ...]) ->
         merged.items(), key=lambda item: (-item[1]["total_cost"], -item[1]["total_tokens"], _sort(item[0]))
     )
     return [_row(dict(zip(keys, key, strict=True)), keys, sums) for key, sums in ordered]
+
+
+def _forecast(
+    conn: sa.Connection, month: Filters, begin: dt.datetime, end: dt.datetime, now: dt.datetime, use: bool
+) -> dict[str, t.Any]:
+    """Each billable's projected month total, and their sum, biggest projected cost first."""
+    rows: list[dict[str, t.Any]] = []
+    total_tokens = total_units = Decimal(0)
+    for key, daily in daily_by_billable(conn, month, use_rollups=use).items():
+        tokens = project(daily.tokens, start=begin, end=end, now=now, zone=month.zone)
+        cost = project(daily.cost_units, start=begin, end=end, now=now, zone=month.zone)
+        total_tokens += tokens.projected
+        total_units += cost.projected
+        rows.append(
+            {
+                "billable": f"{key[0]}:{key[1]}",
+                "billable_type": key[0],
+                "billable_id": key[1],
+                "total_tokens": int(tokens.used),
+                "total_cost": money(int(cost.used)),
+                "projected_total_tokens": _whole(tokens.projected),
+                "projected_total_cost": money(_whole(cost.projected)),
+            }
+        )
+    rows.sort(key=lambda r: (-Decimal(r["projected_total_cost"]), -r["projected_total_tokens"], r["billable"]))
+    return {
+        "as_of": now.isoformat(),
+        "totals": {"projected_total_tokens": _whole(total_tokens), "projected_total_cost": money(_whole(total_units))},
+        "by_billable": rows,
+    }
+
+
+def _whole(value: Decimal) -> int:
+    return int(value.to_integral_value(rounding=ROUND_HALF_EVEN))
 
 
 def _sort(key: tuple[t.Any, ...]) -> tuple[str, ...]:
@@ -176,6 +224,12 @@ def _csv(report: dict[str, t.Any]) -> str:
         for row in rows:
             keys = [_defuse(row.get(k)) for k in _CSV_KEYS]
             writer.writerow([section, *keys, *(row[m] for m in MEASURES)])
+    if "forecast" in report:  # projected month totals: only the total columns are filled
+        forecast = report["forecast"]
+        for row in [forecast["totals"], *forecast["by_billable"]]:
+            keys = [_defuse(row.get(k)) for k in _CSV_KEYS]
+            projected = [row["projected_total_tokens"], row["projected_total_cost"]]
+            writer.writerow(["forecast", *keys, "", "", "", *projected])
     return out.getvalue().rstrip("\n")
 
 
@@ -194,7 +248,26 @@ def _table(report: dict[str, t.Any]) -> str:
         label = " / ".join(k for k in keys if k != "billable_type").replace("billable_id", "billable")
         body = [[_label(row, keys), *_cells(row)] for row in report[section]]
         lines += _aligned([label, *_HEADERS], body) if body else ["  (no usage)"]
+    if "forecast" in report:
+        lines += _forecast_table(report["forecast"])
     return "\n".join(lines)
+
+
+def _forecast_table(forecast: dict[str, t.Any]) -> list[str]:
+    lines = ["", f"Forecast: projected month total (as of {forecast['as_of']})"]
+    totals = forecast["totals"]
+    body = [
+        [
+            row["billable"],
+            f"{row['total_tokens']:,}",
+            f"{row['projected_total_tokens']:,}",
+            _amount(row["total_cost"]),
+            _amount(row["projected_total_cost"]),
+        ]
+        for row in forecast["by_billable"]
+    ]
+    body.append(["Total", "", f"{totals['projected_total_tokens']:,}", "", _amount(totals["projected_total_cost"])])
+    return lines + _aligned(["billable", "tokens so far", "projected tokens", "cost so far", "projected cost"], body)
 
 
 _HEADERS = ["calls", "input", "output", "total tokens", "cost"]
@@ -208,9 +281,13 @@ def _label(row: dict[str, t.Any], keys: tuple[str, ...]) -> str:
 
 def _cells(row: dict[str, t.Any]) -> list[str]:
     counts = [f"{row[m]:,}" for m in MEASURES if m != "total_cost"]
-    cost = row["total_cost"].rstrip("0")
-    whole, _, fraction = cost.partition(".")
-    return [*counts, f"{whole}.{fraction.ljust(2, '0')}"]
+    return [*counts, _amount(row["total_cost"])]
+
+
+def _amount(text: str) -> str:
+    """A 12-place decimal string trimmed to its significant places (at least 2)."""
+    whole, _, fraction = text.rstrip("0").partition(".")
+    return f"{whole}.{fraction.ljust(2, '0')}"
 
 
 def _aligned(header: list[str], body: list[list[str]]) -> list[str]:

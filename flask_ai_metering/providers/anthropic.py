@@ -23,6 +23,7 @@ from .base import TextTally
 from .base import count
 from .base import field
 from .base import model_of
+from .base import text_of
 
 #: The usage fields a stream may report, each a running total that overwrites.
 _STREAM_COUNTS = (
@@ -82,6 +83,7 @@ class AnthropicStreamAccumulator(TextTally):
             self._merge(field(message, "usage"))
         elif kind == "message_delta":
             self._merge(field(chunk, "usage"))
+            self._finished(text_of(field(chunk, "delta"), "stop_reason"))
         elif kind == "content_block_delta":
             delta = field(chunk, "delta")
             text = field(delta, _DELTA_TEXT_FIELDS.get(field(delta, "type"), ""))
@@ -91,7 +93,12 @@ class AnthropicStreamAccumulator(TextTally):
     def result(self) -> Extracted | None:
         if not self._counts:
             return None
-        return Extracted(tokens=_tokens(self._counts, self._thinking_tokens), model=self._model)
+        return Extracted(
+            tokens=_tokens(self._counts, self._thinking_tokens),
+            model=self._model,
+            finish_reasons=tuple(self._finish_reasons),
+            operation="chat",
+        )
 
     def _merge(self, usage: t.Any) -> None:
         for name in _STREAM_COUNTS:
@@ -114,7 +121,13 @@ class AnthropicProvider:
         if counts["input_tokens"] is None and counts["output_tokens"] is None:
             # Not an Anthropic usage shape: better no reading than a fake zero.
             return None
-        return Extracted(tokens=_tokens(counts, _thinking_tokens(usage)), model=model_of(response))
+        reason = text_of(response, "stop_reason")
+        return Extracted(
+            tokens=_tokens(counts, _thinking_tokens(usage)),
+            model=model_of(response),
+            finish_reasons=() if reason is None else (reason,),
+            operation="chat",
+        )
 
     def is_stream(self, response: t.Any) -> bool:
         """True for ``anthropic.Stream``/``AsyncStream`` and the ``MessageStream`` helpers.

@@ -51,12 +51,24 @@ def response_text(response: t.Any) -> str:
     return "".join(parts)
 
 
+def text_of(obj: t.Any, name: str) -> str | None:
+    """``field(obj, name)`` when it is a non-empty string (a finish reason, a status), else None."""
+    value = field(obj, name)
+    return value if isinstance(value, str) and value else None
+
+
 class TextTally:
     """What every built-in stream accumulator keeps: the model, and the characters of output seen."""
 
     def __init__(self) -> None:
         self._model: str | None = None
         self._output_chars = 0
+        #: Finish reasons seen so far, in order, without repeats.
+        self._finish_reasons: list[str] = []
+
+    def _finished(self, reason: str | None) -> None:
+        if reason is not None and reason not in self._finish_reasons:
+            self._finish_reasons.append(reason)
 
     @property
     def output_chars(self) -> int:

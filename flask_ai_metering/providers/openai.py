@@ -17,6 +17,7 @@ from .base import TextTally
 from .base import count
 from .base import field
 from .base import model_of
+from .base import text_of
 
 #: Responses API stream events whose ``delta`` is generated text (or tool arguments),
 #: counted for an estimate when a stream ends without usage.
@@ -71,6 +72,22 @@ def tokens_from_usage(usage: t.Any) -> TokenCounts | None:
     return None
 
 
+def finish_reasons(response: t.Any) -> tuple[str, ...]:
+    """Each choice's ``finish_reason`` (chat); the Responses API's incomplete reason, else its status."""
+    choices = field(response, "choices")
+    reasons: list[str | None] = []
+    if choices:
+        reasons = [text_of(choice, "finish_reason") for choice in choices]
+    elif field(response, "object") == "response":
+        reasons = [text_of(field(response, "incomplete_details"), "reason") or text_of(response, "status")]
+    return tuple(dict.fromkeys(r for r in reasons if r is not None))
+
+
+def operation_of(response: t.Any) -> str:
+    """The GenAI operation a response answers: an embeddings list, else a chat."""
+    return "embeddings" if field(response, "object") == "list" else "chat"
+
+
 class OpenAIStreamAccumulator(TextTally):
     """Follows one OpenAI stream: chat completion chunks or Responses API events.
 
@@ -94,11 +111,14 @@ class OpenAIStreamAccumulator(TextTally):
     def result(self) -> Extracted | None:
         if self._tokens is None:
             return None
-        return Extracted(tokens=self._tokens, model=self._model)
+        return Extracted(
+            tokens=self._tokens, model=self._model, finish_reasons=tuple(self._finish_reasons), operation="chat"
+        )
 
     def _feed_chat_chunk(self, chunk: t.Any) -> None:
         self._model = model_of(chunk) or self._model
         for choice in field(chunk, "choices") or ():
+            self._finished(text_of(choice, "finish_reason"))
             delta = field(choice, "delta")
             for text in (field(delta, "content"), field(delta, "refusal")):
                 if isinstance(text, str):
@@ -119,6 +139,8 @@ class OpenAIStreamAccumulator(TextTally):
         elif kind in _RESPONSES_SNAPSHOT_EVENTS:
             response = field(event, "response")
             self._model = model_of(response) or self._model
+            if kind != "response.created" and kind != "response.in_progress":
+                self._finished(next(iter(finish_reasons(response)), None))
             tokens = tokens_from_usage(field(response, "usage"))
             if tokens is not None:
                 self._tokens = tokens
@@ -133,7 +155,12 @@ class OpenAIProvider:
         tokens = tokens_from_usage(field(response, "usage"))
         if tokens is None:
             return None
-        return Extracted(tokens=tokens, model=model_of(response))
+        return Extracted(
+            tokens=tokens,
+            model=model_of(response),
+            finish_reasons=finish_reasons(response),
+            operation=operation_of(response),
+        )
 
     def is_stream(self, response: t.Any) -> bool:
         """True for the ``stream=True`` results, ``openai.Stream`` and ``openai.AsyncStream``.
