@@ -28,6 +28,7 @@ is skipped with a message. Redis at ``BENCH_HTTP_REDIS_URL`` (default
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -258,8 +259,6 @@ def rss_kib(pid: int) -> int:
 
 def wrk(port: int, seconds: float) -> dict[str, t.Any]:
     """One wrk run against ``/bench``: requests, req/s, p50/p99 in ms, errors."""
-    import json
-
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(_LUA)
     try:
@@ -421,4 +420,6 @@ def soak(backends: list[str], requests: int | None = None) -> list[dict[str, t.A
                     "workers_restarted": len(restarted),
                 }
             )
+            # Each row as it is measured: a soak is long, and an interrupted one keeps what it measured.
+            print(f"    {json.dumps(rows[-1])}", file=sys.stderr)
     return rows
