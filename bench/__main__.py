@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m bench [http | http-soak]", file=sys.stderr)
         return 2
     # The HTTP bench's own check: it does not import bench.common.
-    from bench.http import postgres_available
+    from bench.common import postgres_available
 
     backends = ["sqlite"] + (["postgresql"] if postgres_available() else [])
     if "postgresql" not in backends:
