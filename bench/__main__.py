@@ -10,8 +10,13 @@ reachable), ``BENCH_QUICK=1`` (shorter runs), ``BENCH_DASHBOARD_ROWS`` (default
 ``BENCH_HTTP_SECONDS`` / ``BENCH_HTTP_ROUNDS`` (wrk run length, default 5 s, best of
 2), ``BENCH_HTTP_SOAK=1`` (add the 100,000-request RSS soak; see bench/http.py).
 
+``BENCH_DASHBOARD_WIDE_ROWS`` / ``_MODELS`` (the wide ledger, default 600,000 rows over
+20,000 model names).
+
 ``python -m bench http`` runs the HTTP bench alone (gunicorn + wrk);
-``python -m bench http-soak`` runs the worker RSS soak alone.
+``python -m bench http-soak`` runs the worker RSS soak alone;
+``python -m bench dashboard-wide`` runs only the wide-ledger dashboard case (peak RSS
+and page time per view), which the full run is too long to repeat for.
 """
 
 from __future__ import annotations
@@ -49,8 +54,8 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, _interrupted)
     quick = os.environ.get("BENCH_QUICK") == "1"
     only = argv[0] if argv else None
-    if only not in (None, "http", "http-soak"):
-        print("usage: python -m bench [http | http-soak]", file=sys.stderr)
+    if only not in (None, "http", "http-soak", "dashboard-wide"):
+        print("usage: python -m bench [http | http-soak | dashboard-wide]", file=sys.stderr)
         return 2
     # The HTTP bench's own check: it does not import bench.common.
     from bench.common import postgres_available
@@ -102,6 +107,13 @@ def _optional_benches(
         return [("HTTP under gunicorn + wrk", lambda: http.run(backends))]
     if only == "http-soak":
         return [("HTTP soak, worker RSS", lambda: http.soak(backends))]
+    from bench import dashboard
+
+    def wide(rows: int, models: int) -> list[dict[str, t.Any]]:
+        return [{"bench": "dashboard, wide ledger", **r} for r in dashboard.run_wide(backends, rows, models)]
+
+    if only == "dashboard-wide":
+        return [("dashboard, wide ledger", lambda: wide(dashboard.WIDE_ROWS, dashboard.WIDE_MODELS))]
     benches = []
     try:
         from bench import dashboard
@@ -117,6 +129,8 @@ def _optional_benches(
                 lambda: [{"bench": "dashboard page time", **r} for n in sizes for r in dashboard.run(n, backends)],
             )
         )
+        size = (100_000, 5_000) if quick else (dashboard.WIDE_ROWS, dashboard.WIDE_MODELS)
+        benches.append(("dashboard, wide ledger", lambda: wide(*size)))
     try:
         from bench import queue
     except ImportError:

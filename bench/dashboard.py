@@ -113,20 +113,21 @@ def _rows(n: int, now: dt.datetime) -> t.Iterator[tuple[t.Any, ...]]:
         )
 
 
-def _load(engine: sa.Engine, n: int, now: dt.datetime) -> None:
+def _load(engine: sa.Engine, n: int, now: dt.datetime, rows: t.Iterable[tuple[t.Any, ...]] | None = None) -> None:
     usage = table(Usage)
+    rows = _rows(n, now) if rows is None else rows
     raw = engine.raw_connection()
     try:
         cur = raw.cursor()
         if engine.dialect.name == "postgresql":
             with cur.copy(f"COPY {usage.name} ({', '.join(COLUMNS)}) FROM STDIN") as copy:
-                for row in _rows(n, now):
+                for row in rows:
                     copy.write_row(row)
         else:
             marks = ", ".join("?" for _ in COLUMNS)
             sql = f"INSERT INTO {usage.name} ({', '.join(COLUMNS)}) VALUES ({marks})"
             batch: list[tuple[t.Any, ...]] = []
-            for row in _rows(n, now):
+            for row in rows:
                 batch.append(row[:-2] + (row[-2].isoformat(sep=" "), row[-1].isoformat(sep=" ")))
                 if len(batch) == CHUNK:
                     cur.executemany(sql, batch)
@@ -239,9 +240,155 @@ def run(rows: int, backends: list[str]) -> list[dict[str, t.Any]]:
     return results
 
 
-if __name__ == "__main__":  # pragma: no cover - ad hoc: python -m bench.dashboard 100000 sqlite postgresql
+# -- many model names: bounded memory -------------------------------------------------------
+
+#: The wide case: rows over distinct model names, every row inside the overview's 30 days.
+WIDE_ROWS = int(os.environ.get("BENCH_DASHBOARD_WIDE_ROWS", "600000"))
+WIDE_MODELS = int(os.environ.get("BENCH_DASHBOARD_WIDE_MODELS", "20000"))
+#: Pages of the wide case; every one aggregates the whole ledger of the last 30 days.
+WIDE_PAGES = (
+    ("overview (30 days)", "/ai-metering/"),
+    ("overview by provider", "/ai-metering/?group=provider"),
+    ("explorer page 1", "/ai-metering/usage"),
+    ("billable page", "/ai-metering/billables/Team/1"),
+)
+WIDE_REPEATS = 3
+
+
+def _wide_rows(n: int, models: int, now: dt.datetime) -> t.Iterator[tuple[t.Any, ...]]:
+    """``n`` rows over ``models`` model names (a third of them unpriced), spread over 29 days."""
+    rng = random.Random(7)
+    span = 29 * 86400
+    for i in range(n):
+        m = i % models
+        provider = ("openai", "anthropic", "google")[m % 3]
+        unpriced = m % 3 == 2
+        inp, out = rng.randint(50, 4000), rng.randint(10, 1200)
+        cin, cout = (0, 0) if unpriced else (inp * 10**6, out * 4 * 10**6)
+        at = (now - dt.timedelta(seconds=span * (n - i) / n)).replace(tzinfo=None)
+        yield (
+            "Team",
+            str(1 + int(500 * rng.random() ** 3)),
+            f"t{i % 7}",
+            provider,
+            f"model-{m:05d}",
+            FEATURES[i % 5],
+            inp,
+            out,
+            inp // 4,
+            0,
+            0,
+            inp + out,
+            cin,
+            cout,
+            cin + cout,
+            "usd",
+            unpriced,
+            False,
+            "plan",
+            at,
+            at,
+        )
+
+
+def _rss_mb() -> float:
+    """The peak resident set size of this process so far (``ru_maxrss``: KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def serve_one(url: str, path: str, repeats: int = WIDE_REPEATS) -> dict[str, t.Any]:
+    """One page in this (fresh) process: its peak RSS, the growth the page caused, and its median time.
+
+    Run in a child process per page, so each page's peak is its own. The baseline is
+    taken after a warm-up request that imports everything a page needs (plotly among
+    them) over an empty filter, so the growth is what the page's data costs.
+    """
+    import gc
+
+    app = _app(url, False)
+    with app.app_context():
+        client = app.test_client()
+        client.get("/ai-metering/?model=bench-nothing").close()
+        client.get("/ai-metering/usage?model=bench-nothing").close()
+        gc.collect()
+        base = _rss_mb()
+        started = time.perf_counter()
+        response = client.get(path)
+        first_ms = (time.perf_counter() - started) * 1000
+        assert response.status_code == 200, response.status_code
+        size = len(response.data)
+        response.close()
+        peak = _rss_mb()
+        median = _time(client, path, repeats) if repeats > 1 else round(first_ms, 1)
+        app.extensions["sqlalchemy"].engine.dispose()
+    return {
+        "base_rss_mb": round(base, 1),
+        "peak_rss_mb": round(peak, 1),
+        "growth_mb": round(peak - base, 1),
+        "first_ms": round(first_ms, 1),
+        "median_ms": median,
+        "page_kb": round(size / 1024, 1),
+    }
+
+
+def run_wide(backends: list[str], rows: int = WIDE_ROWS, models: int = WIDE_MODELS) -> list[dict[str, t.Any]]:
+    """The wide ledger (default 600k rows over 20k model names) on each backend, ledger only.
+
+    Each page is served by a fresh child process (``python -m bench.dashboard serve``),
+    which reports its peak RSS (``getrusage`` ``ru_maxrss``, the whole process: Python,
+    the driver and the C heap) and the median of :data:`WIDE_REPEATS` requests after
+    the first.
+    """
+    import json
+    import subprocess
     import sys
 
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
-    for result in run(n, sys.argv[2:] or ["sqlite"]):
-        print(result)
+    results = []
+    now = dt.datetime.now(dt.timezone.utc)
+    for backend in backends:
+        url, drop = _database(backend)
+        try:
+            engine = sa.create_engine(url)
+            migrations.upgrade(engine)
+            started = time.perf_counter()
+            _load(engine, rows, now, _wide_rows(rows, models, now))
+            load_s = time.perf_counter() - started
+            engine.dispose()
+            for page, path in WIDE_PAGES:
+                child = subprocess.run(
+                    [sys.executable, "-m", "bench.dashboard", "serve", url, path],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
+                measured = json.loads(child.stdout.strip().splitlines()[-1])
+                results.append(
+                    {
+                        "backend": backend,
+                        "rows": rows,
+                        "models": models,
+                        "page": page,
+                        **measured,
+                        "load_s": round(load_s, 1),
+                    }
+                )
+        finally:
+            drop()
+    return results
+
+
+if __name__ == "__main__":  # pragma: no cover - ad hoc: python -m bench.dashboard 100000 sqlite postgresql
+    import json
+    import sys
+
+    if sys.argv[1:2] == ["serve"]:  # a child of run_wide: one page, one JSON line
+        print(json.dumps(serve_one(sys.argv[2], sys.argv[3])))
+    elif sys.argv[1:2] == ["wide"]:  # python -m bench.dashboard wide [sqlite] [postgresql]
+        for result in run_wide(sys.argv[2:] or ["sqlite"]):
+            print(result)
+    else:
+        n = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
+        for result in run(n, sys.argv[2:] or ["sqlite"]):
+            print(result)

@@ -181,3 +181,53 @@ def test_forbidden_without_access(page: Page, server: str) -> None:
     response = page.open(f"{server}/ai-metering/")
     assert response.status == 403
     page.errors.clear()  # the browser logs the 403 itself
+
+
+#: Model names that Plotly would otherwise draw as a link and as restyled text (issue 11, item 8).
+HOSTILE = (
+    '<a href="https://evil.example/">click</a>',
+    '<span style="font-size:60px;color:red">PAY NOW</span>',
+)
+
+
+@pytest.fixture(scope="module")
+def hostile_server(tmp_path_factory: pytest.TempPathFactory, sqlite_template: Path) -> t.Iterator[str]:
+    """The example app (no demo data) with usage of models named like HTML."""
+    path = tmp_path_factory.mktemp("hostile") / "hostile.sqlite"
+    path.write_bytes(sqlite_template.read_bytes())
+    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": f"sqlite:///{path}"})
+    with app.app_context():
+        meter = app.extensions["ai_metering"]
+        meter.record_batch(
+            [
+                {"billable": ("Team", "acme"), "provider": "openai", "model": name, "usage": {"input_tokens": 10}}
+                for name in HOSTILE
+            ]
+        )
+    httpd = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_port}"
+    httpd.shutdown()
+    with app.app_context():
+        app.extensions["sqlalchemy"].engine.dispose()
+
+
+@pytest.mark.parametrize("path", ["/ai-metering/", "/ai-metering/?group=provider", "/ai-metering/billables/Team/acme"])
+def test_names_in_charts_are_text(page: Page, hostile_server: str, path: str) -> None:
+    """No link and no styled span is created inside a chart; the name is shown literally."""
+    assert page.open(f"{hostile_server}{path}").status == 200
+    assert all(page.charts_drawn())
+    links = page.page.eval_on_selector_all("[data-chart] a", "els => els.map(e => e.outerHTML)")
+    assert links == []
+    styled = page.page.eval_on_selector_all(
+        "[data-chart] svg [style*='60px'], [data-chart] svg [style*='red']", "els => els.map(e => e.outerHTML)"
+    )
+    assert styled == []
+    shown = page.page.evaluate(
+        "[...document.querySelectorAll('[data-chart] svg text')].map(e => e.textContent).join('\\n')"
+    )
+    if path.endswith("group=provider"):
+        assert HOSTILE[0] in shown  # the "Cost by model" chart is on this page too
+    else:
+        assert HOSTILE[0] in shown and HOSTILE[1] in shown, shown

@@ -216,7 +216,7 @@ def figures(meter: AiMetering, query: dict[str, str]) -> list[t.Any]:
     mine = pages.billable_page(rt, ("Team", "1"), f).summary
     return [
         (current.totals, data.previous.totals, current.by_day, current.by_provider, current.by_model),
-        (current.by_feature, current.by_day_model, current.unpriced),
+        (current.by_feature, current.by_day_group, current.unpriced, current.unpriced_pairs),
         [(e["billable"], e["totals"]) for e in data.top],
         (mine.totals, mine.by_day, mine.by_model),
     ]
@@ -332,3 +332,175 @@ def test_base_template_is_configurable(make_app: AppFactory, tmp_path: t.Any) ->
 def test_the_smallest_rollup_that_can_answer_is_chosen(query: dict[str, str], by_billable: bool, expected: str) -> None:
     f: Filters = parse_filters(query, "UTC")
     assert queries.rollup_for(f, by_billable=by_billable).name == expected
+
+
+# -- issue 11 item 10: memory bounded by what a page shows, not by the ledger's cardinality --
+
+#: Distinct model names in the wide ledger: more than any page may read rows for.
+WIDE_MODELS = 200
+
+
+@pytest.fixture
+def wide(make_app: AppFactory) -> t.Iterator[tuple[Flask, AiMetering]]:
+    """``WIDE_MODELS`` model names (every third unpriced) over three days, a few calls each."""
+    prices = {
+        provider: {
+            "models": {
+                f"priced-{m:03d}": {"input_price_per_1k": f"0.00{m % 7 + 1}", "output_price_per_1k": "0.002"}
+                for m in range(WIDE_MODELS)
+                if m % 3 == rest
+            }
+        }
+        for provider, rest in (("anthropic", 0), ("openai", 1))
+    }
+    app, db, meter = make_app(AI_METERING_VALIDATE_FEATURES=False, AI_METERING_PROVIDERS=prices)
+    meter.dashboard_authorizer(lambda user: True)
+    with app.app_context():
+        meter.record_batch(
+            [
+                {
+                    "billable": ("Team", str(i % 4)),
+                    "provider": "anthropic" if m % 3 == 0 else "openai",
+                    "model": f"mystery-{m:03d}" if m % 3 == 2 else f"priced-{m:03d}",
+                    "feature": ("chat", "summary", "search")[i % 3],
+                    "usage": {"input_tokens": 100 + 7 * m + i, "output_tokens": 10 + m},
+                    "occurred_at": NOW - dt.timedelta(days=i % 3, minutes=m),
+                }
+                for m in range(WIDE_MODELS)
+                for i in range(1 + m % 3)
+            ]
+        )
+        yield app, meter
+
+
+class RowCounter:
+    """Counts the rows every ``Connection.execute`` returns (frozen, then replayed to the caller)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import sqlalchemy as sa
+
+        self.rows = 0
+        original = sa.Connection.execute
+
+        def execute(conn: t.Any, statement: t.Any, *args: t.Any, **kwargs: t.Any) -> t.Any:
+            result = original(conn, statement, *args, **kwargs)
+            if not result.returns_rows:
+                return result
+            frozen = result.freeze()
+            self.rows += len(frozen.data)
+            return frozen()
+
+        monkeypatch.setattr(sa.Connection, "execute", execute)
+
+
+def test_pages_read_a_bounded_number_of_rows(wide: tuple[Flask, AiMetering], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every page aggregates in SQL: the rows it reads do not grow with the number of models."""
+    app, _ = wide
+    client = app.test_client()
+    counter = RowCounter(monkeypatch)
+    for path, most in (
+        ("/ai-metering/", 150),
+        ("/ai-metering/?group=provider", 150),
+        ("/ai-metering/usage", 60),  # 51 ledger rows, one row of totals
+        ("/ai-metering/billables/Team/1", 100),
+    ):
+        counter.rows = 0
+        response = client.get(path)
+        assert response.status_code == 200, path
+        assert counter.rows <= most, (path, counter.rows)
+    usage_page = client.get("/ai-metering/usage").get_data(as_text=True)
+    calls = sum(1 + m % 3 for m in range(WIDE_MODELS))
+    assert f"of {calls:,}" in usage_page
+
+
+def test_unpriced_banner_is_capped(wide: tuple[Flask, AiMetering]) -> None:
+    app, _ = wide
+    page = app.test_client().get("/ai-metering/").get_data(as_text=True)
+    banner = page[page.index('data-test="unpriced"') :]
+    banner = banner[: banner.index("</div>")]
+    unpriced = [m for m in range(WIDE_MODELS) if m % 3 == 2]
+    shown = 20  # the cap the issue asks for
+    assert banner.count("mystery-") == shown
+    # The most-called first (every unpriced model here has 3 calls, then by name).
+    assert "openai/mystery-002" in banner
+    assert f"and {len(unpriced) - shown:,} more unpriced models" in banner
+
+
+def test_breakdowns_and_other_match_the_ledger(wide: tuple[Flask, AiMetering]) -> None:
+    """Top N plus "Other" in SQL gives what folding every row in Python gave."""
+    from flask_ai_metering.models import Usage
+
+    app, meter = wide
+    db = app.extensions["sqlalchemy"]
+    f = parse_filters({}, "UTC")
+    data = pages.overview(meter.runtime(), f)
+    ledger = db.session.execute(db.select(Usage)).scalars().all()
+    for key, ranking in (
+        ("model", data.current.by_model),
+        ("provider", data.current.by_provider),
+        ("feature", data.current.by_feature),
+    ):
+        expected: dict[str, list[int]] = {}
+        for row in ledger:
+            cell = expected.setdefault(getattr(row, key) or "", [0, 0, 0])
+            cell[0] += int(row.total_cost * 10**12)  # pico-units, exact from a Decimal
+            cell[1] += 1
+            cell[2] += row.total_tokens
+        order = sorted(expected.items(), key=lambda kv: (-kv[1][0], -kv[1][1], kv[0]))
+        shown = pages.ranked(ranking)
+        if len(order) <= pages.TOP_N:
+            assert [(n, tot.cost_units, tot.calls, tot.total_tokens) for n, tot in shown] == [(n, *v) for n, v in order]
+            continue
+        head = order[: pages.TOP_N - 1]
+        assert [(n, tot.cost_units, tot.calls, tot.total_tokens) for n, tot in shown[:-1]] == [(n, *v) for n, v in head]
+        rest = [v for _, v in order[pages.TOP_N - 1 :]]
+        other = shown[-1]
+        assert other[0] == "Other"
+        assert (other[1].cost_units, other[1].calls, other[1].total_tokens) == tuple(map(sum, zip(*rest, strict=True)))
+
+
+# -- issue 11 item 8: names reach Plotly as text, never as Plotly's pseudo-HTML --------------
+
+HOSTILE = (
+    '<a href="https://evil.example/">click</a>',
+    '<span style="font-size:60px;color:red">PAY NOW</span>',
+    "<b>bold</b> & <br>",
+)
+
+
+def test_names_are_escaped_for_plotly_in_every_figure(make_app: AppFactory) -> None:
+    """Trace names and tick labels hold ``&lt;``/``&gt;``/``&amp;``: Plotly shows them as text."""
+    import json
+
+    from flask_ai_metering.dashboard import charts
+
+    app, _, meter = make_app(AI_METERING_VALIDATE_FEATURES=False)
+    meter.dashboard_authorizer(lambda user: True)
+    with app.app_context():
+        meter.record_batch(
+            [
+                {
+                    "billable": ("Team", "1"),
+                    "provider": "openai",
+                    "model": name,
+                    "feature": name,
+                    "usage": {"input_tokens": 10},
+                }
+                for name in HOSTILE
+            ]
+        )
+        client = app.test_client()
+        seen: set[str] = set()
+        for path in ("/ai-metering/", "/ai-metering/?group=provider", "/ai-metering/billables/Team/1"):
+            body = client.get(path).get_data(as_text=True)
+            scripts = re.findall(r'<script type="application/json"[^>]*>(.*?)</script>', body, re.S)
+            assert scripts, path
+            for script in scripts:
+                for trace in json.loads(script)["data"]:
+                    texts = [trace.get("name") or ""] + [v for v in (trace.get("y") or []) if isinstance(v, str)]
+                    for text in texts:
+                        assert "<" not in text and ">" not in text, (path, text)
+                    seen.update(texts)
+    assert {charts.plotly_text(name) for name in HOSTILE} <= seen
+    assert charts.plotly_text(HOSTILE[2]) == "&lt;b&gt;bold&lt;/b&gt; &amp; &lt;br&gt;"
+    assert charts.plotly_text("") == "(none)"

@@ -14,6 +14,8 @@ import json
 import typing as t
 
 from ..money import from_units
+from .pages import CHART_SERIES
+from .pages import TOP_N
 from .pages import Summary
 from .pages import ranked
 
@@ -50,6 +52,20 @@ def _layout(**extra: t.Any) -> dict[str, t.Any]:
     return layout
 
 
+def plotly_text(name: str | None) -> str:
+    """A stored name (model, provider, feature, billable) as text Plotly shows literally.
+
+    Plotly reads a subset of HTML in trace names, tick labels, hover text and
+    annotations (``<a href>``, ``<span style>``, ``<b>``, ``<br>``), so a model named
+    ``<a href=…>`` would become a live link in the chart. With ``&``, ``<`` and ``>``
+    as entities Plotly draws the characters themselves. Every name that reaches a
+    figure goes through here; ``''`` (none) reads "(none)".
+    """
+    if not name:
+        return "(none)"
+    return name.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def to_json(figure: t.Any) -> str:
     """The figure as JSON that is safe inside a ``<script>`` element (no ``<``, ``>`` or ``&``)."""
     text = figure.to_json()
@@ -64,21 +80,19 @@ def cost_over_time(summary: Summary, start: dt.date, end: dt.date, group: str) -
     """Daily cost stacked by model or provider (the top groups; the rest as "Other")."""
     import plotly.graph_objects as go
 
-    by_group = summary.by_model if group == "model" else summary.by_provider
-    cells = summary.by_day_model if group == "model" else summary.by_day_provider
-    names = [name for name, _ in ranked(by_group, limit=8)]
-    shown = set(names)
+    ranking = summary.ranking(group)
+    cells = summary.by_day_group
+    names = [name for name, _ in ranking.shown(CHART_SERIES)]
     days = days_of(start, end)
     x = [d.isoformat() for d in days]
     figure = go.Figure(layout=_layout(barmode="stack", yaxis={"gridcolor": "#e2e8f0", "tickprefix": "$"}))
-    for name in names:
-        if name == "Other":
-            ys = [sum(units for (day, g), units in cells.items() if day == d and g not in shown) for d in days]
-        else:
-            ys = [cells.get((d, name), 0) for d in days]
-        figure.add_trace(
-            go.Bar(x=x, y=[float(from_units(u)) for u in ys], name=name or "(none)", hovertemplate="$%{y:.4f}")
-        )
+    series = [(plotly_text(name), [cells.get((d, name), 0) for d in days]) for name in names]
+    if ranking.rest(CHART_SERIES) is not None:
+        # The day's cost less the named series: what the groups not named spent.
+        day_cost = [summary.by_day[d].cost_units if d in summary.by_day else 0 for d in days]
+        series.append(("Other", [total - sum(ys[i] for _, ys in series) for i, total in enumerate(day_cost)]))
+    for name, ys in series:
+        figure.add_trace(go.Bar(x=x, y=[float(from_units(u)) for u in ys], name=name, hovertemplate="$%{y:.4f}"))
     return to_json(figure)
 
 
@@ -152,12 +166,11 @@ def cost_by(summary: Summary, group: str) -> str:
     """Cost per model (or provider, feature) as a horizontal bar chart."""
     import plotly.graph_objects as go
 
-    groups = {"model": summary.by_model, "provider": summary.by_provider, "feature": summary.by_feature}[group]
-    items = ranked(groups, limit=10)
+    items = ranked(summary.ranking(group), limit=TOP_N)
     figure = go.Figure(
         go.Bar(
             x=[float(from_units(totals.cost_units)) for _, totals in items],
-            y=[name or "(none)" for name, _ in items],
+            y=[plotly_text(name) for name, _ in items],
             orientation="h",
             marker={"color": COLORS[0]},
             hovertemplate="$%{x:.4f}<extra></extra>",

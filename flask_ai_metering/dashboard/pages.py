@@ -27,7 +27,6 @@ from ..money import from_units
 from ..quota.standing import current_check
 from ..reporting import queries
 from ..reporting.filters import Filters
-from ..reporting.queries import Bucket
 from ..reporting.queries import Totals
 from ..reporting.rollups import last_run
 
@@ -37,57 +36,106 @@ if t.TYPE_CHECKING:
 
 #: Rows a breakdown table lists before folding the rest into "Other".
 TOP_N = 10
+#: Series the cost-over-time chart stacks before folding the rest into "Other".
+CHART_SERIES = 8
+#: Unpriced (provider, model) pairs the overview's banner names; it counts the rest.
+UNPRICED_SHOWN = 20
 #: Billables whose limits are checked for the "near or over their limits" panel.
 MAX_LIMIT_CANDIDATES = 50
+#: The groupings a summary can rank.
+GROUPS = ("provider", "model", "feature")
+
+
+@dataclasses.dataclass
+class Ranking:
+    """The costliest groups of a range (then by calls, name), as SQL ranked them, and the range's totals.
+
+    ``top`` holds at most ``TOP_N + 1`` groups: enough to tell whether a table of
+    ``limit <= TOP_N`` rows needs an "Other" row, whose sum is ``total`` less the rows shown.
+    """
+
+    top: list[tuple[str, Totals]] = dataclasses.field(default_factory=list)
+    total: Totals = dataclasses.field(default_factory=Totals)
+
+    def shown(self, limit: int = TOP_N) -> list[tuple[str, Totals]]:
+        """The groups listed by name: all of them when they fit in ``limit`` rows, else ``limit - 1``."""
+        return self.top if len(self.top) <= limit else self.top[: limit - 1]
+
+    def rest(self, limit: int = TOP_N) -> Totals | None:
+        """The "Other" row under :meth:`shown`, or None when every group is shown."""
+        if len(self.top) <= limit:
+            return None
+        out = self.total
+        for _, totals in self.shown(limit):
+            out = out.minus(totals)
+        return out
 
 
 @dataclasses.dataclass
 class Summary:
-    """Aggregates of one range, folded from :class:`Bucket` rows."""
+    """Aggregates of one range, each bounded by what a page shows (never one row per model)."""
 
-    totals: Totals
-    by_day: dict[dt.date, Totals]
-    by_provider: dict[str, Totals]
-    by_model: dict[str, Totals]
-    by_feature: dict[str, Totals]
-    by_day_model: dict[tuple[dt.date, str], int]
-    by_day_provider: dict[tuple[dt.date, str], int]
-    unpriced: dict[tuple[str, str], int]
+    totals: Totals = dataclasses.field(default_factory=Totals)
+    by_day: dict[dt.date, Totals] = dataclasses.field(default_factory=dict)
+    by_provider: Ranking = dataclasses.field(default_factory=Ranking)
+    by_model: Ranking = dataclasses.field(default_factory=Ranking)
+    by_feature: Ranking = dataclasses.field(default_factory=Ranking)
+    #: Cost units per day of each group the cost chart names (``Ranking.shown(CHART_SERIES)``).
+    by_day_group: dict[tuple[dt.date, str], int] = dataclasses.field(default_factory=dict)
+    #: The most-called unpriced (provider, model) pairs, and how many pairs there are in all.
+    unpriced: list[tuple[tuple[str, str], int]] = dataclasses.field(default_factory=list)
+    unpriced_pairs: int = 0
 
     @property
     def cost(self) -> Decimal:
         return from_units(self.totals.cost_units)
 
+    @property
+    def unpriced_more(self) -> int:
+        """Unpriced pairs the banner does not name."""
+        return max(self.unpriced_pairs - len(self.unpriced), 0)
 
-def summarize(rows: t.Iterable[Bucket], start: dt.date, end: dt.date) -> Summary:
-    """Fold the buckets whose day lies in ``[start, end]``."""
-    out = Summary(Totals(), {}, {}, {}, {}, {}, {}, {})
-    for b in rows:
-        if not start <= b.day <= end:
-            continue
-        out.totals.add(b.totals)
-        out.by_day.setdefault(b.day, Totals()).add(b.totals)
-        out.by_provider.setdefault(b.provider, Totals()).add(b.totals)
-        out.by_model.setdefault(b.model, Totals()).add(b.totals)
-        out.by_feature.setdefault(b.feature, Totals()).add(b.totals)
-        key_m, key_p = (b.day, b.model), (b.day, b.provider)
-        out.by_day_model[key_m] = out.by_day_model.get(key_m, 0) + b.totals.cost_units
-        out.by_day_provider[key_p] = out.by_day_provider.get(key_p, 0) + b.totals.cost_units
-        if b.totals.unpriced_calls:
-            key_u = (b.provider, b.model)
-            out.unpriced[key_u] = out.unpriced.get(key_u, 0) + b.totals.unpriced_calls
+    def ranking(self, group: str) -> Ranking:
+        return t.cast(Ranking, getattr(self, f"by_{group}"))
+
+
+def summarize(
+    conn: sa.Connection,
+    f: Filters,
+    *,
+    use_rollups: bool,
+    group: str = "model",
+    breakdowns: t.Sequence[str] = GROUPS,
+    with_unpriced: bool = True,
+) -> Summary:
+    """``f``'s range aggregated in SQL: totals, days, the top groups of each breakdown,
+    the daily cost of the top ``group`` series, and the unpriced models.
+
+    Every query is grouped and limited in the database; the rows read grow with the
+    days in range and ``TOP_N``, not with the number of models, features or billables.
+    """
+    out = Summary(totals=queries.totals(conn, f, use_rollups=use_rollups))
+    out.by_day = {day: totals for (day, _), totals in queries.daily(conn, f, use_rollups=use_rollups).items()}
+    for name in dict.fromkeys((*breakdowns, group)):
+        top = queries.ranking(conn, f, name, use_rollups=use_rollups, limit=TOP_N + 1)
+        setattr(out, f"by_{name}", Ranking(top, out.totals))
+    names = [name for name, _ in out.ranking(group).shown(CHART_SERIES)]
+    if names:
+        cells = queries.daily(conn, f, use_rollups=use_rollups, key=group, names=names)
+        out.by_day_group = {key: totals.cost_units for key, totals in cells.items()}
+    if with_unpriced:
+        out.unpriced, out.unpriced_pairs = queries.unpriced(conn, f, use_rollups=use_rollups, limit=UNPRICED_SHOWN)
     return out
 
 
-def ranked(groups: dict[str, Totals], limit: int = TOP_N) -> list[tuple[str, Totals]]:
-    """Groups by cost (then calls), the tail folded into one "Other" row."""
-    items = sorted(groups.items(), key=lambda kv: (-kv[1].cost_units, -kv[1].calls, kv[0]))
-    if len(items) <= limit:
-        return items
-    other = Totals()
-    for _, totals in items[limit - 1 :]:
-        other.add(totals)
-    return [*items[: limit - 1], ("Other", other)]
+def ranked(groups: Ranking | dict[str, Totals], limit: int = TOP_N) -> list[tuple[str, Totals]]:
+    """Groups by cost (then calls, name), the tail folded into one "Other" row."""
+    if isinstance(groups, dict):
+        groups = Ranking(sorted(groups.items(), key=lambda kv: (-kv[1].cost_units, -kv[1].calls, kv[0])))
+        for _, totals in groups.top:
+            groups.total.add(totals)
+    rest = groups.rest(limit)
+    return [*groups.shown(limit), *([("Other", rest)] if rest is not None else [])]
 
 
 def change(current: int, previous: int) -> float | None:
@@ -109,15 +157,13 @@ class Overview:
     use_rollups: bool
 
 
-def overview(rt: Runtime, f: Filters) -> Overview:
-    """Everything the overview shows, in three aggregate queries plus a few limit checks."""
+def overview(rt: Runtime, f: Filters, group: str = "model") -> Overview:
+    """Everything the overview shows, in a few grouped, limited queries plus a few limit checks."""
     use_rollups = rt.settings.aggregation_tables
-    prev = f.previous()
-    # The previous window shows only its totals: one row per source, not a breakdown.
-    previous = summarize((), prev.start, prev.end)
     with rt.store.engine.connect() as conn:
-        rows = queries.buckets(conn, f, use_rollups=use_rollups)
-        previous.totals = queries.totals(conn, prev, use_rollups=use_rollups)
+        current = summarize(conn, f, use_rollups=use_rollups, group=group)
+        # The previous window shows only its totals: one row per source, not a breakdown.
+        previous = Summary(totals=queries.totals(conn, f.previous(), use_rollups=use_rollups))
         top = queries.top_billables(conn, f, use_rollups=use_rollups)
         as_of = last_run(conn, rt.settings.timezone) if use_rollups else None
         candidates = _limit_candidates(conn)
@@ -125,7 +171,7 @@ def overview(rt: Runtime, f: Filters) -> Overview:
         entry["check"] = current_check(rt, entry["billable"])
     return Overview(
         filters=f,
-        current=summarize(rows, f.start, f.end),
+        current=current,
         previous=previous,
         top=top,
         near_limits=near_limits(rt, candidates),
@@ -251,7 +297,7 @@ def billable_page(rt: Runtime, billable: tuple[str, str], f: Filters) -> Billabl
                 .limit(50)
             )
         ]
-        rows = queries.buckets(conn, mine, use_rollups=rt.settings.aggregation_tables)
+        summary = summarize(conn, mine, use_rollups=rt.settings.aggregation_tables, breakdowns=(), with_unpriced=False)
         recent, _ = queries.ledger_page(conn, dataclasses.replace(mine, page=1), 20)
     return BillablePage(
         billable=billable,
@@ -261,6 +307,6 @@ def billable_page(rt: Runtime, billable: tuple[str, str], f: Filters) -> Billabl
         transactions=history,
         overages=over,
         reservations=live,
-        summary=summarize(rows, f.start, f.end),
+        summary=summary,
         recent=recent,
     )

@@ -170,7 +170,7 @@ def overview() -> str:
     group = request.args.get("group", "model")
     if group not in ("model", "provider"):
         raise FilterError("'group' must be model or provider.")
-    data = pages.overview(_runtime(), f)
+    data = pages.overview(_runtime(), f, group)
     figures = {
         "cost": charts.cost_over_time(data.current, f.start, f.end, group),
         "activity": charts.calls_and_tokens(data.current, f.start, f.end),
@@ -193,7 +193,8 @@ def usage() -> str:
     rt = _runtime()
     with rt.store.engine.connect() as conn:
         rows, has_next = queries.ledger_page(conn, f, PER_PAGE)
-        summary = pages.summarize(queries.buckets(conn, f, use_rollups=rt.settings.aggregation_tables), f.start, f.end)
+        # One row of sums (a COUNT for the rows): the header needs no breakdown.
+        summary = pages.Summary(totals=queries.totals(conn, f, use_rollups=rt.settings.aggregation_tables))
     return render_template(
         "ai_metering/usage.html", filters=f, rows=rows, has_next=has_next, summary=summary, per_page=PER_PAGE
     )

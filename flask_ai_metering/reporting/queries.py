@@ -67,16 +67,9 @@ class Totals:
         self.cost_units += other.cost_units
         self.unpriced_calls += other.unpriced_calls
 
-
-@dataclasses.dataclass(frozen=True)
-class Bucket:
-    """One local day × provider × model × feature of usage."""
-
-    day: dt.date
-    provider: str
-    model: str
-    feature: str
-    totals: Totals
+    def minus(self, other: Totals) -> Totals:
+        """A new ``Totals``: these less ``other`` (what a ranking's tail adds up to)."""
+        return Totals(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in dataclasses.fields(self)})
 
 
 def rollup_for(f: Filters, *, by_billable: bool) -> sa.Table:
@@ -162,24 +155,12 @@ def bucket_seconds(f: Filters) -> int:
 def epoch_bucket(column: t.Any, seconds: int, dialect: str) -> sa.ColumnElement[t.Any]:
     """``floor(unix_time(column) / seconds)`` for a naive-UTC column, per database."""
     if dialect == "sqlite":
-        return sa.cast(sa.func.strftime("%s", column), sa.Integer) / seconds
+        # ``//``: SQLAlchemy renders ``/`` as a float division, one group per distinct second.
+        return sa.cast(sa.func.strftime("%s", column), sa.Integer) // seconds
     if dialect == "postgresql":
         return sa.cast(sa.func.floor(sa.extract("epoch", column) / seconds), sa.BigInteger)
     diff = sa.func.timestampdiff(sa.literal_column("SECOND"), sa.literal_column("'1970-01-01 00:00:00'"), column)
     return sa.func.floor(diff / seconds)
-
-
-def buckets(conn: sa.Connection, f: Filters, *, use_rollups: bool) -> list[Bucket]:
-    """Usage in ``f``'s range per local day × provider × model × feature."""
-    out: list[Bucket] = []
-    for source, where in sources(conn, f, use_rollups=use_rollups):
-        if source is usage:
-            out += _ledger_buckets(conn, f, where)
-            continue
-        keys = [source.c.day, source.c.provider, source.c.model, source.c.feature]
-        rows = conn.execute(sa.select(*keys, *measures(source)).where(*where).group_by(*keys))
-        out += [Bucket(as_date(r.day), r.provider, r.model or "", r.feature or "", _totals(r)) for r in rows]
-    return out
 
 
 def totals(conn: sa.Connection, f: Filters, *, use_rollups: bool) -> Totals:
@@ -190,17 +171,104 @@ def totals(conn: sa.Connection, f: Filters, *, use_rollups: bool) -> Totals:
     return out
 
 
-def _ledger_buckets(conn: sa.Connection, f: Filters, where: list[sa.ColumnElement[bool]]) -> list[Bucket]:
+def name_of(source: sa.Table, name: str) -> sa.ColumnElement[t.Any]:
+    """A provider, model or feature column, '' standing for none (as the rollups store it).
+
+    The '' is inlined, not bound: a grouped expression must read the same in the
+    select list and in ``GROUP BY``.
+    """
+    column = source.c[name]
+    if source is usage and column.nullable:
+        return sa.func.coalesce(column, sa.literal_column("''"))
+    return column
+
+
+def daily(
+    conn: sa.Connection,
+    f: Filters,
+    *,
+    use_rollups: bool,
+    key: str | None = None,
+    names: t.Sequence[str] = (),
+) -> dict[tuple[dt.date, str], Totals]:
+    """Usage per local day in ``f``'s range, or per day × ``key`` for the given ``names`` only.
+
+    Without ``key`` the name is ''. Rows read: days (or SQL buckets) × ``len(names)``,
+    whatever the ledger holds.
+    """
+    out: dict[tuple[dt.date, str], Totals] = {}
     seconds = bucket_seconds(f)
-    slot = epoch_bucket(usage.c.occurred_at, seconds, conn.dialect.name).label("slot")
-    keys: list[sa.ColumnElement[t.Any]] = [slot, usage.c.provider, usage.c.model, usage.c.feature]
-    rows = conn.execute(sa.select(*keys, *measures(usage)).where(*where).group_by(*keys))
-    merged: dict[tuple[dt.date, str, str, str], Totals] = {}
-    for row in rows:
-        at = dt.datetime.fromtimestamp(int(row.slot) * seconds, _UTC)
-        key = (local_day(at, f.zone), row.provider, row.model or "", row.feature or "")
-        merged.setdefault(key, Totals()).add(_totals(row))
-    return [Bucket(*key, totals) for key, totals in merged.items()]
+    for source, where in sources(conn, f, use_rollups=use_rollups):
+        when = (
+            epoch_bucket(usage.c.occurred_at, seconds, conn.dialect.name) if source is usage else source.c.day
+        ).label("slot")
+        keys: list[sa.ColumnElement[t.Any]] = [when]
+        if key is not None:
+            name = name_of(source, key)
+            keys.append(name.label("name"))
+            where = [*where, name.in_(list(names))]
+        for row in conn.execute(sa.select(*keys, *measures(source)).where(*where).group_by(*keys)):
+            if source is usage:
+                day = local_day(dt.datetime.fromtimestamp(int(row.slot) * seconds, _UTC), f.zone)
+            else:
+                day = as_date(row.slot)
+            out.setdefault((day, row.name if key is not None else ""), Totals()).add(_totals(row))
+    return out
+
+
+def _union(parts: list[sa.Select[t.Any]]) -> sa.Subquery:
+    return (parts[0] if len(parts) == 1 else sa.union_all(*parts)).subquery()
+
+
+def _sums(both: sa.Subquery) -> list[sa.Label[t.Any]]:
+    names = ("calls", *TOKEN_COLUMNS, "cost_units", "unpriced_calls")
+    return [sa.func.sum(both.c[name]).label(name) for name in names]
+
+
+def ranking(conn: sa.Connection, f: Filters, key: str, *, use_rollups: bool, limit: int) -> list[tuple[str, Totals]]:
+    """The ``limit`` costliest providers, models or features in ``f``'s range (then by calls, name).
+
+    Grouped and ranked in SQL over every source; the rest stays in the database (its
+    sum is the range's totals minus these).
+    """
+    parts = []
+    for source, where in sources(conn, f, use_rollups=use_rollups):
+        name = name_of(source, key).label("name")
+        parts.append(sa.select(name, *measures(source)).where(*where).group_by(name))
+    both = _union(parts)
+    sums = _sums(both)
+    rows = conn.execute(
+        sa.select(both.c.name, *sums)
+        .group_by(both.c.name)
+        .order_by(sums[-2].desc(), sums[0].desc(), both.c.name)
+        .limit(limit)
+    )
+    return [(row.name, _totals(row)) for row in rows]
+
+
+def unpriced(
+    conn: sa.Connection, f: Filters, *, use_rollups: bool, limit: int
+) -> tuple[list[tuple[tuple[str, str], int]], int]:
+    """The ``limit`` most-called unpriced (provider, model) pairs, and how many pairs there are."""
+    parts = []
+    for source, where in sources(conn, f, use_rollups=use_rollups):
+        provider, model = name_of(source, "provider").label("provider"), name_of(source, "model").label("model")
+        if source is usage:
+            calls: sa.ColumnElement[t.Any] = sa.func.count()
+            where = [*where, usage.c.unpriced.is_(True)]
+        else:
+            calls = sa.func.sum(source.c.unpriced_calls)
+            where = [*where, source.c.unpriced_calls > 0]
+        parts.append(sa.select(provider, model, calls.label("calls")).where(*where).group_by(provider, model))
+    both = _union(parts)
+    calls = sa.func.sum(both.c.calls)
+    rows = conn.execute(
+        sa.select(both.c.provider, both.c.model, calls.label("calls"), sa.func.count().over().label("pairs"))
+        .group_by(both.c.provider, both.c.model)
+        .order_by(calls.desc(), both.c.provider, both.c.model)
+        .limit(limit)
+    ).all()
+    return [((row.provider, row.model), int(row.calls)) for row in rows], int(rows[0].pairs) if rows else 0
 
 
 def top_billables(conn: sa.Connection, f: Filters, *, use_rollups: bool, limit: int = 10) -> list[dict[str, t.Any]]:
@@ -210,9 +278,8 @@ def top_billables(conn: sa.Connection, f: Filters, *, use_rollups: bool, limit: 
         kind, ident = source.c.billable_type, source.c.billable_id
         present = kind.is_not(None) if source is usage else kind != ""
         parts.append(sa.select(kind, ident, *measures(source)).where(*where, present).group_by(kind, ident))
-    both = sa.union_all(*parts).subquery()
-    names = ("calls", *TOKEN_COLUMNS, "cost_units", "unpriced_calls")
-    sums = [sa.func.sum(both.c[name]).label(name) for name in names]
+    both = _union(parts)
+    sums = _sums(both)
     rows = conn.execute(
         sa.select(both.c.billable_type, both.c.billable_id, *sums)
         .group_by(both.c.billable_type, both.c.billable_id)
