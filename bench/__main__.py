@@ -115,22 +115,17 @@ def _optional_benches(
     if only == "dashboard-wide":
         return [("dashboard, wide ledger", lambda: wide(dashboard.WIDE_ROWS, dashboard.WIDE_MODELS))]
     benches = []
-    try:
-        from bench import dashboard
-    except ImportError:
-        pass
-    else:
-        sizes = [int(n) for n in os.environ.get("BENCH_DASHBOARD_ROWS", "1000000").split(",")]
-        if quick:
-            sizes = [min(sizes[0], 100_000)]
-        benches.append(
-            (
-                "dashboard",
-                lambda: [{"bench": "dashboard page time", **r} for n in sizes for r in dashboard.run(n, backends)],
-            )
+    sizes = [int(n) for n in os.environ.get("BENCH_DASHBOARD_ROWS", "1000000").split(",")]
+    if quick:
+        sizes = [min(sizes[0], 100_000)]
+    benches.append(
+        (
+            "dashboard",
+            lambda: [{"bench": "dashboard page time", **r} for n in sizes for r in dashboard.run(n, backends)],
         )
-        size = (100_000, 5_000) if quick else (dashboard.WIDE_ROWS, dashboard.WIDE_MODELS)
-        benches.append(("dashboard, wide ledger", lambda: wide(*size)))
+    )
+    size = (100_000, 5_000) if quick else (dashboard.WIDE_ROWS, dashboard.WIDE_MODELS)
+    benches.append(("dashboard, wide ledger", lambda: wide(*size)))
     try:
         from bench import queue
     except ImportError:
