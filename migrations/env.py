@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from alembic import context
 
+from flask_ai_metering.models import Base
 from flask_ai_metering.ops.schema import VERSION_TABLE
 from flask_ai_metering.ops.schema import include_object
-from flask_ai_metering.models import Base
 
 connection = context.config.attributes.get("connection")
 if connection is None:
