@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import signal
 import sys
 import typing as t
 from pathlib import Path
@@ -43,13 +44,16 @@ def _table(rows: list[dict[str, t.Any]]) -> str:
 
 def main(argv: list[str]) -> int:
     logging.getLogger("flask_ai_metering").setLevel(logging.ERROR)
+    # SIGTERM (and SIGINT, which a background job ignores) unwind: servers stop, databases are dropped.
+    signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGINT, _interrupted)
     quick = os.environ.get("BENCH_QUICK") == "1"
     only = argv[0] if argv else None
     if only not in (None, "http", "http-soak"):
         print("usage: python -m bench [http | http-soak]", file=sys.stderr)
         return 2
     # The HTTP bench's own check: it does not import bench.common.
-    from bench.http import postgres_available
+    from bench.common import postgres_available
 
     backends = ["sqlite"] + (["postgresql"] if postgres_available() else [])
     if "postgresql" not in backends:
@@ -82,6 +86,10 @@ def main(argv: list[str]) -> int:
     print(text)
     print(f"\nsaved bench/results/{stamp}.json and bench/results/{latest}", file=sys.stderr)
     return 0
+
+
+def _interrupted(signum: int, frame: t.Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _optional_benches(

@@ -39,14 +39,15 @@ def postgres_available() -> bool:
 
 
 @contextlib.contextmanager
-def database(backend: str) -> t.Iterator[str]:
-    """A fresh, migrated database URL, dropped afterwards."""
+def database(backend: str, prepare: t.Callable[[str], None] | None = None) -> t.Iterator[str]:
+    """A fresh database URL, migrated (or set up by ``prepare``), dropped afterwards."""
+    prepare = prepare or _migrate
     if backend == "sqlite":
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "bench.sqlite")
             sqlite3.connect(path).execute("PRAGMA journal_mode=WAL").close()
             url = f"sqlite:///{path}"
-            _migrate(url)
+            prepare(url)
             yield url
         return
     admin = _pg_url(PG_ADMIN)
@@ -56,7 +57,7 @@ def database(backend: str) -> t.Iterator[str]:
         conn.exec_driver_sql(f"CREATE DATABASE {name}")
     url = admin.set(database=name).render_as_string(hide_password=False)
     try:
-        _migrate(url)
+        prepare(url)
         yield url
     finally:
         with engine.connect() as conn:

@@ -28,30 +28,29 @@ is skipped with a message. Redis at ``BENCH_HTTP_REDIS_URL`` (default
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 import typing as t
 import urllib.request
-import uuid
 from decimal import Decimal
 from pathlib import Path
 
 import sqlalchemy as sa
 
+from bench import common
 from bench.http_app import BILLABLE
 from bench.http_app import PLAN
 from bench.http_app import metering_app
 
 ROOT = Path(__file__).resolve().parent.parent
-PG_ADMIN = os.environ.get("AI_METERING_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("BENCH_HTTP_REDIS_URL", "redis://127.0.0.1:6379/0")
 WRK_THREADS = 2
 WRK_CONNECTIONS = 16
@@ -84,22 +83,6 @@ def missing_wrk_message() -> str:
     )
 
 
-def _pg_url(raw: str) -> sa.URL:
-    url = sa.make_url(raw)
-    return url.set(drivername="postgresql+psycopg") if url.drivername == "postgresql" else url
-
-
-def postgres_available() -> bool:
-    try:
-        engine = sa.create_engine(_pg_url(PG_ADMIN))
-        with engine.connect():
-            pass
-        engine.dispose()
-        return True
-    except Exception:
-        return False
-
-
 def redis_available() -> bool:
     try:
         import redis
@@ -116,31 +99,8 @@ def redis_available() -> bool:
 def database(backend: str) -> t.Iterator[str]:
     """A fresh database, migrated by ``flask ai-metering db upgrade``, with the bench billable
     subscribed to an unlimited-in-practice plan; dropped afterwards."""
-    if backend == "sqlite":
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "bench.sqlite")
-            sqlite3.connect(path).execute("PRAGMA journal_mode=WAL").close()
-            url = f"sqlite:///{path}"
-            _prepare(url)
-            yield url
-        return
-    admin = _pg_url(PG_ADMIN)
-    name = f"aim_bench_http_{uuid.uuid4().hex[:8]}"
-    engine = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE {name}")
-    url = admin.set(database=name).render_as_string(hide_password=False)
-    try:
-        _prepare(url)
+    with common.database(backend, _prepare) as url:
         yield url
-    finally:
-        with engine.connect() as conn:
-            conn.exec_driver_sql(
-                f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
-                " AND pid <> pg_backend_pid()"
-            )
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
-        engine.dispose()
 
 
 def _prepare(url: str) -> None:
@@ -258,8 +218,6 @@ def rss_kib(pid: int) -> int:
 
 def wrk(port: int, seconds: float) -> dict[str, t.Any]:
     """One wrk run against ``/bench``: requests, req/s, p50/p99 in ms, errors."""
-    import json
-
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(_LUA)
     try:
@@ -421,4 +379,6 @@ def soak(backends: list[str], requests: int | None = None) -> list[dict[str, t.A
                     "workers_restarted": len(restarted),
                 }
             )
+            # Each row as it is measured: a soak is long, and an interrupted one keeps what it measured.
+            print(f"    {json.dumps(rows[-1])}", file=sys.stderr)
     return rows

@@ -286,6 +286,19 @@ class Reservation(Base):
     payload: Mapped[dict[str, t.Any] | None]
 
 
+class _CallColumns:
+    """Who made a provider call and what it asked for: shared by the ledger and the failures."""
+
+    id: Mapped[int] = mapped_column(sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True)
+    billable_type: Mapped[str | None] = mapped_column(sa.String(_BILLABLE_TYPE))
+    billable_id: Mapped[str | None] = mapped_column(sa.String(_ID))
+    user_id: Mapped[str | None] = mapped_column(sa.String(_ID))
+    tenant_id: Mapped[str | None] = mapped_column(sa.String(_ID))
+    provider: Mapped[str] = mapped_column(sa.String(50))
+    model: Mapped[str | None] = mapped_column(sa.String(150))
+    feature: Mapped[str | None] = mapped_column(sa.String(100))
+
+
 class _TokenColumns:
     """The token counts of the ledger and of every rollup: the one place they are spelled out."""
 
@@ -301,7 +314,7 @@ class _TokenColumns:
 TOKEN_COLUMNS: tuple[str, ...] = tuple(_TokenColumns.__annotations__)
 
 
-class Usage(_TokenColumns, Base):
+class Usage(_CallColumns, _TokenColumns, Base):
     """One metered call: the append-only ledger that reports and invoices come from."""
 
     __tablename__ = PREFIX + "usage"
@@ -317,14 +330,6 @@ class Usage(_TokenColumns, Base):
         sa.Index(None, "model", "occurred_at"),
     )
 
-    id: Mapped[int] = mapped_column(sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True)
-    billable_type: Mapped[str | None] = mapped_column(sa.String(_BILLABLE_TYPE))
-    billable_id: Mapped[str | None] = mapped_column(sa.String(_ID))
-    user_id: Mapped[str | None] = mapped_column(sa.String(_ID))
-    tenant_id: Mapped[str | None] = mapped_column(sa.String(_ID))
-    provider: Mapped[str] = mapped_column(sa.String(50))
-    model: Mapped[str | None] = mapped_column(sa.String(150))
-    feature: Mapped[str | None] = mapped_column(sa.String(100))
     input_cost: Mapped[Decimal] = mapped_column(default=Decimal(0))
     output_cost: Mapped[Decimal] = mapped_column(default=Decimal(0))
     total_cost: Mapped[Decimal] = mapped_column(default=Decimal(0))
@@ -349,7 +354,7 @@ class Usage(_TokenColumns, Base):
         return f"<Usage {self.id} {self.billable_type}:{self.billable_id} {self.model} {self.total_tokens}>"
 
 
-class Failure(Base):
+class Failure(_CallColumns, Base):
     """One provider call that raised: who, what, which error, how long. Never a message or a prompt.
 
     Kept apart from the usage ledger so money totals never mix with failures;
@@ -363,14 +368,6 @@ class Failure(Base):
         sa.Index(None, "billable_type", "billable_id", "occurred_at"),
     )
 
-    id: Mapped[int] = mapped_column(sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True)
-    billable_type: Mapped[str | None] = mapped_column(sa.String(_BILLABLE_TYPE))
-    billable_id: Mapped[str | None] = mapped_column(sa.String(_ID))
-    user_id: Mapped[str | None] = mapped_column(sa.String(_ID))
-    tenant_id: Mapped[str | None] = mapped_column(sa.String(_ID))
-    provider: Mapped[str] = mapped_column(sa.String(50))
-    model: Mapped[str | None] = mapped_column(sa.String(150))
-    feature: Mapped[str | None] = mapped_column(sa.String(100))
     #: The exception's class name (e.g. ``RateLimitError``), never its message.
     error_type: Mapped[str] = mapped_column(sa.String(100))
     #: The HTTP status the provider answered with, when the error carries one.

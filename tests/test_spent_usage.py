@@ -132,6 +132,8 @@ def test_a_full_disk_keeps_the_usage_and_expire_reservations_commits_it(make_app
         with engine.connect() as conn:
             payload = conn.execute(sa.select(Reservation.__table__.c.payload)).scalar()
         assert kept or payload, "the spent usage was kept neither in the reservation nor in the journal"
+        full["on"] = False  # reconcile reads; it sees what is owed but not yet in the ledger
+        assert any("spent usage" in problem for problem in reconcile(meter.runtime()))
 
         full["on"] = False  # the disk has room again
         assert meter.expire_reservations(now=dt.datetime.now(dt.timezone.utc) + LATER) <= 1

@@ -55,6 +55,15 @@ def keep(rt: Runtime, reservation_id: int, values: dict[str, t.Any]) -> str:
     return path
 
 
+def journal_lines(rt: Runtime) -> int:
+    """How many rows the journal keeps."""
+    path = journal_path(rt)
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as journal:
+        return sum(1 for line in journal if line.strip())
+
+
 def replay_journal(rt: Runtime, commit_one: t.Callable[[int, dict[str, t.Any]], None]) -> int:
     """Commit every journaled row through ``commit_one``; keep the lines that still fail.
 

@@ -16,6 +16,8 @@ import typing as t
 import sqlalchemy as sa
 
 from ..billing.reconcile import check_overages
+from ..metering.safekeeping import journal_lines
+from ..metering.safekeeping import journal_path
 from ..models import AggregationState
 from ..models import Counter
 from ..models import CreditTransaction
@@ -156,6 +158,29 @@ def reconcile(rt: Runtime, *, fix: bool = False, now: dt.datetime | None = None)
                     .values({c: sa.literal(want, sa.BigInteger) for c, (_, want) in diff.items()})
                 )
         problems.extend(check_overages(rt, conn, fix=fix, now=now))
+        problems.extend(kept_usage(rt, conn))
         return problems
 
     return rt.store.run(work)
+
+
+def kept_usage(rt: Runtime, conn: sa.Connection) -> list[str]:
+    """Spent usage the database failed to commit, kept for ``expire-reservations``: not in the ledger yet."""
+    waiting = conn.execute(
+        sa.select(sa.func.count())
+        .select_from(reservations)
+        .where(reservations.c.status == "pending", reservations.c.payload.is_not(None))
+    ).scalar_one()
+    problems = []
+    if waiting:
+        problems.append(
+            f"{waiting} call(s) spent usage whose commit failed; it is kept in their reservations"
+            " and expire-reservations commits it once they expire"
+        )
+    journaled = journal_lines(rt)
+    if journaled:
+        problems.append(
+            f"{journaled} call(s) spent usage kept in the journal {journal_path(rt)};"
+            " run expire-reservations to commit it"
+        )
+    return problems
