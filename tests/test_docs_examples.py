@@ -183,3 +183,12 @@ def test_blocks_are_found() -> None:
     assert prelude().code.strip()
     for block in ALL_BLOCKS:
         assert block.flags <= {"no-run", "prelude"}, f"{block.id}: unknown flags {sorted(block.flags)}"
+
+
+def test_configuration_page_lists_every_key() -> None:
+    """docs/configuration.md has a row for every ``ConfigVars`` key."""
+    from flask_ai_metering.config import ConfigVars
+
+    page = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    keys = [value for name, value in vars(ConfigVars).items() if name.isupper()]
+    assert [key for key in keys if f"| `{key}` |" not in page] == []
