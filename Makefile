@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_DB ?= $(CURDIR)/instance/demo.sqlite
 export FLASK_APP := example_app:create_app
 
-.PHONY: demo test bench install clean wheel
+.PHONY: demo test docs bench install clean wheel
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The documentation site, warnings as errors; needs no network (no intersphinx).
+docs: $(STAMP)
+	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
+
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
@@ -34,4 +38,4 @@ wheel: $(STAMP)
 	$(BIN)/python -m build --wheel --outdir dist .
 
 clean:
-	rm -rf $(VENV) dist build instance .pytest_cache
+	rm -rf $(VENV) dist build instance .pytest_cache docs/_build

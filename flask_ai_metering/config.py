@@ -56,7 +56,7 @@ class ConfigVars:
     DB_CONNECTION = "AI_METERING_DB_CONNECTION"
     #: Record usage rows through a Celery task instead of in the request.
     QUEUE_RECORDING = "AI_METERING_QUEUE_RECORDING"
-    #: Rows per transaction in ``record_batch`` and batch CLI work.
+    #: Rows per transaction in batch CLI work (cleanup, forget, anonymize) and when writing queued rows.
     BATCH_SIZE = "AI_METERING_BATCH_SIZE"
     #: Register the dashboard blueprint.
     DASHBOARD_ENABLED = "AI_METERING_DASHBOARD_ENABLED"
