@@ -7,6 +7,7 @@ from .decorators import quota_required
 from .errors import AiLimitExceeded
 from .errors import AiMeteringError
 from .errors import ConfigurationError
+from .errors import CostCapExceeded
 from .errors import CreditsInsufficient
 from .errors import FeatureNotAllowed
 from .errors import IdempotencyConflict
@@ -21,6 +22,7 @@ __all__ = [
     "AiMetering",
     "AiMeteringError",
     "ConfigurationError",
+    "CostCapExceeded",
     "CreditsInsufficient",
     "FeatureNotAllowed",
     "IdempotencyConflict",

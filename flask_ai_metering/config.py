@@ -15,6 +15,8 @@ import typing as t
 from decimal import Decimal
 
 from .errors import ConfigurationError
+from .errors import InvalidUsage
+from .money import parse_money
 from .quota.periods import validate_period_settings
 
 if t.TYPE_CHECKING:
@@ -82,6 +84,8 @@ class ConfigVars:
     RESERVATION_TTL = "AI_METERING_RESERVATION_TTL"
     #: Tokens reserved for a call that gives neither ``max_tokens`` nor ``usage``.
     DEFAULT_MAX_TOKENS = "AI_METERING_DEFAULT_MAX_TOKENS"
+    #: Default cost cap of each call whose model is known before it runs (None: no cap).
+    MAX_COST_PER_CALL = "AI_METERING_MAX_COST_PER_CALL"
     #: Percentage of a limit at which ``limit_approaching`` fires.
     WARNING_THRESHOLD = "AI_METERING_WARNING_THRESHOLD"
     #: Secret key of the Stripe billing driver.
@@ -123,6 +127,7 @@ DEFAULTS: dict[str, t.Any] = {
     ConfigVars.AGGREGATION_TABLES: False,
     ConfigVars.RESERVATION_TTL: 60,
     ConfigVars.DEFAULT_MAX_TOKENS: 4096,
+    ConfigVars.MAX_COST_PER_CALL: None,
     ConfigVars.WARNING_THRESHOLD: 80,
     ConfigVars.STRIPE_API_KEY: None,
     ConfigVars.STRIPE_API_BASE: None,
@@ -217,6 +222,7 @@ class Settings:
     aggregation_tables: bool
     reservation_ttl: int
     default_max_tokens: int
+    max_cost_per_call: Decimal | None
     warning_threshold: int
     stripe_api_key: str | None
     stripe_api_base: str | None
@@ -286,11 +292,25 @@ class Settings:
             aggregation_tables=bool(config[ConfigVars.AGGREGATION_TABLES]),
             reservation_ttl=config[ConfigVars.RESERVATION_TTL],
             default_max_tokens=config[ConfigVars.DEFAULT_MAX_TOKENS],
+            max_cost_per_call=_positive_money(config[ConfigVars.MAX_COST_PER_CALL], ConfigVars.MAX_COST_PER_CALL),
             warning_threshold=config[ConfigVars.WARNING_THRESHOLD],
             stripe_api_key=config[ConfigVars.STRIPE_API_KEY],
             stripe_api_base=config[ConfigVars.STRIPE_API_BASE],
             stripe_webhook_secret=config[ConfigVars.STRIPE_WEBHOOK_SECRET],
         )
+
+
+def _positive_money(value: t.Any, key: str) -> Decimal | None:
+    """An optional positive amount (``Decimal``, ``int`` or decimal string; never a float)."""
+    if value is None or value == "":
+        return None
+    try:
+        amount = parse_money(value, key)
+    except InvalidUsage as error:
+        raise ConfigurationError(str(error)) from None
+    if amount <= 0:
+        raise ConfigurationError(f"{key} must be positive, got {value!r}")
+    return amount
 
 
 def unknown_keys(config: t.Mapping[str, t.Any]) -> list[str]:
