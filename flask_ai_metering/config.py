@@ -86,6 +86,8 @@ class ConfigVars:
     DEFAULT_MAX_TOKENS = "AI_METERING_DEFAULT_MAX_TOKENS"
     #: Default cost cap of each call whose model is known before it runs (None: no cap).
     MAX_COST_PER_CALL = "AI_METERING_MAX_COST_PER_CALL"
+    #: What a plan change mid-period does to the allowance: ``carry``, ``prorate`` or ``reset``.
+    PLAN_CHANGE = "AI_METERING_PLAN_CHANGE"
     #: Percentage of a limit at which ``limit_approaching`` fires.
     WARNING_THRESHOLD = "AI_METERING_WARNING_THRESHOLD"
     #: Secret key of the Stripe billing driver.
@@ -128,6 +130,7 @@ DEFAULTS: dict[str, t.Any] = {
     ConfigVars.RESERVATION_TTL: 60,
     ConfigVars.DEFAULT_MAX_TOKENS: 4096,
     ConfigVars.MAX_COST_PER_CALL: None,
+    ConfigVars.PLAN_CHANGE: "carry",
     ConfigVars.WARNING_THRESHOLD: 80,
     ConfigVars.STRIPE_API_KEY: None,
     ConfigVars.STRIPE_API_BASE: None,
@@ -137,6 +140,7 @@ DEFAULTS: dict[str, t.Any] = {
 _CHOICES = {
     ConfigVars.OVERAGE_BEHAVIOR: ("block", "allow", "charge"),
     ConfigVars.OVERAGE_SYNC_STRATEGY: ("immediate", "batch"),
+    ConfigVars.PLAN_CHANGE: ("carry", "prorate", "reset"),
     ConfigVars.LOG_LEVEL: ("debug", "info", "warning", "error", "critical"),
 }
 _POSITIVE_INTS = (
@@ -223,6 +227,7 @@ class Settings:
     reservation_ttl: int
     default_max_tokens: int
     max_cost_per_call: Decimal | None
+    plan_change: str
     warning_threshold: int
     stripe_api_key: str | None
     stripe_api_base: str | None
@@ -293,6 +298,7 @@ class Settings:
             reservation_ttl=config[ConfigVars.RESERVATION_TTL],
             default_max_tokens=config[ConfigVars.DEFAULT_MAX_TOKENS],
             max_cost_per_call=_positive_money(config[ConfigVars.MAX_COST_PER_CALL], ConfigVars.MAX_COST_PER_CALL),
+            plan_change=str(config[ConfigVars.PLAN_CHANGE]).lower(),
             warning_threshold=config[ConfigVars.WARNING_THRESHOLD],
             stripe_api_key=config[ConfigVars.STRIPE_API_KEY],
             stripe_api_base=config[ConfigVars.STRIPE_API_BASE],

@@ -39,8 +39,9 @@ class Policy:
 
     billable: Billable
     period: Period
-    #: Selects the counter row: each plan segment of a period counts on its own.
-    plan_version: int = 0
+    #: Selects the counter row (``Counter.plan_version``): the subscription's counter segment,
+    #: which a plan change moves only under ``AI_METERING_PLAN_CHANGE = "reset"``.
+    counter_segment: int = 0
     token_limit: int | None = None
     #: Cost limit in pico-units (None: unlimited).
     cost_limit_units: int | None = None
@@ -90,6 +91,11 @@ def _override_column(column: str) -> sa.ScalarSelect[t.Any]:
     )
 
 
+def _prorated(prorated: sa.ColumnElement[t.Any], plan: sa.ColumnElement[t.Any]) -> sa.ColumnElement[t.Any]:
+    """The prorated limit while its period runs (NULL there: unlimited), else the plan's."""
+    return sa.case((_subs.c.prorated_until > _NOW, prorated), else_=plan)
+
+
 _ONE_ROW = sa.select(sa.literal(1).label("one")).subquery("one_row")
 
 #: The policy's inputs in one row, subscribed or not (the subscription columns are
@@ -102,13 +108,16 @@ POLICY_QUERY = sa.select(
     _subs.c.started_at,
     _subs.c.ends_at,
     _subs.c.grace_period_ends_at,
-    _subs.c.plan_version,
+    _subs.c.counter_segment,
     _plans.c.slug,
-    # The limits in force: the newest override's, else the plan's.
-    sa.func.coalesce(_override_column("token_limit"), _plans.c.token_limit).label("token_limit"),
-    sa.func.coalesce(_override_column("cost_limit"), sa.type_coerce(_plans.c.cost_limit, sa.BigInteger)).label(
-        "cost_limit"
-    ),
+    # The limits in force: the newest override's, else the prorated ones, else the plan's.
+    sa.func.coalesce(
+        _override_column("token_limit"), _prorated(_subs.c.prorated_token_limit, _plans.c.token_limit)
+    ).label("token_limit"),
+    sa.func.coalesce(
+        _override_column("cost_limit"),
+        _prorated(_subs.c.prorated_cost_units, sa.type_coerce(_plans.c.cost_limit, sa.BigInteger)),
+    ).label("cost_limit"),
     _plans.c.features,
     _plans.c.period,
     _plans.c.overage_price_per_1k_tokens,
@@ -167,7 +176,7 @@ def policy_from_row(row: t.Any, billable: Billable, now: dt.datetime, settings: 
     return Policy(
         billable=billable,
         period=period,
-        plan_version=row.plan_version,
+        counter_segment=row.counter_segment,
         subscription_id=row.id,
         expired=expired,
         plan_period=row.period,

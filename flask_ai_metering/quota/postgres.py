@@ -76,7 +76,7 @@ _HOLD_COLUMNS = ("tokens", "cost_units", "idempotency_key", "idempotency_scope",
 def _pinned_conditions(pol: sa.CTE, c: sa.Alias, mode_from_plan: bool, feature: bool) -> list[sa.ColumnElement[bool]]:
     """What the remembered policy assumed, re-checked against the statement's own policy read.
 
-    The rows that select the counter (subscription, plan version, plan period,
+    The rows that select the counter (subscription, counter segment, plan period,
     rolling anchor) unchanged, the subscription active, the billing mode ``plan``
     and the feature allowed. NULL fails: the portable path then explains a refusal.
     """
@@ -84,7 +84,7 @@ def _pinned_conditions(pol: sa.CTE, c: sa.Alias, mode_from_plan: bool, feature: 
     conditions: list[sa.ColumnElement[bool]] = [
         quota.key_clause(c),
         pol.c.id.is_not_distinct_from(sa.bindparam("p_subscription")),
-        sa.func.coalesce(pol.c.plan_version, 0) == c.c.plan_version,
+        sa.func.coalesce(pol.c.counter_segment, 0) == c.c.plan_version,
         pol.c.period.is_not_distinct_from(sa.bindparam("p_period", type_=pol.c.period.type)),
         pol.c.started_at.is_not_distinct_from(sa.bindparam("p_anchor", type_=pol.c.started_at.type)),
         sa.or_(pol.c.ends_at.is_(None), pol.c.ends_at > now, pol.c.grace_period_ends_at > now),
