@@ -19,6 +19,7 @@ from flask.cli import AppGroup
 
 from .errors import InvalidUsage
 from .ops import schema as migrations
+from .ops.health import notes as validation_notes
 from .ops.health import validate
 from .ops.maintenance import cleanup
 from .ops.privacy import anonymize
@@ -147,6 +148,8 @@ def report_command(month: str | None, billable: tuple[str, str] | None, tenant: 
 def validate_command() -> None:
     """Check configuration, database and data integrity; exit 1 with one line per problem."""
     problems = validate(current_app)
+    for note in validation_notes(current_app):
+        _status(note)
     for problem in problems:
         click.echo(problem)
     if problems:

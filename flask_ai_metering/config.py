@@ -88,6 +88,8 @@ class ConfigVars:
     MAX_COST_PER_CALL = "AI_METERING_MAX_COST_PER_CALL"
     #: What a plan change mid-period does to the allowance: ``carry``, ``prorate`` or ``reset``.
     PLAN_CHANGE = "AI_METERING_PLAN_CHANGE"
+    #: Slug of the plan whose limits hold billables without a subscription (None: unlimited).
+    DEFAULT_PLAN = "AI_METERING_DEFAULT_PLAN"
     #: Percentage of a limit at which ``limit_approaching`` fires.
     WARNING_THRESHOLD = "AI_METERING_WARNING_THRESHOLD"
     #: Secret key of the Stripe billing driver.
@@ -131,6 +133,7 @@ DEFAULTS: dict[str, t.Any] = {
     ConfigVars.DEFAULT_MAX_TOKENS: 4096,
     ConfigVars.MAX_COST_PER_CALL: None,
     ConfigVars.PLAN_CHANGE: "carry",
+    ConfigVars.DEFAULT_PLAN: None,
     ConfigVars.WARNING_THRESHOLD: 80,
     ConfigVars.STRIPE_API_KEY: None,
     ConfigVars.STRIPE_API_BASE: None,
@@ -228,10 +231,18 @@ class Settings:
     default_max_tokens: int
     max_cost_per_call: Decimal | None
     plan_change: str
+    default_plan: str | None
     warning_threshold: int
     stripe_api_key: str | None
     stripe_api_base: str | None
     stripe_webhook_secret: str | None
+
+    def missing_default_plan(self) -> ConfigurationError:
+        """The error of a default plan that does not exist (found at first use), naming the key."""
+        return ConfigurationError(
+            f"{ConfigVars.DEFAULT_PLAN} names plan {self.default_plan!r}, which does not exist;"
+            " create it or fix the setting"
+        )
 
     @classmethod
     def from_config(cls, config: t.Mapping[str, t.Any]) -> Settings:
@@ -299,11 +310,21 @@ class Settings:
             default_max_tokens=config[ConfigVars.DEFAULT_MAX_TOKENS],
             max_cost_per_call=_positive_money(config[ConfigVars.MAX_COST_PER_CALL], ConfigVars.MAX_COST_PER_CALL),
             plan_change=str(config[ConfigVars.PLAN_CHANGE]).lower(),
+            default_plan=_slug(config[ConfigVars.DEFAULT_PLAN], ConfigVars.DEFAULT_PLAN),
             warning_threshold=config[ConfigVars.WARNING_THRESHOLD],
             stripe_api_key=config[ConfigVars.STRIPE_API_KEY],
             stripe_api_base=config[ConfigVars.STRIPE_API_BASE],
             stripe_webhook_secret=config[ConfigVars.STRIPE_WEBHOOK_SECRET],
         )
+
+
+def _slug(value: t.Any, key: str) -> str | None:
+    """An optional plan slug; whether the plan exists is checked at first use (it needs the database)."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigurationError(f"{key} must be a plan slug (a str), got {value!r}")
+    return value.strip()
 
 
 def _positive_money(value: t.Any, key: str) -> Decimal | None:
