@@ -8,6 +8,7 @@ from .errors import AiLimitExceeded
 from .errors import AiMeteringError
 from .errors import BillableRequired
 from .errors import ConfigurationError
+from .errors import CostCapExceeded
 from .errors import CreditsInsufficient
 from .errors import FeatureNotAllowed
 from .errors import IdempotencyConflict
@@ -23,6 +24,7 @@ __all__ = [
     "AiMeteringError",
     "BillableRequired",
     "ConfigurationError",
+    "CostCapExceeded",
     "CreditsInsufficient",
     "FeatureNotAllowed",
     "IdempotencyConflict",

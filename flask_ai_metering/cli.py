@@ -20,6 +20,7 @@ from flask.cli import AppGroup
 from .errors import ConfigurationError
 from .errors import InvalidUsage
 from .ops import schema as migrations
+from .ops.health import notes as validation_notes
 from .ops.health import validate
 from .ops.maintenance import cleanup
 from .ops.privacy import anonymize
@@ -185,6 +186,8 @@ def report_command(
 def validate_command() -> None:
     """Check configuration, database and data integrity; exit 1 with one line per problem."""
     problems = validate(current_app)
+    for note in validation_notes(current_app):
+        _status(note)
     for problem in problems:
         click.echo(problem)
     if problems:

@@ -15,6 +15,8 @@ import typing as t
 from decimal import Decimal
 
 from .errors import ConfigurationError
+from .errors import InvalidUsage
+from .money import parse_money
 from .quota.periods import validate_period_settings
 
 if t.TYPE_CHECKING:
@@ -82,6 +84,12 @@ class ConfigVars:
     RESERVATION_TTL = "AI_METERING_RESERVATION_TTL"
     #: Tokens reserved for a call that gives neither ``max_tokens`` nor ``usage``.
     DEFAULT_MAX_TOKENS = "AI_METERING_DEFAULT_MAX_TOKENS"
+    #: Default cost cap of each call whose model is known before it runs (None: no cap).
+    MAX_COST_PER_CALL = "AI_METERING_MAX_COST_PER_CALL"
+    #: What a plan change mid-period does to the allowance: ``carry``, ``prorate`` or ``reset``.
+    PLAN_CHANGE = "AI_METERING_PLAN_CHANGE"
+    #: Slug of the plan whose limits hold billables without a subscription (None: unlimited).
+    DEFAULT_PLAN = "AI_METERING_DEFAULT_PLAN"
     #: Percentage of a limit at which ``limit_approaching`` fires.
     WARNING_THRESHOLD = "AI_METERING_WARNING_THRESHOLD"
     #: The most tokens of one kind a provider may report for one call; a larger count is
@@ -143,6 +151,9 @@ DEFAULTS: dict[str, t.Any] = {
     ConfigVars.AGGREGATION_TABLES: False,
     ConfigVars.RESERVATION_TTL: 60,
     ConfigVars.DEFAULT_MAX_TOKENS: 4096,
+    ConfigVars.MAX_COST_PER_CALL: None,
+    ConfigVars.PLAN_CHANGE: "carry",
+    ConfigVars.DEFAULT_PLAN: None,
     ConfigVars.WARNING_THRESHOLD: 80,
     ConfigVars.MAX_REPORTED_TOKENS: 100_000_000,
     ConfigVars.JOURNAL_PATH: None,
@@ -160,6 +171,7 @@ DEFAULTS: dict[str, t.Any] = {
 _CHOICES = {
     ConfigVars.OVERAGE_BEHAVIOR: ("block", "allow", "charge"),
     ConfigVars.OVERAGE_SYNC_STRATEGY: ("immediate", "batch"),
+    ConfigVars.PLAN_CHANGE: ("carry", "prorate", "reset"),
     ConfigVars.LOG_LEVEL: ("debug", "info", "warning", "error", "critical"),
 }
 _POSITIVE_INTS = (
@@ -247,6 +259,9 @@ class Settings:
     aggregation_tables: bool
     reservation_ttl: int
     default_max_tokens: int
+    max_cost_per_call: Decimal | None
+    plan_change: str
+    default_plan: str | None
     warning_threshold: int
     max_reported_tokens: int
     journal_path: str | None
@@ -261,6 +276,13 @@ class Settings:
     #: A ``CollectorRegistry``, its dotted path, or None for the client's default registry.
     prometheus_registry: t.Any = None
     prometheus_max_models: int = 50
+
+    def missing_default_plan(self) -> ConfigurationError:
+        """The error of a default plan that does not exist (found at first use), naming the key."""
+        return ConfigurationError(
+            f"{ConfigVars.DEFAULT_PLAN} names plan {self.default_plan!r}, which does not exist;"
+            " create it or fix the setting"
+        )
 
     @classmethod
     def from_config(cls, config: t.Mapping[str, t.Any]) -> Settings:
@@ -330,6 +352,9 @@ class Settings:
             aggregation_tables=bool(config[ConfigVars.AGGREGATION_TABLES]),
             reservation_ttl=config[ConfigVars.RESERVATION_TTL],
             default_max_tokens=config[ConfigVars.DEFAULT_MAX_TOKENS],
+            max_cost_per_call=_positive_money(config[ConfigVars.MAX_COST_PER_CALL], ConfigVars.MAX_COST_PER_CALL),
+            plan_change=str(config[ConfigVars.PLAN_CHANGE]).lower(),
+            default_plan=_slug(config[ConfigVars.DEFAULT_PLAN], ConfigVars.DEFAULT_PLAN),
             warning_threshold=config[ConfigVars.WARNING_THRESHOLD],
             max_reported_tokens=config[ConfigVars.MAX_REPORTED_TOKENS],
             journal_path=config[ConfigVars.JOURNAL_PATH] or None,
@@ -343,6 +368,28 @@ class Settings:
             prometheus_registry=config[ConfigVars.PROMETHEUS_REGISTRY],
             prometheus_max_models=config[ConfigVars.PROMETHEUS_MAX_MODELS],
         )
+
+
+def _slug(value: t.Any, key: str) -> str | None:
+    """An optional plan slug; whether the plan exists is checked at first use (it needs the database)."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigurationError(f"{key} must be a plan slug (a str), got {value!r}")
+    return value.strip()
+
+
+def _positive_money(value: t.Any, key: str) -> Decimal | None:
+    """An optional positive amount (``Decimal``, ``int`` or decimal string; never a float)."""
+    if value is None or value == "":
+        return None
+    try:
+        amount = parse_money(value, key)
+    except InvalidUsage as error:
+        raise ConfigurationError(str(error)) from None
+    if amount <= 0:
+        raise ConfigurationError(f"{key} must be positive, got {value!r}")
+    return amount
 
 
 def unknown_keys(config: t.Mapping[str, t.Any]) -> list[str]:

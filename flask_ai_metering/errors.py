@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import typing as t
+from decimal import Decimal
 
 from werkzeug.exceptions import Forbidden
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import TooManyRequests
 from werkzeug.exceptions import Unauthorized
+from werkzeug.exceptions import UnprocessableEntity
 
 from .headers import limit_headers
 
@@ -109,6 +111,47 @@ class FeatureNotAllowed(AiMeteringError, Forbidden):
         self.plan_slug = plan_slug
 
 
+class CostCapExceeded(AiMeteringError, UnprocessableEntity):
+    """The call's worst-case cost is above its cap (``max_cost``); the provider was not called (HTTP 422).
+
+    422, not 429 or 402: waiting or topping up does not help, the request as sized can
+    never run; a smaller ``max_tokens``, a cheaper model or a higher cap can.
+    """
+
+    error_code = "cost_cap_exceeded"
+
+    def __init__(self, max_cost: Decimal, worst_case_cost: Decimal, *, tokens: int, model: str | None) -> None:
+        self.message = (
+            f"This call may cost up to {worst_case_cost.normalize():f} ({tokens} tokens of {model!r}),"
+            f" above its max_cost of {max_cost.normalize():f}."
+        )
+        super().__init__(description=self.message)
+        #: The cap that refused the call.
+        self.max_cost = max_cost
+        #: What the hold would have been: ``tokens`` at the model's highest price.
+        self.worst_case_cost = worst_case_cost
+        self.tokens = tokens
+        self.model = model
+
+    def __str__(self) -> str:
+        return self.message
+
+    def get_body(self, environ: t.Any = None, scope: t.Any = None) -> str:
+        return json.dumps(
+            {
+                "error": self.error_code,
+                "message": self.message,
+                "max_cost": str(self.max_cost),
+                "worst_case_cost": str(self.worst_case_cost),
+                "max_tokens": self.tokens,
+                "model": self.model,
+            }
+        )
+
+    def get_headers(self, environ: t.Any = None, scope: t.Any = None) -> list[tuple[str, str]]:
+        return [("Content-Type", "application/json")]
+
+
 class BillingError(AiMeteringError):
     """A billing driver could not hand an amount to the payment provider."""
 
@@ -119,6 +162,7 @@ __all__ = [
     "BillableRequired",
     "BillingError",
     "ConfigurationError",
+    "CostCapExceeded",
     "CreditsInsufficient",
     "FeatureNotAllowed",
     "IdempotencyConflict",

@@ -215,12 +215,14 @@ class AiMetering:
 
         Keyword options (all optional): ``billable``, ``user``, ``tenant``,
         ``provider``, ``model``, ``feature``, ``meta``, ``idempotency_key``,
-        ``max_tokens``, ``usage``, ``billing_mode``. The reservation holds
+        ``max_tokens``, ``usage``, ``billing_mode``, ``max_cost``. The reservation holds
         ``max_tokens`` (else the manual usage's total, else
-        ``AI_METERING_DEFAULT_MAX_TOKENS``) and their worst-case cost.
+        ``AI_METERING_DEFAULT_MAX_TOKENS``) and their worst-case cost; a worst case
+        above ``max_cost`` (else ``AI_METERING_MAX_COST_PER_CALL``) is refused.
 
         :raises AiLimitExceeded: a limit refuses the call; ``fn`` did not run.
         :raises CreditsInsufficient: the wallet cannot pay; ``fn`` did not run.
+        :raises CostCapExceeded: the worst-case cost is above the cap; ``fn`` did not run.
         :raises IdempotencyConflict: the key's first call is still in flight.
         :raises InvalidUsage: bad input; nothing was reserved or recorded.
         """
@@ -345,13 +347,22 @@ class AiMetering:
         return self._builder().feature(feature)
 
     def instrument(
-        self, client: Client, *, feature: str | None = None, billable: t.Any = None, tenant: t.Any = None
+        self,
+        client: Client,
+        *,
+        feature: str | None = None,
+        billable: t.Any = None,
+        tenant: t.Any = None,
+        max_cost: t.Any = None,
     ) -> Client:
         """Meter an OpenAI or Anthropic client's calls with no change at the call site; returns ``client``.
 
+        ``max_cost`` caps each call's worst-case cost (as ``meter.call(max_cost=...)``).
         See :mod:`flask_ai_metering.metering.instrument` for what is metered and how.
         """
-        return t.cast(Client, _instrument(self, client, feature=feature, billable=billable, tenant=tenant))
+        return t.cast(
+            Client, _instrument(self, client, feature=feature, billable=billable, tenant=tenant, max_cost=max_cost)
+        )
 
     def uninstrument(self, client: Client) -> Client:
         """Undo :meth:`instrument`: the client's SDK methods are its own again; returns ``client``."""

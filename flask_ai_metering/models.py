@@ -161,8 +161,18 @@ class Subscription(Base):
     grace_period_ends_at: Mapped[dt.datetime | None]
     #: When the current plan took effect; usage before it counted against the previous plan.
     plan_changed_at: Mapped[dt.datetime | None]
-    #: Incremented on every plan change: each plan segment of a period has its own counter.
+    #: Incremented on every plan change.
     plan_version: Mapped[int] = mapped_column(default=0, server_default="0")
+    #: The counter segment the subscription counts on (``Counter.plan_version``): a plan change
+    #: moves it to a fresh counter only under ``AI_METERING_PLAN_CHANGE = "reset"``.
+    counter_segment: Mapped[int] = mapped_column(default=0, server_default="0")
+    #: Under ``prorate``: the period's token limit after the last plan change (None: unlimited),
+    #: in force while ``prorated_until`` is in the future; the plan's own limit applies after it.
+    prorated_token_limit: Mapped[int | None] = mapped_column(sa.BigInteger)
+    #: The same for the cost limit, in pico-units.
+    prorated_cost_units: Mapped[int | None] = mapped_column(sa.BigInteger)
+    #: The end of the period the prorated limits belong to (None: no proration).
+    prorated_until: Mapped[dt.datetime | None]
     stripe_customer_id: Mapped[str | None] = mapped_column(sa.String(_KEY))
     stripe_subscription_id: Mapped[str | None] = mapped_column(sa.String(_KEY))
     #: ``created`` of the last Stripe event applied to this subscription: an older
@@ -218,7 +228,10 @@ class UsageLimitOverride(Base):
 
 
 class Counter(Base):
-    """Used and reserved amounts of one billable in one period (and plan segment).
+    """Used and reserved amounts of one billable in one period (and counter segment).
+
+    ``plan_version`` holds the subscription's ``counter_segment``: one counter per
+    period unless plan changes reset the allowance (``AI_METERING_PLAN_CHANGE = "reset"``).
 
     Limit checks read and update this one row by primary key, so they are O(1)
     and atomic; ``reconcile`` checks it against the ledger. The ``*_units`` costs

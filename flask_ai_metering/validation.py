@@ -17,6 +17,7 @@ from sqlalchemy import inspect as sa_inspect
 
 from .errors import InvalidUsage
 from .metering.usage import check_token_count
+from .money import parse_money
 
 FEATURE_RE = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 BILLING_MODES = ("plan", "credits")
@@ -204,6 +205,16 @@ def token_count(value: t.Any, field: str) -> int | None:
     if value is None:
         return None
     return check_token_count(value, field)
+
+
+def max_cost(value: t.Any, field: str = "max_cost") -> Decimal | None:
+    """A per-call cost cap: a positive ``Decimal``, ``int`` or decimal ``str`` (never a float)."""
+    if value is None:
+        return None
+    amount = parse_money(value, field)
+    if amount <= 0:
+        raise InvalidUsage(f"{field} must be positive, got {value!r}")
+    return amount
 
 
 def meta(value: t.Any, *, max_bytes: int, sanitize: bool) -> dict[str, t.Any] | None:

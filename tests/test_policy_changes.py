@@ -98,16 +98,32 @@ def test_a_cost_override_applies_to_the_next_call(meter, db):
         )
 
 
-def test_a_plan_change_moves_the_next_call_to_the_new_segment(meter, db):
+def test_a_plan_change_carries_the_periods_usage_to_the_new_limits(meter, db):
     add_plan(db, slug="basic", token_limit=1000)
     add_plan(db, slug="pro", token_limit=5000)
     meter.subscribe(TEAM, "basic")
     manual(meter, 900)
     meter.subscribe(TEAM, "pro")
-    assert manual(meter, 4000).remaining_tokens == 1000
+    assert manual(meter, 4000).remaining_tokens == 100
     with db.engine.connect() as conn:
         rows = conn.execute(sa.select(Counter.plan_version, Counter.used_tokens).order_by(Counter.plan_version)).all()
-    assert [tuple(r) for r in rows] == [(0, 900), (1, 4000)]
+    assert [tuple(r) for r in rows] == [(0, 4900)]
+
+
+def test_under_reset_a_plan_change_moves_the_next_call_to_a_fresh_counter(make_app):
+    app, db, meter = make_app(AI_METERING_PLAN_CHANGE="reset")
+    with app.app_context():
+        add_plan(db, slug="basic", token_limit=1000)
+        add_plan(db, slug="pro", token_limit=5000)
+        meter.subscribe(TEAM, "basic")
+        manual(meter, 900)
+        meter.subscribe(TEAM, "pro")
+        assert manual(meter, 4000).remaining_tokens == 1000
+        with db.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(Counter.plan_version, Counter.used_tokens).order_by(Counter.plan_version)
+            ).all()
+        assert [tuple(r) for r in rows] == [(0, 900), (1, 4000)]
 
 
 def test_a_feature_removed_from_the_plan_is_refused_on_the_next_call(meter, db):

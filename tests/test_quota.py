@@ -130,7 +130,7 @@ def test_reservation_expires_and_sweeper_releases_it(meter, db, backend):
     assert reconcile(rt) == []
 
 
-def test_plan_change_mid_period_starts_a_new_segment(meter, db):
+def test_plan_change_mid_period_carries_the_usage(meter, db):
     add_plan(db, slug="basic", token_limit=1000)
     add_plan(db, slug="pro", token_limit=5000)
     changes: list[dict[str, t.Any]] = []
@@ -141,8 +141,8 @@ def test_plan_change_mid_period_starts_a_new_segment(meter, db):
     assert sub.plan.slug == "pro" and sub.previous_plan.slug == "basic" and sub.plan_version == 1
     assert changes == [{"billable": TEAM, "old_plan": "basic", "new_plan": "pro", "subscription_id": sub.id}]
     result = manual(meter, 4000)
-    assert result.remaining_tokens == 1000
-    assert [c.used_tokens for c in counter_rows(db)] == [900, 4000]
+    assert result.remaining_tokens == 100  # AI_METERING_PLAN_CHANGE = "carry": the 900 count
+    assert [c.used_tokens for c in counter_rows(db)] == [4900]
     assert meter.subscription(TEAM).plan_id == sub.plan_id
     assert reconcile(meter.runtime()) == []
 

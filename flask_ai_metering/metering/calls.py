@@ -100,6 +100,10 @@ class MeterCall:
     def with_max_tokens(self, max_tokens: int) -> MeterCall:
         return self._with(max_tokens=max_tokens)
 
+    def with_max_cost(self, max_cost: Decimal | int | str) -> MeterCall:
+        """Refuse the call (``CostCapExceeded``) when its worst-case cost is above ``max_cost``."""
+        return self._with(max_cost=max_cost)
+
     def with_manual_usage(self, usage: t.Mapping[str, int] | None = None, **counts: int) -> MeterCall:
         """Usage for providers that report none: a dict, or ``input_tokens=…, output_tokens=…``."""
         return self._with(usage={**(usage or {}), **counts})

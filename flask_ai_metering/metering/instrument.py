@@ -68,6 +68,7 @@ import sys
 import typing as t
 
 from ..errors import IdempotencyConflict
+from ..validation import max_cost as check_max_cost
 
 if t.TYPE_CHECKING:
     from ..extension import AiMetering
@@ -531,7 +532,15 @@ class Instrumentation:
     """The metering layer on one client: its options and the methods it replaced."""
 
     def __init__(
-        self, meter: AiMetering, provider: str, is_async: bool, *, feature: t.Any, billable: t.Any, tenant: t.Any
+        self,
+        meter: AiMetering,
+        provider: str,
+        is_async: bool,
+        *,
+        feature: t.Any,
+        billable: t.Any,
+        tenant: t.Any,
+        max_cost: t.Any = None,
     ) -> None:
         self.meter = meter
         self.provider = provider
@@ -539,6 +548,7 @@ class Instrumentation:
         self.feature = feature
         self.billable = billable
         self.tenant = tenant
+        self.max_cost = max_cost
         self.patches: list[_Patch] = []
 
     def options(self, kind: str, request: t.Mapping[str, t.Any]) -> dict[str, t.Any]:
@@ -559,6 +569,8 @@ class Instrumentation:
             "max_tokens": prompt + cap,
             "prompt_tokens_estimate": prompt,
             "idempotency_key": idempotency_key_of(_given(request.get("extra_headers"))),
+            # Only when set: a call with no model then keeps the configured default's rule.
+            **({"max_cost": self.max_cost} if self.max_cost is not None else {}),
         }
 
     def _returned(self, result: MeterResult, options: dict[str, t.Any], *, streaming: bool, hide: bool) -> t.Any:
@@ -699,7 +711,13 @@ def _client_kind(client: t.Any) -> tuple[str, bool]:
 
 
 def instrument(
-    meter: AiMetering, client: t.Any, *, feature: str | None = None, billable: t.Any = None, tenant: t.Any = None
+    meter: AiMetering,
+    client: t.Any,
+    *,
+    feature: str | None = None,
+    billable: t.Any = None,
+    tenant: t.Any = None,
+    max_cost: t.Any = None,
 ) -> t.Any:
     """Meter ``client``'s calls through ``meter``; returns ``client`` itself. See the module docs.
 
@@ -707,13 +725,17 @@ def instrument(
     options; a client instrumented by another ``AiMetering`` raises ``ValueError``.
     """
     provider, is_async = _client_kind(client)
+    max_cost = check_max_cost(max_cost)
     current = vars(client).get(MARKER)
     if isinstance(current, Instrumentation):
         if current.meter is not meter:
             raise ValueError("this client is already instrumented by another AiMetering instance")
         current.feature, current.billable, current.tenant = feature, billable, tenant
+        current.max_cost = max_cost
         return client
-    inst = Instrumentation(meter, provider, is_async, feature=feature, billable=billable, tenant=tenant)
+    inst = Instrumentation(
+        meter, provider, is_async, feature=feature, billable=billable, tenant=tenant, max_cost=max_cost
+    )
     inst.apply(client)
     setattr(client, MARKER, inst)
     return client

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import typing as t
+from decimal import Decimal
 
 from .. import validation as v
+from ..errors import CostCapExceeded
 from ..errors import InvalidUsage
 from ..money import MAX_UNITS
+from ..money import from_units
+from ..money import to_units
 from ..money import to_units_ceil
 from .usage import PricedUsage
 from .usage import TokenCounts
@@ -47,6 +51,8 @@ class CallSpec:
     billing_mode: str | None = None
     #: The prompt's size as the caller estimates it, charged when the provider reports no usage.
     prompt_tokens_estimate: int | None = None
+    #: The call's cost cap (``max_cost=``, else ``AI_METERING_MAX_COST_PER_CALL``).
+    max_cost: Decimal | None = None
 
     @property
     def scope(self) -> str:
@@ -118,7 +124,24 @@ def build_spec(
         usage=usage,
         billing_mode=v.billing_mode(kw.get("billing_mode")),
         prompt_tokens_estimate=v.token_count(kw.get("prompt_tokens_estimate"), "prompt_tokens_estimate"),
+        max_cost=_cost_cap(rt, kw.get("max_cost"), kw.get("model")),
     )
+
+
+def _cost_cap(rt: Runtime, given: t.Any, model: t.Any) -> Decimal | None:
+    """The call's cap: ``max_cost=`` (which needs a model), else the configured default.
+
+    A call with no model known before it runs cannot be priced before it runs: an
+    explicit cap is refused as unenforceable, and the configured default skips it.
+    """
+    cap = v.max_cost(given)
+    if cap is None:
+        return rt.settings.max_cost_per_call if model else None
+    if not model:
+        raise InvalidUsage(
+            "max_cost needs the model before the call (model=...): with no model the worst-case cost is unknown"
+        )
+    return cap
 
 
 def check_record_options(options: t.Mapping[str, t.Any]) -> None:
@@ -135,12 +158,17 @@ def reservation_size(rt: Runtime, spec: CallSpec) -> tuple[int, int]:
     the cost is those tokens at the higher of the model's input and output price.
     With no model known before the call nothing can be priced: the cost hold is 0
     and the cost check only asks that some cost remains.
+
+    :raises CostCapExceeded: that worst-case cost is above the call's ``max_cost``;
+        nothing is held or recorded and the provider is not called.
     """
     tokens = spec.max_tokens
     if tokens is None:
         tokens = spec.usage.total_tokens if spec.usage is not None else rt.settings.default_max_tokens
     price = rt.prices.max_token_price(spec.provider, spec.model) if spec.model else None
     cost = 0 if price is None else to_units_ceil(price * tokens)
+    if spec.max_cost is not None and cost > to_units(spec.max_cost):
+        raise CostCapExceeded(spec.max_cost, from_units(cost), tokens=tokens, model=spec.model)
     if cost > MAX_UNITS:
         raise InvalidUsage(f"max_tokens {tokens} at the price of {spec.model!r} costs more than can be held")
     return tokens, cost

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 
 from ..billing import NullBillingDriver
 from ..config import DEFAULTS
+from ..config import ConfigVars
 from ..config import Settings
 from ..config import unknown_keys
 from ..errors import ConfigurationError
@@ -107,14 +108,37 @@ def _database(rt: Runtime) -> list[str]:
     return []
 
 
+def notes(app: Flask) -> list[str]:
+    """What ``validate`` tells without failing: choices whose consequences are easy to miss."""
+    try:
+        settings = Settings.from_config(app.config)
+    except ConfigurationError:
+        return []  # reported as a problem
+    if settings.default_plan is None:
+        return [
+            "plans: billables without a subscription are unlimited (metered, never refused);"
+            f" set {ConfigVars.DEFAULT_PLAN} to hold them to a plan"
+        ]
+    return []
+
+
 def _data(rt: Runtime) -> list[str]:
     now = utcnow()
     problems = [f"ledger: {line}" for line in reconcile(rt, now=now)]
     with rt.store.engine.connect() as conn:
+        problems += _default_plan(conn, rt.settings)
         problems += _orphans(conn)
         problems += _unpriced(conn)
         problems += _stuck(conn, rt, now)
     return problems
+
+
+def _default_plan(conn: sa.Connection, settings: Settings) -> list[str]:
+    if settings.default_plan is None:
+        return []
+    if conn.execute(sa.select(plans.c.id).where(plans.c.slug == settings.default_plan)).first() is None:
+        return [f"config: {settings.missing_default_plan()}"]
+    return []
 
 
 def _orphans(conn: sa.Connection) -> list[str]:

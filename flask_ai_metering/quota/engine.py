@@ -184,12 +184,12 @@ def refusal_reason(policy: Policy, state: CounterState, tokens: int, cost_units:
 
 
 def counter_key(policy: Policy) -> dict[str, t.Any]:
-    """The unique key of the counter ``policy`` counts on: its billable, period and plan segment."""
+    """The unique key of the counter ``policy`` counts on: its billable, period and counter segment."""
     return {
         "billable_type": policy.billable[0],
         "billable_id": policy.billable[1],
         "period_start": policy.period.start,
-        "plan_version": policy.plan_version,
+        "plan_version": policy.counter_segment,
     }
 
 

@@ -39,8 +39,9 @@ class Policy:
 
     billable: Billable
     period: Period
-    #: Selects the counter row: each plan segment of a period counts on its own.
-    plan_version: int = 0
+    #: Selects the counter row (``Counter.plan_version``): the subscription's counter segment,
+    #: which a plan change moves only under ``AI_METERING_PLAN_CHANGE = "reset"``.
+    counter_segment: int = 0
     token_limit: int | None = None
     #: Cost limit in pico-units (None: unlimited).
     cost_limit_units: int | None = None
@@ -56,6 +57,9 @@ class Policy:
     plan_period: str | None = None
     #: The subscription's start, which rolling periods are anchored on.
     anchor: dt.datetime | None = None
+    #: ``AI_METERING_DEFAULT_PLAN``, a parameter of the policy query (it holds billables
+    #: without a subscription to that plan's limits).
+    default_plan: str | None = None
 
     @property
     def limited(self) -> bool:
@@ -66,6 +70,7 @@ class Policy:
 
 
 _B_TYPE: sa.BindParameter[str] = sa.bindparam("b_type")
+_DEFAULT: sa.BindParameter[str] = sa.bindparam("default_plan")
 _B_ID: sa.BindParameter[str] = sa.bindparam("b_id")
 _NOW = sa.bindparam("now", type_=_overrides.c.period_start.type)
 
@@ -90,6 +95,11 @@ def _override_column(column: str) -> sa.ScalarSelect[t.Any]:
     )
 
 
+def _prorated(prorated: sa.ColumnElement[t.Any], plan: sa.ColumnElement[t.Any]) -> sa.ColumnElement[t.Any]:
+    """The prorated limit while its period runs (NULL there: unlimited), else the plan's."""
+    return sa.case((_subs.c.prorated_until > _NOW, prorated), else_=plan)
+
+
 _ONE_ROW = sa.select(sa.literal(1).label("one")).subquery("one_row")
 
 #: The policy's inputs in one row, subscribed or not (the subscription columns are
@@ -97,35 +107,45 @@ _ONE_ROW = sa.select(sa.literal(1).label("one")).subquery("one_row")
 #: every call, and embedded whole in PostgreSQL's one-statement reserve.
 POLICY_QUERY = sa.select(
     _subs.c.id,
-    _subs.c.plan_id,
+    _plans.c.id.label("plan_id"),  # the subscription's plan, or the default plan
     _subs.c.billing_mode,
     _subs.c.started_at,
     _subs.c.ends_at,
     _subs.c.grace_period_ends_at,
-    _subs.c.plan_version,
+    _subs.c.counter_segment,
     _plans.c.slug,
-    # The limits in force: the newest override's, else the plan's.
-    sa.func.coalesce(_override_column("token_limit"), _plans.c.token_limit).label("token_limit"),
-    sa.func.coalesce(_override_column("cost_limit"), sa.type_coerce(_plans.c.cost_limit, sa.BigInteger)).label(
-        "cost_limit"
-    ),
+    # The limits in force: the newest override's, else the prorated ones, else the plan's.
+    sa.func.coalesce(
+        _override_column("token_limit"), _prorated(_subs.c.prorated_token_limit, _plans.c.token_limit)
+    ).label("token_limit"),
+    sa.func.coalesce(
+        _override_column("cost_limit"),
+        _prorated(_subs.c.prorated_cost_units, sa.type_coerce(_plans.c.cost_limit, sa.BigInteger)),
+    ).label("cost_limit"),
     _plans.c.features,
     _plans.c.period,
     _plans.c.overage_price_per_1k_tokens,
 ).select_from(
     _ONE_ROW.outerjoin(_subs, sa.and_(_subs.c.billable_type == _B_TYPE, _subs.c.billable_id == _B_ID)).outerjoin(
-        _plans, _plans.c.id == _subs.c.plan_id
+        # The subscription's plan; without a subscription, the default plan (if one is set).
+        _plans,
+        sa.or_(_plans.c.id == _subs.c.plan_id, sa.and_(_subs.c.id.is_(None), _plans.c.slug == _DEFAULT)),
     )
 )
 
 
-def policy_params(billable: Billable, now: dt.datetime) -> dict[str, t.Any]:
-    return {"b_type": billable[0], "b_id": billable[1], "now": now}
+def policy_params(billable: Billable, now: dt.datetime, default_plan: str | None) -> dict[str, t.Any]:
+    return {"b_type": billable[0], "b_id": billable[1], "now": now, "default_plan": default_plan}
 
 
 def resolve_policy(conn: sa.Connection, billable: Billable, now: dt.datetime, settings: Settings) -> Policy:
-    """Build the :class:`Policy` of ``billable`` at ``now`` in one round trip."""
-    return policy_from_row(conn.execute(POLICY_QUERY, policy_params(billable, now)).one(), billable, now, settings)
+    """Build the :class:`Policy` of ``billable`` at ``now`` in one round trip.
+
+    :raises ConfigurationError: ``AI_METERING_DEFAULT_PLAN`` names a plan that does not exist
+        (checked here, at first use, since it needs the database).
+    """
+    params = policy_params(billable, now, settings.default_plan)
+    return policy_from_row(conn.execute(POLICY_QUERY, params).one(), billable, now, settings)
 
 
 #: The columns of :data:`POLICY_QUERY` that may change while a billable stays on the
@@ -149,9 +169,17 @@ def _terms(row: t.Any) -> dict[str, t.Any]:
 def policy_from_row(row: t.Any, billable: Billable, now: dt.datetime, settings: Settings) -> Policy:
     """The :class:`Policy` a :data:`POLICY_QUERY` row describes at ``now``."""
     if row.id is None:
-        # No subscription: metered, unlimited unless an override says otherwise.
-        period = period_for(now, period_type=settings.period_type, alignment="calendar", timezone=settings.timezone)
-        return Policy(billable=billable, period=period, **_terms(row))
+        # No subscription: the default plan's limits on the billable's own counter, in
+        # calendar periods (there is no start to anchor on); else unlimited unless an
+        # override says otherwise.
+        if settings.default_plan is not None and row.slug is None:
+            raise settings.missing_default_plan()
+        period = period_for(
+            now, period_type=row.period or settings.period_type, alignment="calendar", timezone=settings.timezone
+        )
+        return Policy(
+            billable=billable, period=period, plan_period=row.period, default_plan=settings.default_plan, **_terms(row)
+        )
     period = period_for(
         now,
         period_type=row.period or settings.period_type,
@@ -167,11 +195,12 @@ def policy_from_row(row: t.Any, billable: Billable, now: dt.datetime, settings: 
     return Policy(
         billable=billable,
         period=period,
-        plan_version=row.plan_version,
+        counter_segment=row.counter_segment,
         subscription_id=row.id,
         expired=expired,
         plan_period=row.period,
         anchor=row.started_at,
+        default_plan=settings.default_plan,
         **_terms(row),
     )
 

@@ -76,15 +76,16 @@ _HOLD_COLUMNS = ("tokens", "cost_units", "idempotency_key", "idempotency_scope",
 def _pinned_conditions(pol: sa.CTE, c: sa.Alias, mode_from_plan: bool, feature: bool) -> list[sa.ColumnElement[bool]]:
     """What the remembered policy assumed, re-checked against the statement's own policy read.
 
-    The rows that select the counter (subscription, plan version, plan period,
-    rolling anchor) unchanged, the subscription active, the billing mode ``plan``
+    The rows that select the counter and its limits unchanged (the plan, which a plan
+    change, a deleted subscription or a missing default plan changes; the counter segment,
+    plan period and rolling anchor), the subscription active, the billing mode ``plan``
     and the feature allowed. NULL fails: the portable path then explains a refusal.
     """
     now = sa.bindparam("now", type_=pol.c.started_at.type)
     conditions: list[sa.ColumnElement[bool]] = [
         quota.key_clause(c),
-        pol.c.id.is_not_distinct_from(sa.bindparam("p_subscription")),
-        sa.func.coalesce(pol.c.plan_version, 0) == c.c.plan_version,
+        pol.c.plan_id.is_not_distinct_from(sa.bindparam("p_plan")),
+        sa.func.coalesce(pol.c.counter_segment, 0) == c.c.plan_version,
         pol.c.period.is_not_distinct_from(sa.bindparam("p_period", type_=pol.c.period.type)),
         pol.c.started_at.is_not_distinct_from(sa.bindparam("p_anchor", type_=pol.c.started_at.type)),
         sa.or_(pol.c.ends_at.is_(None), pol.c.ends_at > now, pol.c.grace_period_ends_at > now),
@@ -106,9 +107,9 @@ def _pinned_conditions(pol: sa.CTE, c: sa.Alias, mode_from_plan: bool, feature: 
 
 def _pinned_params(recent: Policy, now: dt.datetime, feature: str | None) -> dict[str, t.Any]:
     return {
-        **policy_params(recent.billable, now),
+        **policy_params(recent.billable, now, recent.default_plan),
         **quota.key_params(recent),
-        "p_subscription": recent.subscription_id,
+        "p_plan": recent.plan_id,
         "p_period": recent.plan_period,
         "p_anchor": recent.anchor,
         "p_feature": feature,
