@@ -196,7 +196,7 @@ def test_the_include_renders_the_meter(app: Flask) -> None:
     html = client.get("/page").get_data(as_text=True)
     assert "data-ai-usage-meter" in html and 'data-state="ok"' in html
     assert "$0.001575 of $1.00 used, resets in " in html
-    assert 'value="52.5"' in html
+    assert "5,250 of 10,000 tokens" in html and 'value="52.5"' in html
     client.get("/login/2")
     # Team b has no plan: no limits, so only what it spent.
     assert "$0.001054 used, resets in " in client.get("/page").get_data(as_text=True)

@@ -147,7 +147,8 @@ def usage_meter() -> dict[str, t.Any] | None:
 
     ``text`` is "$X of $Y used, resets in Z" when the plan has a cost limit,
     "N of M tokens used, resets in Z" when it only limits tokens, and
-    "$X used, resets in Z" when it limits neither.
+    "$X used, resets in Z" when it limits neither. ``detail`` adds "N of M tokens"
+    when the plan limits both (the bar shows the fuller of the two).
     """
     billable = own_billable()
     if billable is None:
@@ -163,8 +164,12 @@ def usage_meter() -> dict[str, t.Any] | None:
         text = f"{number(used_tokens)} of {number(check.token_limit)} tokens used"
     else:
         text = f"{money(used_cost, currency)} used"
+    detail = None
+    if check.cost_limit is not None and check.token_limit is not None:
+        detail = f"{number(used_tokens)} of {number(check.token_limit)} tokens"
     return {
         "text": f"{text}, resets in {left}",
+        "detail": detail,
         "used": money(used_cost, currency),
         "limit": None if check.cost_limit is None else money(check.cost_limit, currency),
         "used_tokens": used_tokens,
