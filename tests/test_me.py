@@ -88,7 +88,8 @@ def build(make_app: AppFactory) -> tuple[Flask, AiMetering]:
 
 
 @pytest.fixture
-def app(make_app: AppFactory) -> Flask:
+def app(make_app: AppFactory, backend: str) -> Flask:
+    """The app on SQLite, PostgreSQL and MariaDB (``backend`` parametrizes ``make_app``'s database)."""
     return build(make_app)[0]
 
 
