@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# Without OPENAI_API_KEY / ANTHROPIC_API_KEY the app answers chats from example_app/model_server.py,
+# started on a thread on a free 127.0.0.1 port at the first chat; it stops with `flask run`.
 demo: $(STAMP)
 	mkdir -p instance
 	EXAMPLE_DATABASE_URL=sqlite:///$(DEMO_DB) $(BIN)/flask ai-metering db upgrade

@@ -1,67 +1,69 @@
-"""A small flaskr-style app that uses flask-ai-metering end to end (``make demo``).
+"""The example app: a small team chat product metered by flask-ai-metering (``make demo``).
 
-Demo only: there are no passwords. Every visitor is logged in as the ``admin`` user
-automatically, and the dashboard authorizer lets admins in. A real app would use
-its own login and ``return user.is_admin`` — never auto-login.
+* Accounts: sign-up and log-in (Flask-Login, passwords hashed with werkzeug), teams
+  with members. The team is the billable; the member is the user calls are
+  attributed to.
+* Plans: Free and Pro (with a 14-day trial), chosen on the billing page
+  (``meter.subscribe``); credits bought through Stripe Checkout when Stripe is configured.
+* Chat: answers stream in token by token from the official ``openai`` and
+  ``anthropic`` SDKs, instrumented with ``meter.instrument``; without API keys a
+  local model server that ships with the example answers (:mod:`example_app.llm`).
+* Limits: over the Free plan's allowance, the chat shows a friendly page with the
+  reset time (an error handler for ``AiLimitExceeded``).
+* The metering dashboard opens for admins only (``@meter.dashboard_authorizer``);
+  every page shows the user's usage meter (``ai_metering/_usage_meter.html``).
+
+Demo accounts (``flask seed-demo``): ``admin@example.com`` / ``admin-password``
+(an admin) and ``member@example.com`` / ``member-password`` (a member of the same team).
 """
 
 from __future__ import annotations
 
+import hmac
 import os
+import secrets
 import typing as t
 
 from flask import Flask
-from flask import jsonify
-from flask import redirect
-from flask import render_template
-from flask import url_for
-from flask_login import LoginManager
-from flask_login import UserMixin
+from flask import abort
+from flask import request
+from flask import session
 from flask_login import current_user
-from flask_login import login_required
-from flask_login import login_user
-from flask_sqlalchemy import SQLAlchemy
 
-from flask_ai_metering import AiMetering
-from flask_ai_metering import quota_required
+from .extensions import db
+from .extensions import login_manager
+from .extensions import meter
+from .models import Team
+from .models import User
 
-db = SQLAlchemy()
-meter = AiMetering()
-login_manager = LoginManager()
+__all__ = ["create_app", "db", "meter", "Team", "User"]
 
-#: The price of the demo's manual provider model (no provider reports it).
+#: The price of the seeded ``manual`` provider's model (no provider reports it).
 PROVIDERS = {"manual": {"models": {"demo-small": {"input_price_per_1k": "0.0005", "output_price_per_1k": "0.0015"}}}}
 
 
-class DemoUser(UserMixin):
-    """A hard-coded user; the demo has no user table and no passwords."""
-
-    def __init__(self, user_id: str, name: str, is_admin: bool) -> None:
-        self.id = user_id
-        self.name = name
-        self.is_admin = is_admin
-
-
-USERS = {
-    "1": DemoUser("1", "admin", True),
-    "2": DemoUser("2", "alice", False),
-    "3": DemoUser("3", "bob", False),
-}
-
-
 @login_manager.user_loader
-def load_user(user_id: str) -> DemoUser | None:
-    return USERS.get(user_id)
+def load_user(user_id: str) -> User | None:
+    return db.session.get(User, int(user_id)) if user_id.isdigit() else None
 
 
 @meter.billable_resolver
-def billable() -> tuple[str, str] | None:
-    return ("User", current_user.id) if current_user.is_authenticated else None
+def billable() -> Team | None:
+    """The logged-in member's team pays for the call."""
+    return current_user.team if current_user.is_authenticated else None
 
 
 @meter.dashboard_authorizer
 def can_view_dashboard(user: t.Any) -> bool:
-    return bool(getattr(user, "is_authenticated", False) and getattr(user, "is_admin", False))
+    """Admins see the metering dashboard; members don't."""
+    return bool(user is not None and user.is_authenticated and user.is_admin)
+
+
+def csrf_token() -> str:
+    """The session's CSRF token, for forms (``csrf_token``) and fetch (``X-CSRF-Token``)."""
+    if "csrf" not in session:
+        session["csrf"] = secrets.token_urlsafe(24)
+    return str(session["csrf"])
 
 
 def create_app(test_config: dict[str, t.Any] | None = None) -> Flask:
@@ -70,11 +72,16 @@ def create_app(test_config: dict[str, t.Any] | None = None) -> Flask:
     os.makedirs(app.instance_path, exist_ok=True)
     default_db = "sqlite:///" + os.path.join(app.instance_path, "demo.sqlite")
     app.config.from_mapping(
-        SECRET_KEY="demo-only-not-secret",
+        SECRET_KEY=os.environ.get("EXAMPLE_SECRET_KEY", "demo-only-not-secret"),
         SQLALCHEMY_DATABASE_URI=os.environ.get("EXAMPLE_DATABASE_URL", default_db),
         AI_METERING_PROVIDERS=PROVIDERS,
-        AI_METERING_DEFAULT_PROVIDER="manual",
-        DEMO_AUTO_LOGIN=True,
+        # Real services answer when their key is set; otherwise the local model server.
+        OPENAI_API_KEY=os.environ.get("OPENAI_API_KEY"),
+        ANTHROPIC_API_KEY=os.environ.get("ANTHROPIC_API_KEY"),
+        EXAMPLE_MODEL_SERVER_URL=os.environ.get("EXAMPLE_MODEL_SERVER_URL"),
+        #: Tokens a month on the Free plan (set when ``seed-demo`` or the first sign-up creates it).
+        EXAMPLE_FREE_TOKEN_LIMIT=int(os.environ.get("EXAMPLE_FREE_TOKEN_LIMIT", "5000")),
+        EXAMPLE_CSRF=True,
     )
     if test_config:
         app.config.update(test_config)
@@ -82,53 +89,31 @@ def create_app(test_config: dict[str, t.Any] | None = None) -> Flask:
     meter.init_app(app, db=db)
     login_manager.init_app(app)
 
+    from . import llm
+
+    app.extensions["example_llm"] = llm.Clients(app)
+    with app.app_context():
+        # The app's own two tables (a real app would use Flask-Migrate); the metering
+        # tables come from `flask ai-metering db upgrade`.
+        db.create_all()
+
+    app.jinja_env.globals["csrf_token"] = csrf_token
+
     @app.before_request
-    def demo_auto_login() -> None:
-        # Demo only: log every visitor in as the admin so the dashboard opens.
-        if app.config["DEMO_AUTO_LOGIN"] and not current_user.is_authenticated:
-            login_user(USERS["1"])
+    def check_csrf() -> None:
+        if request.method == "POST" and app.config["EXAMPLE_CSRF"]:
+            sent = request.form.get("csrf_token") or request.headers.get("X-CSRF-Token") or ""
+            expected = str(session.get("csrf") or "")
+            if not expected or not hmac.compare_digest(sent, expected):
+                abort(400, "The form expired: reload the page and try again.")
 
-    @app.get("/")
-    def index() -> str:
-        return render_template("index.html", users=USERS.values())
-
-    @app.get("/login/<user_id>")
-    def login(user_id: str) -> t.Any:
-        user = USERS.get(user_id)
-        if user is not None:
-            login_user(user)
-        return redirect(url_for("index"))
-
-    @app.post("/ai/summarize")
-    @login_required
-    @quota_required(feature="summary", tokens=1500)
-    def summarize() -> t.Any:
-        result = meter.call(
-            lambda: {"summary": "A short, made-up summary."},
-            provider="manual",
-            model="demo-small",
-            feature="summary",
-            usage={"input_tokens": 1200, "output_tokens": 150},
-            max_tokens=1500,
-        )
-        return jsonify(
-            {**result.response, "cost": str(result.usage.total_cost), "remaining_tokens": result.remaining_tokens}
-        )
-
-    @app.post("/ai/chat")
-    @login_required
-    @quota_required
-    def chat() -> t.Any:
-        result = meter.call(
-            lambda: {"reply": "Hello from the demo model."},
-            provider="manual",
-            model="demo-small",
-            feature="chat",
-            usage={"input_tokens": 300, "output_tokens": 80},
-        )
-        return jsonify({**result.response, "cost": str(result.usage.total_cost)})
-
+    from .auth import bp as auth_bp
     from .seed import seed_demo_command
+    from .views import bp as views_bp
+    from .views import register_error_handlers
 
+    app.register_blueprint(auth_bp)
+    app.register_blueprint(views_bp)
+    register_error_handlers(app)
     app.cli.add_command(seed_demo_command)
     return app

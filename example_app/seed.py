@@ -1,13 +1,18 @@
-"""``flask seed-demo``: plans, subscriptions, a wallet and ~90 days of realistic usage.
+"""``flask seed-demo``: plans, demo teams and users, a wallet and ~90 days of realistic usage.
 
-Idempotent: plans are created once, subscriptions are moved onto the same plan,
-the top-up and every usage row carry idempotency keys, so a second run adds nothing.
+Idempotent: plans, teams and users are created once, subscriptions are moved onto the
+same plan, the top-up and every usage row carry idempotency keys, so a second run adds
+nothing.
+
+Demo accounts: ``admin@example.com`` / ``admin-password`` (an admin: the dashboard
+opens) and ``member@example.com`` / ``member-password``, both in the Acme team (Pro).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import random
+import secrets
 import typing as t
 from decimal import Decimal
 
@@ -16,6 +21,9 @@ import sqlalchemy as sa
 from flask.cli import with_appcontext
 
 from flask_ai_metering.models import Plan
+
+from .models import Team
+from .models import User
 
 #: (provider, model, weight, typical input, typical output)
 MODELS = [
@@ -27,46 +35,81 @@ MODELS = [
     ("manual", "demo-small", 4, 1200, 150),
 ]
 FEATURES = [("chat", 50), ("summary", 25), ("search", 15), ("import", 10)]
-BILLABLES = [("User", "1"), ("User", "2"), ("User", "3"), ("Team", "acme"), ("Team", "globex"), ("Team", "initech")]
-PLANS = [
-    {"name": "Free", "slug": "free", "token_limit": 150_000, "cost_limit": Decimal("2")},
-    {
-        "name": "Pro",
-        "slug": "pro",
-        "token_limit": 5_000_000,
-        "cost_limit": Decimal("60"),
-        "overage_price_per_1k_tokens": Decimal("0.01"),
-    },
-    {
-        "name": "Team",
-        "slug": "team",
-        "token_limit": None,
-        "cost_limit": Decimal("500"),
-        "features": ["chat", "summary", "search", "import"],
-    },
+#: (team id, name, plan, weight of its share of the seeded calls)
+TEAMS = [
+    ("acme", "Acme Corp", "pro", 2.5),
+    ("globex", "Globex", "pro", 1.2),
+    ("hooli", "Hooli", "pro", 1.0),
+    ("initech", "Initech", "free", 0.5),
+    ("umbrella", "Umbrella", "free", 0.35),
 ]
-SUBSCRIPTIONS = {
-    ("User", "1"): "pro",
-    ("User", "2"): "free",
-    ("User", "3"): "free",
-    ("Team", "acme"): "team",
-    ("Team", "globex"): "pro",
-    ("Team", "initech"): "team",
-}
+#: (email, name, password, is_admin, team). Only the first two passwords are documented.
+USERS = [
+    ("admin@example.com", "Ada Admin", "admin-password", True, "acme"),
+    ("member@example.com", "Max Member", "member-password", False, "acme"),
+    ("grace@globex.example", "Grace Globex", None, False, "globex"),
+    ("hank@globex.example", "Hank Globex", None, False, "globex"),
+    ("gavin@hooli.example", "Gavin Hooli", None, False, "hooli"),
+    ("peter@initech.example", "Peter Initech", None, False, "initech"),
+    ("alice@umbrella.example", "Alice Umbrella", None, False, "umbrella"),
+]
+BILLABLES = [("Team", team[0]) for team in TEAMS]
+
+
+def plan_fields(free_tokens: int = 5000) -> list[dict[str, t.Any]]:
+    """Free (small, so a visitor reaches its limit by chatting) and Pro, with a 14-day trial."""
+    return [
+        {"name": "Free", "slug": "free", "token_limit": free_tokens, "cost_limit": Decimal("1")},
+        {
+            "name": "Pro",
+            "slug": "pro",
+            "token_limit": 2_000_000,
+            "cost_limit": Decimal("50"),
+            "overage_price_per_1k_tokens": Decimal("0.01"),
+            "trial_days": 14,
+        },
+    ]
+
+
 DAYS = 90
 
 
-def ensure_plans(db: t.Any) -> None:
+def ensure_plans(db: t.Any, free_tokens: int = 5000) -> None:
+    """Create the Free and Pro plans unless they exist."""
     existing = set(db.session.execute(sa.select(Plan.slug)).scalars())
-    for fields in PLANS:
+    for fields in plan_fields(free_tokens):
         if fields["slug"] not in existing:
             db.session.add(Plan(**fields))
     db.session.commit()
     db.session.remove()
 
 
-def usage_rows(now: dt.datetime) -> list[dict[str, t.Any]]:
-    weights = [1.0, 0.5, 0.35, 2.5, 1.2, 0.8]
+def ensure_users(db: t.Any) -> None:
+    """Create the demo teams and users unless they exist (passwords hashed by werkzeug)."""
+    for team_id, name, _, _ in TEAMS:
+        if db.session.get(Team, team_id) is None:
+            db.session.add(Team(id=team_id, name=name))
+    emails = set(db.session.execute(sa.select(User.email)).scalars())
+    for email, name, password, is_admin, team_id in USERS:
+        if email not in emails:
+            user = User(email=email, name=name, is_admin=is_admin, team_id=team_id)
+            user.set_password(password or secrets.token_urlsafe(16))
+            db.session.add(user)
+    db.session.commit()
+
+
+def members(db: t.Any) -> dict[str, list[str]]:
+    """Team id -> its members' user ids, for attributing the seeded calls."""
+    rows = db.session.execute(sa.select(User.team_id, User.id).order_by(User.id)).all()
+    out: dict[str, list[str]] = {}
+    for team_id, user_id in rows:
+        out.setdefault(team_id, []).append(str(user_id))
+    return out
+
+
+def usage_rows(now: dt.datetime, team_members: dict[str, list[str]] | None = None) -> list[dict[str, t.Any]]:
+    weights = [team[3] for team in TEAMS]
+    team_members = team_members or {}
     rows = []
     for day in range(DAYS, -1, -1):
         base = now - dt.timedelta(days=day)
@@ -89,7 +132,7 @@ def usage_rows(now: dt.datetime) -> list[dict[str, t.Any]]:
             rows.append(
                 {
                     "billable": billable,
-                    "user": ("User", billable[1]) if billable[0] == "User" else None,
+                    "user": ("User", rng.choice(team_members[billable[1]])) if team_members.get(billable[1]) else None,
                     "tenant": ("Org", "north") if i % 3 else ("Org", "south"),
                     "provider": provider,
                     "model": model,
@@ -115,8 +158,12 @@ def seed_demo_command() -> None:
 
     meter = current_app.extensions["ai_metering"]
     db = current_app.extensions["sqlalchemy"]
-    ensure_plans(db)
-    for billable, slug in SUBSCRIPTIONS.items():
+    ensure_plans(db, current_app.config.get("EXAMPLE_FREE_TOKEN_LIMIT", 5000))
+    ensure_users(db)
+    team_members = members(db)
+    db.session.remove()
+    for team_id, _, slug, _ in TEAMS:
+        billable = ("Team", team_id)
         started = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=DAYS + 1)
         if meter.subscription(billable) is None:
             meter.subscribe(billable, slug, started_at=started)
@@ -124,6 +171,7 @@ def seed_demo_command() -> None:
     meter.wallet(("Team", "acme")).add_credits(Decimal("250"), reason="top-up", idempotency_key="seed-topup")
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     # Keys are per day and index: a re-run on a later day still finds yesterday's rows.
-    results = meter.record_batch(usage_rows(now))
+    results = meter.record_batch(usage_rows(now, team_members))
     added = sum(1 for r in results if not r.replayed)
     click.echo(f"Seeded {added} new usage row(s) ({len(results) - added} already there).")
+    click.echo("Log in as admin@example.com / admin-password (admin) or member@example.com / member-password.")

@@ -95,6 +95,14 @@ class Page:
         else:
             route.continue_()
 
+    def login(self, server: str, email: str = "admin@example.com", password: str = "admin-password") -> None:
+        """Log in through the example app's form (the seeded admin by default)."""
+        self.open(f"{server}/login")
+        self.page.fill("#email", email)
+        self.page.fill("#password", password)
+        self.page.click("button[type=submit]")
+        self.page.wait_for_url("**/chat")
+
     def open(self, url: str) -> t.Any:
         response = self.page.goto(url, wait_until="networkidle")
         return response
@@ -117,8 +125,9 @@ class Page:
 
 
 @pytest.fixture
-def page(browser: t.Any) -> t.Iterator[Page]:
+def page(browser: t.Any, server: str) -> t.Iterator[Page]:
     p = Page(browser)
+    p.login(server)
     yield p
     assert p.errors == [], p.errors
     assert p.external == [], p.external
@@ -160,12 +169,13 @@ def test_billable_page(page: Page, server: str) -> None:
 
 def test_plans_page(page: Page, server: str) -> None:
     page.open(f"{server}/ai-metering/plans")
-    assert page.page.locator("[data-test=subscribers]").all_inner_texts() == ["2", "2", "2"]
+    assert page.page.locator("[data-test=subscribers]").all_inner_texts() == ["2", "3"]  # Free, Pro
     page.page.screenshot(path=str(SHOTS / "plans.png"))
 
 
 def test_phone_layout(browser: t.Any, server: str) -> None:
     phone = Page(browser, width=390, height=844)
+    phone.login(server)
     phone.open(f"{server}/ai-metering/")
     assert all(phone.charts_drawn())
     overflow = phone.page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
@@ -177,7 +187,7 @@ def test_phone_layout(browser: t.Any, server: str) -> None:
 
 def test_forbidden_without_access(page: Page, server: str) -> None:
     page.context.clear_cookies()
-    page.open(f"{server}/login/2")  # alice: not an admin
+    page.login(server, "member@example.com", "member-password")  # not an admin
     response = page.open(f"{server}/ai-metering/")
     assert response.status == 403
     page.errors.clear()  # the browser logs the 403 itself

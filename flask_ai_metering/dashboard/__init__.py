@@ -24,6 +24,7 @@ from flask import Flask
 from werkzeug.routing import PathConverter
 
 from ..resources import resource_dir
+from . import me
 from . import views
 from .format import money
 from .format import number
@@ -94,5 +95,6 @@ def register_dashboard(app: Flask, meter: t.Any, settings: Settings) -> None:
     """Register the dashboard blueprint on ``app`` under ``settings.dashboard_prefix``."""
     app.url_map.converters.setdefault("ai_metering_id", BillableIdConverter)
     app.register_blueprint(make_blueprint(settings), url_prefix=settings.dashboard_prefix)
+    me.register(app, settings)
     if settings.stripe_webhook_route:
         views.exempt_webhook_from_csrf(app)
