@@ -18,6 +18,7 @@ import pytest
 from werkzeug.serving import make_server
 
 from example_app import create_app
+from example_app.seed import ensure_users
 
 pytestmark = pytest.mark.browser
 
@@ -207,6 +208,7 @@ def hostile_server(tmp_path_factory: pytest.TempPathFactory, sqlite_template: Pa
     path.write_bytes(sqlite_template.read_bytes())
     app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": f"sqlite:///{path}"})
     with app.app_context():
+        ensure_users(app.extensions["sqlalchemy"])  # the demo admin logs in; no usage is seeded
         meter = app.extensions["ai_metering"]
         meter.record_batch(
             [
@@ -224,8 +226,17 @@ def hostile_server(tmp_path_factory: pytest.TempPathFactory, sqlite_template: Pa
 
 
 @pytest.mark.parametrize("path", ["/ai-metering/", "/ai-metering/?group=provider", "/ai-metering/billables/Team/acme"])
-def test_names_in_charts_are_text(page: Page, hostile_server: str, path: str) -> None:
+def test_names_in_charts_are_text(browser: t.Any, hostile_server: str, path: str) -> None:
     """No link and no styled span is created inside a chart; the name is shown literally."""
+    page = Page(browser)
+    page.login(hostile_server)
+    try:
+        _assert_names_are_text(page, hostile_server, path)
+    finally:
+        page.close()
+
+
+def _assert_names_are_text(page: Page, hostile_server: str, path: str) -> None:
     assert page.open(f"{hostile_server}{path}").status == 200
     assert all(page.charts_drawn())
     links = page.page.eval_on_selector_all("[data-chart] a", "els => els.map(e => e.outerHTML)")
