@@ -65,7 +65,23 @@ class _Finisher:
         self._finish(settle_usage(self.acc, complete=complete, model=self._model))
 
 
-class MeteredStream:
+class _StreamProxy:
+    """What both stream wrappers share: the SDK stream's other attributes, and a commit at garbage collection."""
+
+    _stream: t.Any
+    _finisher: _Finisher
+
+    def __del__(self) -> None:
+        try:
+            self._finisher(False)
+        except Exception:  # pragma: no cover - nothing to raise to from a finalizer
+            log.exception("could not commit the usage of an abandoned stream")
+
+    def __getattr__(self, name: str) -> t.Any:
+        return getattr(self._stream, name)
+
+
+class MeteredStream(_StreamProxy):
     """A sync stream that commits its usage when it ends."""
 
     def __init__(self, stream: t.Any, finisher: _Finisher) -> None:
@@ -102,17 +118,8 @@ class MeteredStream:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        try:
-            self._finisher(False)
-        except Exception:  # pragma: no cover - nothing to raise to from a finalizer
-            log.exception("could not commit the usage of an abandoned stream")
 
-    def __getattr__(self, name: str) -> t.Any:
-        return getattr(self._stream, name)
-
-
-class AsyncMeteredStream:
+class AsyncMeteredStream(_StreamProxy):
     """An async stream that commits its usage (in a worker thread) when it ends."""
 
     def __init__(self, stream: t.Any, finisher: _Finisher) -> None:
@@ -150,15 +157,6 @@ class AsyncMeteredStream:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-
-    def __del__(self) -> None:
-        try:
-            self._finisher(False)
-        except Exception:  # pragma: no cover - nothing to raise to from a finalizer
-            log.exception("could not commit the usage of an abandoned stream")
-
-    def __getattr__(self, name: str) -> t.Any:
-        return getattr(self._stream, name)
 
 
 def wrap_stream(
