@@ -104,6 +104,22 @@ class Transactions:
             else:
                 conn.commit()
 
+    @contextlib.contextmanager
+    def reading(self) -> t.Iterator[sa.Connection]:
+        """A connection for read-only statements that each stand alone (a limit check).
+
+        On PostgreSQL the statements run in autocommit (the driver's switch, as in
+        :meth:`_autocommitting`): no BEGIN, and no ROLLBACK when the connection goes
+        back to the pool. A ROLLBACK makes psycopg drop every statement it has
+        prepared on the connection, so a read in a transaction would cost every
+        later phase its prepared statement. Elsewhere a plain connection.
+        """
+        with self.engine.connect() as conn:
+            if self.is_postgres:
+                yield from self._autocommitting(conn)
+            else:
+                yield conn
+
     def _autocommitting(self, conn: sa.Connection) -> t.Iterator[sa.Connection]:
         """``conn`` with each statement committing on its own.
 

@@ -25,7 +25,7 @@ def standing(
 ) -> tuple[Policy, engine.LimitCheck]:
     """The billable's policy and :class:`~flask_ai_metering.quota.LimitCheck` now, in one read."""
     at = now or utcnow()
-    with rt.store.engine.connect() as conn:
+    with rt.store.reading() as conn:
         policy = resolve_policy(conn, billable, at, rt.settings)
         _, state = engine.read_counter(conn, policy)
     check = engine.limit_check(policy, state, warning_threshold=rt.settings.warning_threshold, want_tokens=tokens)
