@@ -68,3 +68,18 @@ def test_a_check_sees_usage_committed_since_the_last_check(meter, db):
     manual(meter, 750)
     check = meter.check(TEAM)
     assert check.remaining_tokens == 0 and not check.allowed
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_on_postgresql_a_call_after_the_guards_check_holds_in_one_statement(meter, db, backend):
+    """The policy the check read names the counter for the call's hold: no second policy read."""
+    add_plan(db, slug="p", token_limit=10**6)
+    meter.subscribe(TEAM, "p")
+    manual(meter, 1)  # the counter exists
+    meter.runtime().fast.recent._policies.clear()  # as in a process that has not metered TEAM yet
+    meter.check(TEAM)
+    statements: list[str] = []
+    sa.event.listen(db.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+    manual(meter, 1)
+    assert len(statements) == 2, statements
+    assert statements[0].startswith("WITH pol AS") and "INSERT INTO ai_metering_reservations" in statements[0]

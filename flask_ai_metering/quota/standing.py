@@ -68,6 +68,9 @@ def standing(
             else:
                 _, state = engine.read_counter(conn, policy)
     recent.remember(policy)
+    # The hold that may follow in the same request aims at this counter (a hint only:
+    # PostgreSQL's one-statement hold re-reads the policy and re-checks every limit).
+    rt.fast.remember(policy)
     check = engine.limit_check(policy, state, warning_threshold=rt.settings.warning_threshold, want_tokens=tokens)
     if rt.settings.overage_behavior != "block":
         check = dataclasses.replace(check, allowed=not policy.expired, hard_limit_reached=policy.expired)
