@@ -14,7 +14,8 @@ same run, each of these is served by its own gunicorn (``bench/http_app.py``):
   ``AiMetering`` has ``instrument`` (skipped, and said so, until then).
 
 Each figure is the best of ``BENCH_HTTP_ROUNDS`` wrk runs of
-``BENCH_HTTP_SECONDS`` after a one-second warm-up. p50/p99 are wrk's latency
+``BENCH_HTTP_SECONDS`` after a one-second warm-up. ``BENCH_HTTP_MODES`` (``sync``,
+``threads``) and ``BENCH_HTTP_ROUTES`` (e.g. ``quota,metered``) narrow a run. p50/p99 are wrk's latency
 percentiles. The soak (``python -m bench http-soak``, or ``BENCH_HTTP_SOAK=1``
 with ``python -m bench http``) sends ``BENCH_HTTP_SOAK_REQUESTS`` (100,000) to
 the metered route and reports the workers' RSS before and after.
@@ -283,6 +284,12 @@ def _fake_llm() -> t.Iterator[dict[str, str]]:
         server.stop()
 
 
+def _modes() -> tuple[tuple[str, list[str], int], ...]:
+    """``BENCH_HTTP_MODES`` (``sync``, ``threads`` or both, comma-separated; default both)."""
+    wanted = os.environ.get("BENCH_HTTP_MODES", "sync,threads").split(",")
+    return tuple(m for m in MODES if ("threads" if m[2] > 1 else "sync") in wanted)
+
+
 def run(backends: list[str], seconds: float | None = None, rounds: int | None = None) -> list[dict[str, t.Any]]:
     if wrk_path() is None:
         print(missing_wrk_message(), file=sys.stderr)
@@ -293,6 +300,8 @@ def run(backends: list[str], seconds: float | None = None, rounds: int | None = 
     routes = _routes()
     if "instrumented" not in routes:
         print("http: instrumented OpenAI client skipped (AiMetering has no `instrument` yet)", file=sys.stderr)
+    if os.environ.get("BENCH_HTTP_ROUTES"):
+        routes = [r for r in routes if r in os.environ["BENCH_HTTP_ROUTES"].split(",")]
     baselines = ["plain", "limiter-memory"] + (["limiter-redis"] if redis_available() else [])
     if BASELINE not in baselines:
         print(f"http: Redis not reachable at {REDIS_URL}: no Flask-Limiter Redis baseline", file=sys.stderr)
@@ -300,7 +309,7 @@ def run(backends: list[str], seconds: float | None = None, rounds: int | None = 
     with contextlib.ExitStack() as stack:
         urls = {backend: stack.enter_context(database(backend)) for backend in backends}
         fake = stack.enter_context(_fake_llm()) if "instrumented" in routes else {}
-        for label, extra, threads in MODES:
+        for label, extra, threads in _modes():
             bench = (
                 f"HTTP req/s, gunicorn {label} (wrk {WRK_THREADS} threads, {WRK_CONNECTIONS} connections,"
                 f" {seconds:g} s, best of {rounds})"

@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import threading
 import time
 import typing as t
+import weakref
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -62,6 +64,29 @@ def _looks_unique(error: sa_exc.IntegrityError) -> bool:
     return "unique" in str(orig).lower()
 
 
+#: One lock per SQLite engine: its write transactions in one process, one at a time.
+_WRITERS: weakref.WeakKeyDictionary[sa.Engine, threading.RLock] = weakref.WeakKeyDictionary()
+_WRITERS_GUARD = threading.Lock()
+
+
+def _sqlite_writer(engine: sa.Engine) -> threading.RLock:
+    """The lock a thread holds around its metering write transaction on ``engine`` (SQLite).
+
+    SQLite admits one writer at a time. A thread that finds the write lock taken
+    waits in SQLite's busy handler, which sleeps 1, 2, 5, 10 ms… between tries,
+    however soon the lock is free: on one busy billable most of a call's time was
+    spent asleep there. Threads of one process queue here instead and start the
+    moment the writer before them commits; other processes (and the app's own
+    writes) still meet SQLite's busy handler. Re-entrant, so a nested write in one
+    thread behaves as before (SQLite's own lock then decides).
+    """
+    lock = _WRITERS.get(engine)
+    if lock is None:
+        with _WRITERS_GUARD:
+            lock = _WRITERS.setdefault(engine, threading.RLock())
+    return lock
+
+
 class Transactions:
     """Metering's own short transactions on the app's engine, with their discipline.
 
@@ -83,7 +108,17 @@ class Transactions:
         With ``autocommit`` each statement commits on its own: only for work that
         is a single statement per effect (the PostgreSQL one-statement phases), where
         BEGIN and COMMIT would be two wasted round trips.
+
+        On SQLite the threads of one process write one at a time (see
+        :func:`_sqlite_writer`), so they queue on a lock instead of in SQLite's busy handler.
         """
+        if self.is_sqlite and write and not autocommit:
+            with _sqlite_writer(self.engine):
+                yield from self._transaction(write, autocommit)
+        else:
+            yield from self._transaction(write, autocommit)
+
+    def _transaction(self, write: bool, autocommit: bool) -> t.Iterator[sa.Connection]:
         with self.engine.connect() as conn:
             if autocommit:
                 yield from self._autocommitting(conn)
@@ -103,6 +138,22 @@ class Transactions:
                 raise
             else:
                 conn.commit()
+
+    @contextlib.contextmanager
+    def reading(self) -> t.Iterator[sa.Connection]:
+        """A connection for read-only statements that each stand alone (a limit check).
+
+        On PostgreSQL the statements run in autocommit (the driver's switch, as in
+        :meth:`_autocommitting`): no BEGIN, and no ROLLBACK when the connection goes
+        back to the pool. A ROLLBACK makes psycopg drop every statement it has
+        prepared on the connection, so a read in a transaction would cost every
+        later phase its prepared statement. Elsewhere a plain connection.
+        """
+        with self.engine.connect() as conn:
+            if self.is_postgres:
+                yield from self._autocommitting(conn)
+            else:
+                yield conn
 
     def _autocommitting(self, conn: sa.Connection) -> t.Iterator[sa.Connection]:
         """``conn`` with each statement committing on its own.

@@ -186,7 +186,7 @@ class Wallet:
         return balance - held
 
     def _read(self) -> tuple[Decimal, Decimal]:
-        with self._store.engine.connect() as conn:
+        with self._store.reading() as conn:
             row = conn.execute(sa.select(_balance, _held).where(_where_billable(self.billable))).first()
         if row is None:
             return from_units(0), from_units(0)
