@@ -37,16 +37,30 @@ def test_a_remembered_billables_check_is_one_statement(meter, db):
     assert len(statements) == 1, statements
 
 
-def test_a_check_after_a_plan_change_reads_the_new_segment(meter, db):
+def test_a_check_after_a_plan_change_reads_the_new_segment(make_app):
+    app, db, meter = make_app(AI_METERING_PLAN_CHANGE="reset")  # a fresh counter per plan segment
+    with app.app_context():
+        add_plan(db, slug="basic", token_limit=1000)
+        add_plan(db, slug="pro", token_limit=5000)
+        meter.subscribe(TEAM, "basic")
+        manual(meter, 900)
+        assert meter.check(TEAM).remaining_tokens == 100
+        meter.subscribe(TEAM, "pro")
+        assert meter.check(TEAM).remaining_tokens == 5000
+        manual(meter, 4000)
+        assert meter.check(TEAM).remaining_tokens == 1000
+
+
+def test_a_check_after_a_carried_plan_change_reads_the_same_counter(meter, db):
     add_plan(db, slug="basic", token_limit=1000)
     add_plan(db, slug="pro", token_limit=5000)
     meter.subscribe(TEAM, "basic")
     manual(meter, 900)
     assert meter.check(TEAM).remaining_tokens == 100
-    meter.subscribe(TEAM, "pro")
-    assert meter.check(TEAM).remaining_tokens == 5000
+    meter.subscribe(TEAM, "pro")  # AI_METERING_PLAN_CHANGE defaults to carry
+    assert meter.check(TEAM).remaining_tokens == 4100
     manual(meter, 4000)
-    assert meter.check(TEAM).remaining_tokens == 1000
+    assert meter.check(TEAM).remaining_tokens == 100
 
 
 def test_a_check_in_another_period_reads_that_periods_counter(meter, db):

@@ -56,12 +56,12 @@ def standing(
     hint = recent.get(billable, at)
     with rt.store.reading() as conn:
         if hint is None:
-            row = conn.execute(POLICY_QUERY, policy_params(billable, at)).one()
+            row = conn.execute(POLICY_QUERY, policy_params(billable, at, rt.settings.default_plan)).one()
             policy = policy_from_row(row, billable, at, rt.settings)
             _, state = engine.read_counter(conn, policy)
         else:
             key = engine.key_params(hint)
-            row = conn.execute(_STANDING, {**policy_params(billable, at), **key}).one()
+            row = conn.execute(_STANDING, {**policy_params(billable, at, rt.settings.default_plan), **key}).one()
             policy = policy_from_row(row, billable, at, rt.settings)
             if engine.key_params(policy) == key:
                 state = engine.CounterState.of(row[-4:]) if row.counter_id is not None else engine.CounterState()
