@@ -14,7 +14,8 @@ def limit_headers(check: LimitCheck, *, refused: bool = False, now: dt.datetime 
 
     A header for an unlimited dimension is left out. ``Retry-After`` is sent only
     when waiting for the period's reset lifts the refusal: not for an expired
-    subscription (callers also leave it out for an empty credit wallet).
+    subscription, nor for a call larger than a whole period allows (callers also
+    leave it out for an empty credit wallet).
     """
     headers: dict[str, str] = {}
     reset = check.retry_after(now)
@@ -27,6 +28,6 @@ def limit_headers(check: LimitCheck, *, refused: bool = False, now: dt.datetime 
         headers["X-Remaining-Cost"] = format(check.remaining_cost.normalize(), "f")
     if check.remaining_tokens is not None or check.remaining_cost is not None:
         headers["X-Usage-Percentage"] = f"{check.usage_percentage:.2f}"
-    if refused and not check.expired:
+    if refused and not check.expired and check.fits_a_period:
         headers["Retry-After"] = str(reset)
     return headers

@@ -11,6 +11,7 @@ import pytest
 from flask import jsonify
 from flask import url_for
 
+from flask_ai_metering import AiLimitExceeded
 from flask_ai_metering import BillableRequired
 from flask_ai_metering import CreditsInsufficient
 from flask_ai_metering import InvalidUsage
@@ -165,3 +166,35 @@ def test_retry_after_when_the_limit_resets(make_app: AppFactory) -> None:
         meter.record(billable=TEAM, provider="manual", model="m", usage={"input_tokens": 10})
         response = app.test_client().post("/chat")
         assert response.status_code == 429 and int(response.headers["Retry-After"]) > 0
+
+
+def test_no_retry_after_when_the_call_is_larger_than_a_whole_period(make_app):
+    """Waiting for the reset cannot help a call that asks for more than the plan allows at all."""
+    app, db, meter = make_app()
+
+    @app.get("/big")
+    @quota_required(tokens=5000)
+    def big() -> t.Any:
+        return jsonify(ok=True)
+
+    @app.get("/small")
+    @quota_required(tokens=10)
+    def small() -> t.Any:
+        return jsonify(ok=True)
+
+    meter.billable_resolver(lambda: ("Team", "big"))
+    with app.app_context():
+        add_plan(db, slug="tiny", token_limit=1000)
+        meter.subscribe(("Team", "big"), "tiny")
+        meter.record(billable=("Team", "big"), provider="manual", usage={"input_tokens": 995})
+    client = app.test_client()
+    big_answer = client.get("/big")
+    assert big_answer.status_code == 429 and "Retry-After" not in big_answer.headers
+    small_answer = client.get("/small")
+    assert small_answer.status_code == 429 and int(small_answer.headers["Retry-After"]) >= 1
+    with app.app_context(), pytest.raises(AiLimitExceeded) as refused:
+        meter.call(
+            lambda: None, billable=("Team", "big"), provider="manual", max_tokens=2000, usage={"input_tokens": 1}
+        )
+    assert refused.value.check.fits_a_period is False
+    assert "Retry-After" not in dict(refused.value.get_headers())

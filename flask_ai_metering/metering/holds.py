@@ -148,7 +148,10 @@ def _refusal(rt: Runtime, conn: sa.Connection, policy: Policy, size: HoldSize) -
     _, state = quota.read_counter(conn, policy)
     reason = quota.refusal_reason(policy, state, size.tokens, size.cost_units)
     check = quota.limit_check(policy, state, warning_threshold=rt.settings.warning_threshold, reason=reason)
-    return AiLimitExceeded(reason, check)
+    fits = (policy.token_limit is None or size.tokens <= policy.token_limit) and (
+        policy.cost_limit_units is None or size.cost_units <= policy.cost_limit_units
+    )
+    return AiLimitExceeded(reason, dataclasses.replace(check, fits_a_period=fits))
 
 
 def _credits_refusal(rt: Runtime, conn: sa.Connection, policy: Policy, credit_units: int) -> CreditsInsufficient:

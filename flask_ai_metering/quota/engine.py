@@ -70,6 +70,8 @@ class LimitCheck:
     reason: str | None = None
     #: The subscription has ended (or not started): the period's reset does not lift the refusal.
     expired: bool = False
+    #: False when the call asked for more than a whole period allows: no reset lifts the refusal.
+    fits_a_period: bool = True
 
     @property
     def resets_at(self) -> dt.datetime:
@@ -156,6 +158,7 @@ def limit_check(
         reserved_cost=from_units(state.reserved_cost_units),
         reason=reason,
         expired=policy.expired,
+        fits_a_period=policy.token_limit is None or want_tokens <= policy.token_limit,
     )
 
 
