@@ -316,6 +316,22 @@ class PriceBook:
         source = self._source(provider, model)
         return None if source is None else source.at(_aware(at)).max_token_price
 
+    def cache_savings(
+        self, provider: str, model: str | None, cached_tokens: int, at: datetime | None = None
+    ) -> Decimal | None:
+        """What ``cached_tokens`` cache reads saved: ``cached_tokens`` × (input price − cached price).
+
+        At the model's base tier (a long-context tier is a property of one call, not of a
+        sum of them); rounded once, half-even. None when the model is unpriced.
+        """
+        source = self._source(provider, model)
+        if source is None:
+            return None
+        rates = source.at(_aware(at)).tiers[-1][1]
+        with localcontext(_EXACT):
+            exact = cached_tokens * (rates.input - rates.cache_read)
+        return round_money(exact)
+
     def is_known(self, provider: str, model: str | None) -> bool:
         """Whether :meth:`cost` can price this model (from an override or the catalogue)."""
         return self._source(provider, model) is not None

@@ -139,10 +139,17 @@ def test_overview(page: Page, server: str) -> None:
     response = page.open(f"{server}/ai-metering/")
     assert response.status == 200
     drawn = page.charts_drawn()
-    assert len(drawn) == 4 and all(drawn), drawn
+    assert len(drawn) == 5 and all(drawn), drawn  # cost, activity, tokens, failures per day, cost by model
     assert page.page.locator("[data-test=unpriced]").is_visible()
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.page.screenshot(path=str(SHOTS / "overview.png"), full_page=True)
+    # Issue 16's panels: the outlook KPIs (forecast, cache savings, error rate), errors by model,
+    # tenants and users.
+    for test in ("forecast", "savings", "error-rate", "health", "by-tenant"):
+        assert page.page.locator(f"[data-test={test}]").is_visible(), test
+    page.page.locator("section[aria-label=Outlook]").screenshot(path=str(SHOTS / "outlook.png"))
+    page.page.locator("[data-test=health]").screenshot(path=str(SHOTS / "errors-by-model.png"))
+    page.page.locator("[data-test=by-tenant]").screenshot(path=str(SHOTS / "by-tenant.png"))
     page.page.click("text=by provider")
     page.page.wait_for_load_state("networkidle")
     assert "group=provider" in page.page.url and all(page.charts_drawn())
@@ -165,7 +172,10 @@ def test_billable_page(page: Page, server: str) -> None:
     drawn = page.charts_drawn()
     assert drawn == [drawn[0]] and drawn[0] > 0
     assert "$" in page.page.locator("[data-test=limits]").inner_text()
+    assert "Projected" in page.page.locator("[data-test=forecast]").inner_text()
     page.page.screenshot(path=str(SHOTS / "billable.png"), full_page=True)
+    page.page.locator("[data-test=limits]").screenshot(path=str(SHOTS / "billable-forecast.png"))
+    page.page.locator("[data-test=by-user]").screenshot(path=str(SHOTS / "by-user.png"))
 
 
 def test_plans_page(page: Page, server: str) -> None:

@@ -121,7 +121,7 @@ def test_every_page_renders(dash: tuple[Flask, AiMetering]) -> None:
     overview = client.get("/ai-metering/").get_data(as_text=True)
     assert 'data-test="unpriced"' in overview and "mystery-model" in overview
     assert re.search(r"/ai-metering/static/plotly-[\d.]+\.min\.js", overview)
-    assert overview.count('type="application/json"') == 4
+    assert overview.count('type="application/json"') == 5  # cost, activity, tokens, failures, models
     plans = client.get("/ai-metering/plans").get_data(as_text=True)
     assert re.search(r'data-test="subscribers">1<', plans)
 
@@ -341,8 +341,11 @@ WIDE_MODELS = 200
 
 
 @pytest.fixture
-def wide(make_app: AppFactory) -> t.Iterator[tuple[Flask, AiMetering]]:
-    """``WIDE_MODELS`` model names (every third unpriced) over three days, a few calls each."""
+def wide(make_app: AppFactory, backend: str) -> t.Iterator[tuple[Flask, AiMetering]]:
+    """``WIDE_MODELS`` model names (every third unpriced) over three days, a few calls each.
+
+    On every backend: PostgreSQL reads the overview in one grouped pass, the others per figure.
+    """
     prices = {
         provider: {
             "models": {

@@ -14,6 +14,7 @@ import json
 import typing as t
 
 from ..money import from_units
+from . import outlook
 from .pages import CHART_SERIES
 from .pages import TOP_N
 from .pages import Summary
@@ -93,6 +94,22 @@ def cost_over_time(summary: Summary, start: dt.date, end: dt.date, group: str) -
         series.append(("Other", [total - sum(ys[i] for _, ys in series) for i, total in enumerate(day_cost)]))
     for name, ys in series:
         figure.add_trace(go.Bar(x=x, y=[float(from_units(u)) for u in ys], name=name, hovertemplate="$%{y:.4f}"))
+    return to_json(figure)
+
+
+def failures_per_day(health: outlook.Health, start: dt.date, end: dt.date) -> str:
+    """Failed provider calls per day, stacked by model (the models of the errors table)."""
+    import plotly.graph_objects as go
+
+    days = days_of(start, end)
+    x = [d.isoformat() for d in days]
+    figure = go.Figure(layout=_layout(barmode="stack"))
+    for row in health.by_model:
+        ys = [health.failed_by_day.get((d, row.model), 0) for d in days]
+        if any(ys):
+            figure.add_trace(go.Bar(x=x, y=ys, name=plotly_text(row.model), hovertemplate="%{y:,} failed"))
+    if not figure.data:
+        figure.add_trace(go.Bar(x=x, y=[0 for _ in days], name="Failed", hovertemplate="%{y:,} failed"))
     return to_json(figure)
 
 

@@ -29,6 +29,7 @@ from ..reporting import queries
 from ..reporting.filters import Filters
 from ..reporting.queries import Totals
 from ..reporting.rollups import last_run
+from . import outlook
 
 if t.TYPE_CHECKING:
     from ..quota.engine import LimitCheck
@@ -42,6 +43,8 @@ CHART_SERIES = 8
 UNPRICED_SHOWN = 20
 #: Billables whose limits are checked for the "near or over their limits" panel.
 MAX_LIMIT_CANDIDATES = 50
+#: Billables the overview ranks.
+TOP_BILLABLES = 10
 #: The groupings a summary can rank.
 GROUPS = ("provider", "model", "feature")
 
@@ -85,6 +88,8 @@ class Summary:
     #: The most-called unpriced (provider, model) pairs, and how many pairs there are in all.
     unpriced: list[tuple[tuple[str, str], int]] = dataclasses.field(default_factory=list)
     unpriced_pairs: int = 0
+    #: The costliest billables (``summarize(billables=N)``): ``{"billable": (type, id), "totals": Totals}``.
+    top_billables: list[dict[str, t.Any]] = dataclasses.field(default_factory=list)
 
     @property
     def cost(self) -> Decimal:
@@ -107,24 +112,59 @@ def summarize(
     group: str = "model",
     breakdowns: t.Sequence[str] = GROUPS,
     with_unpriced: bool = True,
+    billables: int = 0,
 ) -> Summary:
     """``f``'s range aggregated in SQL: totals, days, the top groups of each breakdown,
-    the daily cost of the top ``group`` series, and the unpriced models.
+    the daily cost of the top ``group`` series, the unpriced models, and (``billables``)
+    the costliest billables.
 
     Every query is grouped and limited in the database; the rows read grow with the
     days in range and ``TOP_N``, not with the number of models, features or billables.
+    The totals are the days' sum (every row falls on exactly one day). On PostgreSQL,
+    when the ledger answers, days, rankings, billables and unpriced pairs come from one
+    pass (:func:`~flask_ai_metering.reporting.queries.grouped`); elsewhere each has its
+    own query.
     """
-    out = Summary(totals=queries.totals(conn, f, use_rollups=use_rollups))
-    out.by_day = {day: totals for (day, _), totals in queries.daily(conn, f, use_rollups=use_rollups).items()}
-    for name in dict.fromkeys((*breakdowns, group)):
-        top = queries.ranking(conn, f, name, use_rollups=use_rollups, limit=TOP_N + 1)
-        setattr(out, f"by_{name}", Ranking(top, out.totals))
+    queries.tune_for_aggregates(conn)
+    out = Summary()
+    keys = list(dict.fromkeys((*breakdowns, group)))
+    if queries.one_pass(conn, f, use_rollups=use_rollups):
+        one = queries.grouped(
+            conn,
+            f,
+            keys=keys,
+            limit=TOP_N + 1,
+            billables=billables,
+            unpriced_limit=UNPRICED_SHOWN if with_unpriced else 0,
+        )
+        out.by_day = one.by_day
+        out.totals = _sum(out.by_day.values())
+        for name in keys:
+            setattr(out, f"by_{name}", Ranking(one.rankings[name], out.totals))
+        out.top_billables = one.billables
+        if with_unpriced:
+            out.unpriced, out.unpriced_pairs = one.unpriced, one.unpriced_pairs
+    else:
+        out.by_day = {day: totals for (day, _), totals in queries.daily(conn, f, use_rollups=use_rollups).items()}
+        out.totals = _sum(out.by_day.values())
+        for name in keys:
+            top = queries.ranking(conn, f, name, use_rollups=use_rollups, limit=TOP_N + 1)
+            setattr(out, f"by_{name}", Ranking(top, out.totals))
+        if billables:
+            out.top_billables = queries.top_billables(conn, f, use_rollups=use_rollups, limit=billables)
+        if with_unpriced:
+            out.unpriced, out.unpriced_pairs = queries.unpriced(conn, f, use_rollups=use_rollups, limit=UNPRICED_SHOWN)
     names = [name for name, _ in out.ranking(group).shown(CHART_SERIES)]
     if names:
         cells = queries.daily(conn, f, use_rollups=use_rollups, key=group, names=names)
         out.by_day_group = {key: totals.cost_units for key, totals in cells.items()}
-    if with_unpriced:
-        out.unpriced, out.unpriced_pairs = queries.unpriced(conn, f, use_rollups=use_rollups, limit=UNPRICED_SHOWN)
+    return out
+
+
+def _sum(parts: t.Iterable[Totals]) -> Totals:
+    out = Totals()
+    for part in parts:
+        out.add(part)
     return out
 
 
@@ -155,29 +195,63 @@ class Overview:
     near_limits: list[tuple[tuple[str, str], LimitCheck]]
     rollups_as_of: dt.datetime | None
     use_rollups: bool
+    #: The calendar month of the filtered slice, projected to its end.
+    forecast: outlook.Forecast | None = None
+    #: Each listed billable's current period projected to its end (top and near-limit ones).
+    forecasts: dict[tuple[str, str], outlook.Forecast] = dataclasses.field(default_factory=dict)
+    health: outlook.Health = dataclasses.field(default_factory=outlook.Health)
+    savings: outlook.Savings = dataclasses.field(default_factory=outlook.Savings)
+    by_tenant: Ranking = dataclasses.field(default_factory=Ranking)
+    #: Only with a billable or tenant filter (the ledger's own indexes narrow it; no rollup has users).
+    by_user: Ranking | None = None
 
 
 def overview(rt: Runtime, f: Filters, group: str = "model") -> Overview:
     """Everything the overview shows, in a few grouped, limited queries plus a few limit checks."""
     use_rollups = rt.settings.aggregation_tables
     with rt.store.engine.connect() as conn:
-        current = summarize(conn, f, use_rollups=use_rollups, group=group)
+        current = summarize(conn, f, use_rollups=use_rollups, group=group, billables=TOP_BILLABLES)
         # The previous window shows only its totals: one row per source, not a breakdown.
         previous = Summary(totals=queries.totals(conn, f.previous(), use_rollups=use_rollups))
-        top = queries.top_billables(conn, f, use_rollups=use_rollups)
+        top = current.top_billables
         as_of = last_run(conn, rt.settings.timezone) if use_rollups else None
         candidates = _limit_candidates(conn)
-    for entry in top:
-        entry["check"] = current_check(rt, entry["billable"])
+        by_tenant = Ranking(
+            queries.ranking(conn, f, "tenant_id", use_rollups=use_rollups, limit=TOP_N + 1), current.totals
+        )
+        by_user = by_user_ranking(conn, f, current.totals)
+        health = outlook.health(conn, f, current.by_model.shown(outlook.HEALTH_MODELS))
+        savings = outlook.cache_savings(rt, conn, f, use_rollups=use_rollups)
+        forecast = outlook.overall_forecast(conn, f, use_rollups=use_rollups)
+        for entry in top:
+            entry["check"] = current_check(rt, entry["billable"])
+        near = near_limits(rt, candidates)
+        forecasts = {
+            billable: outlook.billable_forecast(conn, billable, check, zone=f.zone, use_rollups=use_rollups)
+            for billable, check in [*((e["billable"], e["check"]) for e in top), *near]
+        }
     return Overview(
         filters=f,
         current=current,
         previous=previous,
         top=top,
-        near_limits=near_limits(rt, candidates),
+        near_limits=near,
         rollups_as_of=as_of,
         use_rollups=use_rollups,
+        forecast=forecast,
+        forecasts=forecasts,
+        health=health,
+        savings=savings,
+        by_tenant=by_tenant,
+        by_user=by_user,
     )
+
+
+def by_user_ranking(conn: sa.Connection, f: Filters, total: Totals) -> Ranking | None:
+    """Spend by user, when a billable or tenant narrows the range (else None: users are not rolled up)."""
+    if f.billable is None and f.tenant is None:
+        return None
+    return Ranking(queries.ranking(conn, f, "user_id", use_rollups=False, limit=TOP_N + 1), total)
 
 
 def _limit_candidates(conn: sa.Connection) -> list[tuple[str, str]]:
@@ -248,6 +322,8 @@ class BillablePage:
     reservations: list[dict[str, t.Any]]
     summary: Summary
     recent: list[t.Any]
+    forecast: outlook.Forecast | None = None
+    by_user: Ranking | None = None
 
 
 def billable_page(rt: Runtime, billable: tuple[str, str], f: Filters) -> BillablePage:
@@ -299,14 +375,21 @@ def billable_page(rt: Runtime, billable: tuple[str, str], f: Filters) -> Billabl
         ]
         summary = summarize(conn, mine, use_rollups=rt.settings.aggregation_tables, breakdowns=(), with_unpriced=False)
         recent, _ = queries.ledger_page(conn, dataclasses.replace(mine, page=1), 20)
+        check = current_check(rt, billable)
+        forecast = outlook.billable_forecast(
+            conn, billable, check, zone=f.zone, use_rollups=rt.settings.aggregation_tables
+        )
+        by_user = by_user_ranking(conn, mine, summary.totals)
     return BillablePage(
         billable=billable,
         subscription=None if sub is None else dict(sub._mapping),
-        check=current_check(rt, billable),
+        check=check,
         wallet=None if wallet is None else dict(wallet._mapping),
         transactions=history,
         overages=over,
         reservations=live,
         summary=summary,
         recent=recent,
+        forecast=forecast,
+        by_user=by_user,
     )

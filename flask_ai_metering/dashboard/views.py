@@ -36,6 +36,8 @@ if t.TYPE_CHECKING:
     from ..extension import AiMetering
     from ..runtime import Runtime
 
+#: The overview's auto-refresh intervals in seconds (``?refresh=60``); off by default.
+REFRESH_CHOICES = ("0", "60", "300")
 #: Ledger rows per explorer page.
 PER_PAGE = 50
 #: Cache lifetime of plotly.js: its URL carries the version, so it never goes stale.
@@ -170,8 +172,12 @@ def overview() -> str:
     group = request.args.get("group", "model")
     if group not in ("model", "provider"):
         raise FilterError("'group' must be model or provider.")
+    raw_refresh = request.args.get("refresh", "").strip() or "0"
+    if raw_refresh not in REFRESH_CHOICES:
+        raise FilterError(f"'refresh' must be one of {', '.join(REFRESH_CHOICES)} (seconds; 0 is off).")
     data = pages.overview(_runtime(), f, group)
     figures = {
+        "failures": charts.failures_per_day(data.health, f.start, f.end),
         "cost": charts.cost_over_time(data.current, f.start, f.end, group),
         "activity": charts.calls_and_tokens(data.current, f.start, f.end),
         "models": charts.cost_by(data.current, "model"),
@@ -183,6 +189,7 @@ def overview() -> str:
         data=data,
         figures=figures,
         group=group,
+        refresh=int(raw_refresh),
         ranked=pages.ranked,
         change=pages.change,
     )
@@ -218,7 +225,7 @@ def billable(billable_type: str, billable_id: str) -> str:
         raise FilterError("The billable type and id must not contain control characters.")
     data = pages.billable_page(_runtime(), (billable_type, billable_id), f)
     figure = charts.cost_over_time(data.summary, f.start, f.end, "model")
-    return render_template("ai_metering/billable.html", filters=f, data=data, figure=figure)
+    return render_template("ai_metering/billable.html", filters=f, data=data, figure=figure, ranked=pages.ranked)
 
 
 def plans() -> str:

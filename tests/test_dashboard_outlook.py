@@ -1,0 +1,230 @@
+"""Issue 16's dashboard additions: error rate, cache savings, user and tenant tables, forecasts, auto-refresh."""
+
+from __future__ import annotations
+
+import datetime as dt
+import typing as t
+from decimal import Decimal
+from zoneinfo import ZoneInfo
+
+import pytest
+import sqlalchemy as sa
+
+from flask_ai_metering.dashboard import outlook
+from flask_ai_metering.dashboard import pages
+from flask_ai_metering.models import Failure
+from flask_ai_metering.models import Usage
+from flask_ai_metering.reporting.filters import Filters
+from flask_ai_metering.reporting.filters import parse_filters
+from flask_ai_metering.reporting.forecast import daily_by_billable
+from flask_ai_metering.reporting.forecast import project
+from flask_ai_metering.reporting.rollups import local_day
+from tests.conftest import AppFactory
+from tests.conftest import add_plan
+
+UTC = dt.timezone.utc
+PRICES = {
+    "openai": {
+        "models": {
+            "gpt-4o-mini": {
+                "input_price_per_1k": "0.00015",
+                "output_price_per_1k": "0.0006",
+                "cached_input_price_per_1k": "0.000075",
+            }
+        }
+    }
+}
+
+
+class Boom(Exception):
+    status_code = 503
+
+
+def fail(meter: t.Any, billable: tuple[str, str], model: str) -> None:
+    def call() -> t.Any:
+        raise Boom("upstream down")
+
+    with pytest.raises(Boom):
+        meter.call(call, billable=billable, provider="openai", model=model, feature="chat", max_tokens=10)
+
+
+def ledger(db: t.Any) -> list[t.Any]:
+    with db.engine.connect() as conn:
+        return list(conn.execute(sa.select(Usage.__table__)))
+
+
+def test_a_failed_call_is_in_the_error_rate_and_never_in_the_ledger(backend: str, make_app: AppFactory) -> None:
+    app, db, meter = make_app(AI_METERING_PROVIDERS=PRICES)
+    meter.dashboard_authorizer(lambda user: True)
+    with app.app_context():
+        for _ in range(3):
+            meter.record(billable=("Team", "1"), provider="openai", model="gpt-4o-mini", usage={"input_tokens": 10})
+        before = ledger(db)
+        fail(meter, ("Team", "1"), "gpt-4o-mini")
+        assert ledger(db) == before  # nothing reached the ledger
+        with db.engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(Failure.__table__)).scalar_one() == 1
+        data = pages.overview(meter.runtime(), parse_filters({}, "UTC"))
+        assert data.health.failed == 1
+        [row] = data.health.by_model
+        assert (row.model, row.calls, row.failed, row.error_rate) == ("gpt-4o-mini", 3, 1, 25.0)
+        assert sum(data.health.failed_by_day.values()) == 1
+        assert data.current.totals.calls == 3  # money totals never mix with failures
+        page = app.test_client().get("/ai-metering/").get_data(as_text=True)
+        rate = page[page.index('data-test="error-rate"') :]
+        assert "25.00%" in rate[: rate.index("</div></div>")]
+        health = page[page.index('data-test="health"') :]
+        assert "gpt-4o-mini" in health[: health.index("</table>")]
+
+
+def test_cache_savings_use_the_price_book(make_app: AppFactory) -> None:
+    app, _, meter = make_app(AI_METERING_PROVIDERS=PRICES)
+    meter.dashboard_authorizer(lambda user: True)
+    with app.app_context():
+        meter.record(
+            billable=("Team", "1"),
+            provider="openai",
+            model="gpt-4o-mini",
+            usage={"input_tokens": 5000, "cached_input_tokens": 4000, "output_tokens": 10},
+        )
+        data = pages.overview(meter.runtime(), parse_filters({}, "UTC"))
+        # 4,000 cached tokens × (0.00015 − 0.000075) per 1K
+        assert data.savings.amount == Decimal("0.0003")
+        assert data.savings.cached_tokens == data.savings.priced_tokens == 4000
+
+
+def test_user_and_tenant_tables_match_the_ledger(backend: str, make_app: AppFactory) -> None:
+    app, db, meter = make_app(AI_METERING_PROVIDERS=PRICES)
+    meter.dashboard_authorizer(lambda user: True)
+    with app.app_context():
+        meter.record_batch(
+            [
+                {
+                    "billable": ("Team", str(i % 2)),
+                    "user": ("User", str(i % 5)),
+                    "tenant": ("Org", f"t{i % 3}") if i % 4 else None,
+                    "provider": "openai",
+                    "model": "gpt-4o-mini",
+                    "usage": {"input_tokens": 100 * i + 1, "output_tokens": i},
+                }
+                for i in range(40)
+            ]
+        )
+        rows = ledger(db)
+
+        def expected(key: str, keep: t.Callable[[t.Any], bool]) -> dict[str, tuple[int, int, int]]:
+            out: dict[str, list[int]] = {}
+            for row in rows:
+                if keep(row):
+                    cell = out.setdefault(getattr(row, key) or "", [0, 0, 0])
+                    cell[0] += 1
+                    cell[1] += row.total_tokens
+                    cell[2] += int(row.total_cost * 10**12)
+            return {k: (v[0], v[1], v[2]) for k, v in out.items()}
+
+        def shown(ranking: pages.Ranking) -> dict[str, tuple[int, int, int]]:
+            return {n: (tot.calls, tot.total_tokens, tot.cost_units) for n, tot in pages.ranked(ranking)}
+
+        rt = meter.runtime()
+        data = pages.overview(rt, parse_filters({}, "UTC"))
+        assert shown(data.by_tenant) == expected("tenant_id", lambda r: True)
+        assert data.by_user is None  # users need a billable or tenant filter (no rollup holds them)
+        narrowed = pages.overview(rt, parse_filters({"tenant": "t1"}, "UTC"))
+        assert narrowed.by_user is not None
+        assert shown(narrowed.by_user) == expected("user_id", lambda r: r.tenant_id == "t1")
+        mine = pages.billable_page(rt, ("Team", "1"), parse_filters({}, "UTC"))
+        assert mine.by_user is not None
+        assert shown(mine.by_user) == expected("user_id", lambda r: r.billable_id == "1")
+        page = app.test_client().get("/ai-metering/billables/Team/1").get_data(as_text=True)
+        assert 'data-test="by-user"' in page
+
+
+def test_the_billable_page_forecast_is_reporting_forecast(
+    make_app: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app, db, meter = make_app(AI_METERING_PROVIDERS=PRICES)
+    meter.dashboard_authorizer(lambda user: True)
+    now = dt.datetime.now(UTC).replace(microsecond=0)
+    monkeypatch.setattr(outlook, "utcnow", lambda: now)
+    with app.app_context():
+        add_plan(db, slug="small", token_limit=10**9, cost_limit=None)
+        db.session.remove()
+        meter.subscribe(("Team", "1"), "small")
+        check = meter.check(("Team", "1"))
+        start = check.period_start
+        days = max(1, (now - start).days)
+        # A steady run rate over the period so far: a limit a few days past today's usage.
+        meter.record_batch(
+            [
+                {
+                    "billable": ("Team", "1"),
+                    "provider": "openai",
+                    "model": "gpt-4o-mini",
+                    "usage": {"input_tokens": 100_000},
+                    "occurred_at": max(start, now - dt.timedelta(days=n, hours=1)),
+                }
+                for n in range(days)
+            ]
+        )
+        zone = ZoneInfo("UTC")
+        check = meter.check(("Team", "1"))
+        rt = meter.runtime()
+        data = pages.billable_page(rt, ("Team", "1"), parse_filters({}, "UTC"))
+        period = Filters(
+            start=local_day(check.period_start, zone),
+            end=local_day(check.period_end - dt.timedelta(microseconds=1), zone),
+            zone=zone,
+            billable=("Team", "1"),
+        )
+        with db.engine.connect() as conn:
+            daily = daily_by_billable(conn, period, use_rollups=False)[("Team", "1")]
+        expected = project(
+            daily.tokens, start=check.period_start, end=check.period_end, now=now, zone=zone, limit=check.token_limit
+        )
+        assert data.forecast is not None
+        assert data.forecast.tokens == expected
+        assert data.forecast.tokens.used == check.used_tokens
+
+
+def test_near_limit_list_says_when_the_limit_is_reached(make_app: AppFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    app, db, meter = make_app(AI_METERING_PROVIDERS=PRICES)
+    meter.dashboard_authorizer(lambda user: True)
+    with app.app_context():
+        add_plan(db, slug="tiny", token_limit=1000, cost_limit=None)
+        db.session.remove()
+        meter.subscribe(("Team", "9"), "tiny")
+        period = meter.check(("Team", "9"))
+        # Halfway through the period, 900 of 1,000 tokens used at a steady rate: the
+        # projection crosses the limit before the period ends, whatever today's date.
+        middle = period.period_start + (period.period_end - period.period_start) / 2
+        monkeypatch.setattr(outlook, "utcnow", lambda: middle)
+        n = max(1, (middle - period.period_start).days)
+        meter.record_batch(
+            [
+                {
+                    "billable": ("Team", "9"),
+                    "provider": "openai",
+                    "model": "gpt-4o-mini",
+                    "usage": {"input_tokens": 900 // n},
+                    "occurred_at": period.period_start + dt.timedelta(days=k, hours=1),
+                }
+                for k in range(n)
+            ]
+        )
+        data = pages.overview(meter.runtime(), parse_filters({}, "UTC"))
+        [(billable, check)] = data.near_limits
+        fc = data.forecasts[billable]
+        assert fc.reaches_limit_on is not None
+        page = app.test_client().get("/ai-metering/").get_data(as_text=True)
+        assert f"reaches its limit on {fc.reaches_limit_on.isoformat()}" in page
+        billable_page = app.test_client().get("/ai-metering/billables/Team/9").get_data(as_text=True)
+        assert f"reaches its limit on {fc.reaches_limit_on.isoformat()}" in billable_page
+
+
+def test_auto_refresh_is_off_by_default(make_app: AppFactory) -> None:
+    app, _, meter = make_app()
+    meter.dashboard_authorizer(lambda user: True)
+    client = app.test_client()
+    assert 'http-equiv="refresh"' not in client.get("/ai-metering/").get_data(as_text=True)
+    assert '<meta http-equiv="refresh" content="60">' in client.get("/ai-metering/?refresh=60").get_data(as_text=True)
+    assert client.get("/ai-metering/?refresh=7").status_code == 400
