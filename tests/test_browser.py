@@ -139,7 +139,7 @@ def test_overview(page: Page, server: str) -> None:
     response = page.open(f"{server}/ai-metering/")
     assert response.status == 200
     drawn = page.charts_drawn()
-    assert len(drawn) == 5 and all(drawn), drawn  # cost, activity, tokens, failures per day, cost by model
+    assert len(drawn) == 6 and all(drawn), drawn  # cost, activity, tokens, failures, latency per day, cost by model
     assert page.page.locator("[data-test=unpriced]").is_visible()
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.page.screenshot(path=str(SHOTS / "overview.png"), full_page=True)

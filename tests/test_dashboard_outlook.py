@@ -228,3 +228,36 @@ def test_auto_refresh_is_off_by_default(make_app: AppFactory) -> None:
     assert 'http-equiv="refresh"' not in client.get("/ai-metering/").get_data(as_text=True)
     assert '<meta http-equiv="refresh" content="60">' in client.get("/ai-metering/?refresh=60").get_data(as_text=True)
     assert client.get("/ai-metering/?refresh=7").status_code == 400
+
+
+def test_percentiles_read_off_the_latency_histogram() -> None:
+    assert outlook.percentile({}, 0.5) is None
+    # 10 calls under 50 ms and 10 in [100, 200): the median is the top of the first bucket.
+    histogram = {0: 10, 2: 10}
+    assert outlook.percentile(histogram, 0.5) == 50.0
+    assert outlook.percentile(histogram, 0.95) == 190.0  # 9 of the 10 calls into [100, 200)
+    assert outlook.percentile({len(outlook.LATENCY_BOUNDS_MS): 4}, 0.5) == 90000.0  # the open bucket
+
+
+def test_latency_per_model_comes_from_the_metered_durations(backend: str, make_app: AppFactory) -> None:
+    app, db, meter = make_app(AI_METERING_DASHBOARD_ENABLED=True)
+    meter.dashboard_authorizer(lambda user: True)
+    with app.app_context():
+        for _ in range(20):
+            meter.call(lambda: None, billable=("Team", "1"), provider="manual", model="m", usage={"input_tokens": 1})
+        usage = Usage.__table__
+        with meter.runtime().store.engine.begin() as conn:
+            ids = list(conn.execute(sa.select(usage.c.id).order_by(usage.c.id)).scalars())
+            for index, usage_id in enumerate(ids):  # 10 fast calls (20 ms) and 10 slow ones (1,200 ms)
+                conn.execute(
+                    sa.update(usage).where(usage.c.id == usage_id).values(duration_ms=20 if index < 10 else 1200)
+                )
+        data = pages.overview(meter.runtime(), parse_filters({}, "UTC"))
+        [row] = [r for r in data.health.by_model if r.model == "m"]
+        assert sum(row.latency.values()) == 20
+        assert row.p50_ms == 50.0  # the top of the [0, 50) bucket holding the 10 fast calls
+        assert 1000 < t.cast(float, row.p95_ms) <= 1500  # inside the [1000, 1500) bucket
+        today = local_day(dt.datetime.now(dt.timezone.utc), ZoneInfo("UTC"))
+        assert sum(data.health.latency_by_day[(today, "m")].values()) == 20
+        page = app.test_client().get("/ai-metering/").get_data(as_text=True)
+        assert 'data-test="p95"' in page and 'data-chart="latency"' in page

@@ -113,6 +113,35 @@ def failures_per_day(health: outlook.Health, start: dt.date, end: dt.date) -> st
     return to_json(figure)
 
 
+def latency_per_day(health: outlook.Health, start: dt.date, end: dt.date) -> str:
+    """p50 (solid) and p95 (dotted) provider-call latency per day, a line pair per model."""
+    import plotly.graph_objects as go
+
+    days = days_of(start, end)
+    x = [d.isoformat() for d in days]
+    figure = go.Figure(layout=_layout(yaxis={"title": {"text": "ms"}, "gridcolor": "#e2e8f0", "rangemode": "tozero"}))
+    for row in health.by_model:
+        if not row.latency:
+            continue
+        name = plotly_text(row.model)
+        for q, dash in ((0.5, "solid"), (0.95, "dot")):
+            ys = [outlook.percentile(health.latency_by_day.get((d, row.model), {}), q) for d in days]
+            figure.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=ys,
+                    name=f"{name} p{int(q * 100)}",
+                    mode="lines+markers",
+                    line={"dash": dash},
+                    connectgaps=False,
+                    hovertemplate="%{y:,.0f} ms",
+                )
+            )
+    if not figure.data:
+        figure.add_trace(go.Scatter(x=x, y=[None for _ in days], name="No metered durations", mode="lines"))
+    return to_json(figure)
+
+
 def calls_and_tokens(summary: Summary, start: dt.date, end: dt.date) -> str:
     """Tokens (bars) and calls (line, right axis) per day."""
     import plotly.graph_objects as go

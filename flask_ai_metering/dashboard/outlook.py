@@ -136,13 +136,45 @@ def _failure_conditions(f: Filters) -> list[sa.ColumnElement[bool]]:
     return out
 
 
+#: Upper bounds (ms) of the latency histogram's buckets; the last is open-ended. Percentiles are
+#: read off it, interpolated inside their bucket: exact to the bucket, bounded in memory.
+LATENCY_BOUNDS_MS = (50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 7500, 10000, 15000, 30000, 60000)
+
+
+def percentile(histogram: t.Mapping[int, int], q: float) -> float | None:
+    """The ``q`` quantile (0–1) of a latency histogram (bucket index → count), in ms; None if empty."""
+    total = sum(histogram.values())
+    if total == 0:
+        return None
+    rank = q * total
+    seen = 0
+    for index in sorted(histogram):
+        count = histogram[index]
+        if seen + count >= rank and count:
+            low = 0 if index == 0 else LATENCY_BOUNDS_MS[index - 1]
+            high = LATENCY_BOUNDS_MS[index] if index < len(LATENCY_BOUNDS_MS) else low * 2
+            return round(low + (high - low) * (rank - seen) / count, 1)
+        seen += count
+    return float(LATENCY_BOUNDS_MS[-1])
+
+
 @dataclasses.dataclass
 class ModelHealth:
-    """Calls recorded and calls failed of one model in a range."""
+    """Calls recorded and failed of one model in a range, and its latency histogram."""
 
     model: str
     calls: int = 0
     failed: int = 0
+    #: Bucket index of :data:`LATENCY_BOUNDS_MS` → calls (of those metered with a duration).
+    latency: dict[int, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def p50_ms(self) -> float | None:
+        return percentile(self.latency, 0.5)
+
+    @property
+    def p95_ms(self) -> float | None:
+        return percentile(self.latency, 0.95)
 
     @property
     def error_rate(self) -> float | None:
@@ -159,6 +191,8 @@ class Health:
     by_model: list[ModelHealth] = dataclasses.field(default_factory=list)
     #: (day, model) → failed calls, for the models in ``by_model``.
     failed_by_day: dict[tuple[dt.date, str], int] = dataclasses.field(default_factory=dict)
+    #: (day, model) → latency histogram, for the models in ``by_model``.
+    latency_by_day: dict[tuple[dt.date, str], dict[int, int]] = dataclasses.field(default_factory=dict)
 
 
 def health(conn: sa.Connection, f: Filters, ranking: list[tuple[str, t.Any]]) -> Health:
@@ -198,7 +232,30 @@ def health(conn: sa.Connection, f: Filters, ranking: list[tuple[str, t.Any]]) ->
         day = local_day(dt.datetime.fromtimestamp(int(row.slot) * seconds, dt.timezone.utc), f.zone)
         key = (day, row.model)
         out.failed_by_day[key] = out.failed_by_day.get(key, 0) + int(row.n)
+    _add_latency(conn, f, out, names, seconds)
     return out
+
+
+def _add_latency(conn: sa.Connection, f: Filters, out: Health, names: list[str], seconds: int) -> None:
+    """Latency histograms per (day, model) of the listed models, counted in SQL: one grouped scan."""
+    usage = queries.usage
+    duration = usage.c.duration_ms
+    bucket = sa.case(
+        *((duration < bound, index) for index, bound in enumerate(LATENCY_BOUNDS_MS)),
+        else_=len(LATENCY_BOUNDS_MS),
+    ).label("bucket")
+    model = sa.func.coalesce(usage.c.model, sa.literal_column("''")).label("model")
+    slot = queries.epoch_bucket(usage.c.occurred_at, seconds, conn.dialect.name).label("slot")
+    where = [*queries.ledger_conditions(f), duration.is_not(None), model.in_(names)]
+    by_model = {row.model: row for row in out.by_model}
+    for row in conn.execute(
+        sa.select(slot, model, bucket, sa.func.count().label("n")).where(*where).group_by(slot, model, bucket)
+    ):
+        day = local_day(dt.datetime.fromtimestamp(int(row.slot) * seconds, dt.timezone.utc), f.zone)
+        daily = out.latency_by_day.setdefault((day, row.model), {})
+        daily[int(row.bucket)] = daily.get(int(row.bucket), 0) + int(row.n)
+        whole = by_model[row.model].latency
+        whole[int(row.bucket)] = whole.get(int(row.bucket), 0) + int(row.n)
 
 
 # -- cache savings ----------------------------------------------------------------------------

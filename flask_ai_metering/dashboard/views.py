@@ -178,6 +178,7 @@ def overview() -> str:
     data = pages.overview(_runtime(), f, group)
     figures = {
         "failures": charts.failures_per_day(data.health, f.start, f.end),
+        "latency": charts.latency_per_day(data.health, f.start, f.end),
         "cost": charts.cost_over_time(data.current, f.start, f.end, group),
         "activity": charts.calls_and_tokens(data.current, f.start, f.end),
         "models": charts.cost_by(data.current, "model"),

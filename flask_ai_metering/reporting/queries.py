@@ -106,6 +106,11 @@ def _conditions(source: sa.Table, f: Filters) -> list[sa.ColumnElement[bool]]:
     return out
 
 
+def ledger_conditions(f: Filters) -> list[sa.ColumnElement[bool]]:
+    """``f``'s filters on the ledger itself (range included), for reads no rollup answers."""
+    return _conditions(usage, f)
+
+
 def _on_days(days: list[dt.date], f: Filters) -> sa.ColumnElement[bool]:
     """``occurred_at`` within one of the local ``days`` (sorted), consecutive days as one range."""
     ranges: list[list[dt.datetime]] = []
