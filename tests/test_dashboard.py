@@ -121,7 +121,7 @@ def test_every_page_renders(dash: tuple[Flask, AiMetering]) -> None:
     overview = client.get("/ai-metering/").get_data(as_text=True)
     assert 'data-test="unpriced"' in overview and "mystery-model" in overview
     assert re.search(r"/ai-metering/static/plotly-[\d.]+\.min\.js", overview)
-    assert overview.count('type="application/json"') == 5  # cost, activity, tokens, failures, models
+    assert overview.count('type="application/json"') == 6  # cost, activity, tokens, error rate, latency, models
     plans = client.get("/ai-metering/plans").get_data(as_text=True)
     assert re.search(r'data-test="subscribers">1<', plans)
 

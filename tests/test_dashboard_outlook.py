@@ -69,6 +69,9 @@ def test_a_failed_call_is_in_the_error_rate_and_never_in_the_ledger(backend: str
         [row] = data.health.by_model
         assert (row.model, row.calls, row.failed, row.error_rate) == ("gpt-4o-mini", 3, 1, 25.0)
         assert sum(data.health.failed_by_day.values()) == 1
+        today = local_day(dt.datetime.now(dt.timezone.utc), ZoneInfo("UTC"))
+        assert data.health.recorded_by_day[(today, "gpt-4o-mini")] == 3
+        assert data.health.error_rate(today, "gpt-4o-mini") == 25.0  # the day's rate, for the chart
         assert data.current.totals.calls == 3  # money totals never mix with failures
         page = app.test_client().get("/ai-metering/").get_data(as_text=True)
         rate = page[page.index('data-test="error-rate"') :]

@@ -97,19 +97,21 @@ def cost_over_time(summary: Summary, start: dt.date, end: dt.date, group: str) -
     return to_json(figure)
 
 
-def failures_per_day(health: outlook.Health, start: dt.date, end: dt.date) -> str:
-    """Failed provider calls per day, stacked by model (the models of the errors table)."""
+def error_rate_per_day(health: outlook.Health, start: dt.date, end: dt.date) -> str:
+    """Failed ÷ (recorded + failed) per day, a line per model (the models of the errors table)."""
     import plotly.graph_objects as go
 
     days = days_of(start, end)
     x = [d.isoformat() for d in days]
-    figure = go.Figure(layout=_layout(barmode="stack"))
+    figure = go.Figure(layout=_layout(yaxis={"title": {"text": "%"}, "gridcolor": "#e2e8f0", "rangemode": "tozero"}))
     for row in health.by_model:
-        ys = [health.failed_by_day.get((d, row.model), 0) for d in days]
-        if any(ys):
-            figure.add_trace(go.Bar(x=x, y=ys, name=plotly_text(row.model), hovertemplate="%{y:,} failed"))
+        ys = [health.error_rate(d, row.model) for d in days]
+        if any(y for y in ys):
+            figure.add_trace(
+                go.Scatter(x=x, y=ys, name=plotly_text(row.model), mode="lines+markers", hovertemplate="%{y:.2f}%")
+            )
     if not figure.data:
-        figure.add_trace(go.Bar(x=x, y=[0 for _ in days], name="Failed", hovertemplate="%{y:,} failed"))
+        figure.add_trace(go.Scatter(x=x, y=[0 for _ in days], name="No failures", mode="lines"))
     return to_json(figure)
 
 

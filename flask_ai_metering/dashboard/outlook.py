@@ -193,6 +193,14 @@ class Health:
     failed_by_day: dict[tuple[dt.date, str], int] = dataclasses.field(default_factory=dict)
     #: (day, model) → latency histogram, for the models in ``by_model``.
     latency_by_day: dict[tuple[dt.date, str], dict[int, int]] = dataclasses.field(default_factory=dict)
+    #: (day, model) → calls recorded in the ledger, for the models in ``by_model``.
+    recorded_by_day: dict[tuple[dt.date, str], int] = dataclasses.field(default_factory=dict)
+
+    def error_rate(self, day: dt.date, model: str) -> float | None:
+        """Failed ÷ (recorded + failed) of ``model`` on ``day``, in percent; None when nothing ran."""
+        failed = self.failed_by_day.get((day, model), 0)
+        ran = failed + self.recorded_by_day.get((day, model), 0)
+        return None if ran == 0 else round(100 * failed / ran, 2)
 
 
 def health(conn: sa.Connection, f: Filters, ranking: list[tuple[str, t.Any]]) -> Health:
@@ -237,21 +245,26 @@ def health(conn: sa.Connection, f: Filters, ranking: list[tuple[str, t.Any]]) ->
 
 
 def _add_latency(conn: sa.Connection, f: Filters, out: Health, names: list[str], seconds: int) -> None:
-    """Latency histograms per (day, model) of the listed models, counted in SQL: one grouped scan."""
+    """Calls and latency histograms per (day, model) of the listed models, counted in SQL in one
+    grouped scan (bucket -1: a row without a duration, e.g. one ``record`` wrote)."""
     usage = queries.usage
     duration = usage.c.duration_ms
     bucket = sa.case(
+        (duration.is_(None), -1),
         *((duration < bound, index) for index, bound in enumerate(LATENCY_BOUNDS_MS)),
         else_=len(LATENCY_BOUNDS_MS),
     ).label("bucket")
     model = sa.func.coalesce(usage.c.model, sa.literal_column("''")).label("model")
     slot = queries.epoch_bucket(usage.c.occurred_at, seconds, conn.dialect.name).label("slot")
-    where = [*queries.ledger_conditions(f), duration.is_not(None), model.in_(names)]
+    where = [*queries.ledger_conditions(f), model.in_(names)]
     by_model = {row.model: row for row in out.by_model}
     for row in conn.execute(
         sa.select(slot, model, bucket, sa.func.count().label("n")).where(*where).group_by(slot, model, bucket)
     ):
         day = local_day(dt.datetime.fromtimestamp(int(row.slot) * seconds, dt.timezone.utc), f.zone)
+        out.recorded_by_day[(day, row.model)] = out.recorded_by_day.get((day, row.model), 0) + int(row.n)
+        if int(row.bucket) < 0:
+            continue
         daily = out.latency_by_day.setdefault((day, row.model), {})
         daily[int(row.bucket)] = daily.get(int(row.bucket), 0) + int(row.n)
         whole = by_model[row.model].latency

@@ -177,7 +177,7 @@ def overview() -> str:
         raise FilterError(f"'refresh' must be one of {', '.join(REFRESH_CHOICES)} (seconds; 0 is off).")
     data = pages.overview(_runtime(), f, group)
     figures = {
-        "failures": charts.failures_per_day(data.health, f.start, f.end),
+        "failures": charts.error_rate_per_day(data.health, f.start, f.end),
         "latency": charts.latency_per_day(data.health, f.start, f.end),
         "cost": charts.cost_over_time(data.current, f.start, f.end, group),
         "activity": charts.calls_and_tokens(data.current, f.start, f.end),
