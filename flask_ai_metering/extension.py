@@ -22,6 +22,7 @@ from .dashboard import register_dashboard
 from .errors import InvalidUsage
 from .metering import pipeline
 from .metering import recording
+from .metering import refunds
 from .metering.calls import MeterCall
 from .metering.calls import MeterResult
 from .metering.fast_path import choose_fast_path
@@ -29,6 +30,7 @@ from .metering.instrument import FeatureScope
 from .metering.instrument import current_scope_feature
 from .metering.instrument import instrument as _instrument
 from .metering.instrument import uninstrument as _uninstrument
+from .metering.refunds import Refund
 from .metering.spec import CallSpec
 from .metering.spec import build_spec
 from .metering.spec import check_record_options
@@ -46,6 +48,8 @@ from .runtime import Runtime
 from .transactions import Transactions
 
 if t.TYPE_CHECKING:
+    from decimal import Decimal
+
     from flask_sqlalchemy import SQLAlchemy
 
     from .billing import BillingDriver
@@ -286,6 +290,28 @@ class AiMetering:
     def expire_reservations(self, *, now: dt.datetime | None = None) -> int:
         """Release reservations past their expiry; returns how many."""
         return expire_reservations(self.runtime(), now=now)
+
+    def refund(
+        self,
+        usage_id: int,
+        *,
+        reason: str,
+        tokens: int | None = None,
+        cost: Decimal | str | int | None = None,
+        idempotency_key: str | None = None,
+    ) -> Refund:
+        """Give a call's tokens and cost back through an adjustment in the ledger.
+
+        Without ``tokens`` and ``cost`` everything not refunded yet is given back;
+        with either, exactly that (the other is 0). The counter of the call's period
+        gets it back while that period runs, a wallet is credited in credits mode, and
+        the call's overage is reduced (or credited on the invoice once synced). A
+        replay of ``idempotency_key`` returns the first refund. Raises
+        ``UsageNotFound`` for an unknown id and ``InvalidUsage`` beyond what is left.
+        """
+        return refunds.refund(
+            self.runtime(), usage_id, reason=reason, tokens=tokens, cost=cost, idempotency_key=idempotency_key
+        )
 
     # -- plans and wallets ---------------------------------------------------------------
 

@@ -341,6 +341,7 @@ class Usage(_CallColumns, _TokenColumns, Base):
         sa.Index(None, "tenant_id", "occurred_at"),
         sa.Index(None, "counter_id"),
         sa.Index(None, "model", "occurred_at"),
+        sa.Index(None, "adjusts_id"),
     )
 
     input_cost: Mapped[Decimal] = mapped_column(default=Decimal(0))
@@ -360,6 +361,11 @@ class Usage(_CallColumns, _TokenColumns, Base):
     duration_ms: Mapped[int | None]
     counter_id: Mapped[int | None] = mapped_column(sa.ForeignKey(Counter.id))
     reservation_id: Mapped[int | None] = mapped_column(sa.BigInteger)
+    #: ``usage`` for a metered call; ``refund`` for an adjustment that gives part of a call
+    #: back (negative tokens and cost, so every SUM over the ledger nets it out).
+    kind: Mapped[str] = mapped_column(sa.String(16), default="usage", server_default="usage")
+    #: The usage row an adjustment adjusts (None for a call).
+    adjusts_id: Mapped[int | None] = mapped_column(sa.BigInteger)
     occurred_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
@@ -478,6 +484,10 @@ class _RollupMetrics(_TokenColumns):
     calls: Mapped[int] = mapped_column(sa.BigInteger, default=0)
     total_cost: Mapped[Decimal] = mapped_column(default=Decimal(0))
     unpriced_calls: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    #: Refund adjustments dated that day (not counted in ``calls``).
+    refunds: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    #: Cost given back by refunds dated that day (positive; ``total_cost`` is already net of it).
+    refunded_cost: Mapped[Decimal] = mapped_column(default=Decimal(0), server_default="0")
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 

@@ -27,6 +27,9 @@ plan_changed = _signals.signal("plan-changed")
 credits_added = _signals.signal("credits-added")
 #: Credits were taken from a wallet. Kwargs: billable, amount, balance, transaction_id, reason.
 credits_deducted = _signals.signal("credits-deducted")
+#: A call was refunded (part or all of it). Kwargs: billable, usage_id, refund_id, tokens, cost,
+#: reason, credited (back to the wallet), overage_tokens, overage_amount (taken off the overage).
+usage_refunded = _signals.signal("usage-refunded")
 #: A subscription ended (and its grace period, if any). Kwargs: billable, subscription_id.
 subscription_expired = _signals.signal("subscription-expired")
 
@@ -40,4 +43,5 @@ __all__ = [
     "provider_call_failed",
     "subscription_expired",
     "usage_recorded",
+    "usage_refunded",
 ]

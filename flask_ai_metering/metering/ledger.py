@@ -74,6 +74,8 @@ def usage_values(
         "duration_ms": duration_ms,
         "counter_id": hold.counter_id if hold else counter_id,
         "reservation_id": hold.reservation_id if hold else None,
+        "kind": "usage",
+        "adjusts_id": None,
         "occurred_at": at,
     }
 
@@ -115,6 +117,9 @@ def from_payload(payload: dict[str, t.Any]) -> dict[str, t.Any]:
     for name in _MONEY_FIELDS:
         values[name] = Decimal(values[name])
     values["occurred_at"] = dt.datetime.fromisoformat(values["occurred_at"])
+    # Kept by a version without ledger adjustments: every such row is a call.
+    values.setdefault("kind", "usage")
+    values.setdefault("adjusts_id", None)
     return values
 
 

@@ -45,9 +45,11 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "by_model": ("provider", "model"),
     "by_feature": ("feature",),
 }
-MEASURES = ("calls", "input_tokens", "output_tokens", "total_tokens", "total_cost")
+#: ``total_cost`` is net of refunds; ``refunded_cost`` is what refunds gave back (positive).
+MEASURES = ("calls", "input_tokens", "output_tokens", "total_tokens", "total_cost", "refunded_cost")
+_MONEY = ("total_cost", "refunded_cost")
 #: Each measure's label in :func:`~flask_ai_metering.reporting.rollups.measures`.
-_SUMMED = {name: "cost_units" if name == "total_cost" else name for name in MEASURES}
+_SUMMED = {name: {"total_cost": "cost_units", "refunded_cost": "refunded_units"}.get(name, name) for name in MEASURES}
 _EMPTY = ""
 
 
@@ -128,7 +130,7 @@ def _grouped(conn: sa.Connection, parts: list[Source], keys: tuple[str, ...]) ->
     for source, where in parts:
         columns = [source.c[k] for k in keys]
         for row in conn.execute(sa.select(*columns, *measures(source)).where(*where).group_by(*columns)):
-            if not row.calls:
+            if not row.calls and not row.refunded_units:
                 continue
             key = tuple(None if v == _EMPTY else v for v in row[: len(keys)])
             into = merged.setdefault(key, dict.fromkeys(MEASURES, 0))
@@ -183,8 +185,7 @@ def _row(labels: dict[str, t.Any], keys: tuple[str, ...], sums: dict[str, int] |
     row = dict(labels)
     if "billable_type" in keys:
         row = {"billable": f"{labels['billable_type']}:{labels['billable_id']}", **row}
-    row.update({n: sums[n] for n in MEASURES if n != "total_cost"})
-    row["total_cost"] = money(sums["total_cost"])
+    row.update({n: money(sums[n]) if n in _MONEY else sums[n] for n in MEASURES})
     return row
 
 
@@ -270,7 +271,7 @@ def _forecast_table(forecast: dict[str, t.Any]) -> list[str]:
     return lines + _aligned(["billable", "tokens so far", "projected tokens", "cost so far", "projected cost"], body)
 
 
-_HEADERS = ["calls", "input", "output", "total tokens", "cost"]
+_HEADERS = ["calls", "input", "output", "total tokens", "cost", "refunds"]
 
 
 def _label(row: dict[str, t.Any], keys: tuple[str, ...]) -> str:
@@ -280,8 +281,7 @@ def _label(row: dict[str, t.Any], keys: tuple[str, ...]) -> str:
 
 
 def _cells(row: dict[str, t.Any]) -> list[str]:
-    counts = [f"{row[m]:,}" for m in MEASURES if m != "total_cost"]
-    return [*counts, _amount(row["total_cost"])]
+    return [_amount(row[m]) if m in _MONEY else f"{row[m]:,}" for m in MEASURES]
 
 
 def _amount(text: str) -> str:
