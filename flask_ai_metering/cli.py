@@ -122,7 +122,7 @@ def confirm_destructive(yes: bool, question: str) -> None:
 
 @cli.command("expire-reservations")
 def expire_reservations_command() -> None:
-    """Release reservations whose calls never committed, and write queued rows whose task was lost.
+    """Release reservations whose calls never committed, write queued rows whose task was lost, send trial notices.
 
     Safe to run from cron while traffic flows.
     """
@@ -130,7 +130,12 @@ def expire_reservations_command() -> None:
     rt = _meter().runtime()
     # The safety net of queued recording: rows whose task was lost are written here.
     written = flush_outbox(rt, older_than=dt.timedelta(seconds=rt.settings.reservation_ttl))
-    _status(f"Released {released} expired reservation(s); wrote {written} queued usage row(s).", fg="green")
+    trials = _meter().check_trials()
+    _status(
+        f"Released {released} expired reservation(s); wrote {written} queued usage row(s);"
+        f" sent {trials.ending} trial_ending and {trials.ended} trial_ended notice(s).",
+        fg="green",
+    )
 
 
 @cli.command("reconcile")

@@ -90,6 +90,8 @@ class ConfigVars:
     PLAN_CHANGE = "AI_METERING_PLAN_CHANGE"
     #: Slug of the plan whose limits hold billables without a subscription (None: unlimited).
     DEFAULT_PLAN = "AI_METERING_DEFAULT_PLAN"
+    #: Days before a trial's end at which ``trial_ending`` fires (0: only ``trial_ended``).
+    TRIAL_ENDING_DAYS = "AI_METERING_TRIAL_ENDING_DAYS"
     #: Percentage of a limit at which ``limit_approaching`` fires.
     WARNING_THRESHOLD = "AI_METERING_WARNING_THRESHOLD"
     #: The most tokens of one kind a provider may report for one call; a larger count is
@@ -154,6 +156,7 @@ DEFAULTS: dict[str, t.Any] = {
     ConfigVars.MAX_COST_PER_CALL: None,
     ConfigVars.PLAN_CHANGE: "carry",
     ConfigVars.DEFAULT_PLAN: None,
+    ConfigVars.TRIAL_ENDING_DAYS: 3,
     ConfigVars.WARNING_THRESHOLD: 80,
     ConfigVars.MAX_REPORTED_TOKENS: 100_000_000,
     ConfigVars.JOURNAL_PATH: None,
@@ -262,6 +265,7 @@ class Settings:
     max_cost_per_call: Decimal | None
     plan_change: str
     default_plan: str | None
+    trial_ending_days: int
     warning_threshold: int
     max_reported_tokens: int
     journal_path: str | None
@@ -287,7 +291,12 @@ class Settings:
     @classmethod
     def from_config(cls, config: t.Mapping[str, t.Any]) -> Settings:
         """Validate ``config`` and raise :class:`ConfigurationError` naming the bad key."""
-        for key in _POSITIVE_INTS + (ConfigVars.PAYMENT_FAILURE_GRACE_PERIOD, ConfigVars.WARNING_THRESHOLD):
+        non_negative = (
+            ConfigVars.PAYMENT_FAILURE_GRACE_PERIOD,
+            ConfigVars.WARNING_THRESHOLD,
+            ConfigVars.TRIAL_ENDING_DAYS,
+        )
+        for key in _POSITIVE_INTS + non_negative:
             value = config[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigurationError(f"{key} must be a non-negative int, got {value!r}")
@@ -355,6 +364,7 @@ class Settings:
             max_cost_per_call=_positive_money(config[ConfigVars.MAX_COST_PER_CALL], ConfigVars.MAX_COST_PER_CALL),
             plan_change=str(config[ConfigVars.PLAN_CHANGE]).lower(),
             default_plan=_slug(config[ConfigVars.DEFAULT_PLAN], ConfigVars.DEFAULT_PLAN),
+            trial_ending_days=config[ConfigVars.TRIAL_ENDING_DAYS],
             warning_threshold=config[ConfigVars.WARNING_THRESHOLD],
             max_reported_tokens=config[ConfigVars.MAX_REPORTED_TOKENS],
             journal_path=config[ConfigVars.JOURNAL_PATH] or None,

@@ -44,6 +44,8 @@ from .providers import load_provider
 from .quota.standing import current_check
 from .quota.subscriptions import subscribe
 from .quota.subscriptions import subscription_of
+from .quota.trials import TrialNotices
+from .quota.trials import check_trials
 from .runtime import Runtime
 from .transactions import Transactions
 
@@ -314,6 +316,13 @@ class AiMetering:
         )
 
     # -- plans and wallets ---------------------------------------------------------------
+
+    def check_trials(self, *, now: dt.datetime | None = None) -> TrialNotices:
+        """Send the trial notices that are due (``trial_ending``, ``trial_ended``), each once.
+
+        ``flask ai-metering expire-reservations`` runs it; call it yourself to check more often.
+        """
+        return check_trials(self.runtime(), now=now)
 
     def subscribe(self, billable: t.Any, plan: Plan | str, **options: t.Any) -> Subscription:
         """Put ``billable`` on ``plan`` (a ``Plan`` or its slug); move it if already subscribed.

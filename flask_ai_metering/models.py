@@ -114,6 +114,10 @@ class Plan(Base):
     period: Mapped[str | None] = mapped_column(sa.String(20))
     is_active: Mapped[bool] = mapped_column(default=True, server_default=sa.true())
     trial_days: Mapped[int | None]
+    #: Tokens per period during a trial; None: the plan's ``token_limit``.
+    trial_token_limit: Mapped[int | None] = mapped_column(sa.BigInteger)
+    #: Cost per period during a trial; None: the plan's ``cost_limit``.
+    trial_cost_limit: Mapped[Decimal | None]
     meta: Mapped[dict[str, t.Any] | None]
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
@@ -166,13 +170,19 @@ class Subscription(Base):
     #: The counter segment the subscription counts on (``Counter.plan_version``): a plan change
     #: moves it to a fresh counter only under ``AI_METERING_PLAN_CHANGE = "reset"``.
     counter_segment: Mapped[int] = mapped_column(default=0, server_default="0")
-    #: Under ``prorate``: the period's token limit after the last plan change (None: unlimited),
-    #: in force while ``prorated_until`` is in the future; the plan's own limit applies after it.
+    #: The token limit in force while ``prorated_until`` is in the future (None: unlimited); the
+    #: plan's own limit applies after it. Set by a trial (its trial limit, until the trial ends)
+    #: and, under ``prorate``, by a plan change (the period's limit after the change).
     prorated_token_limit: Mapped[int | None] = mapped_column(sa.BigInteger)
     #: The same for the cost limit, in pico-units.
     prorated_cost_units: Mapped[int | None] = mapped_column(sa.BigInteger)
-    #: The end of the period the prorated limits belong to (None: no proration).
+    #: Until when the prorated limits are in force: the trial's end, or the end of the period a
+    #: proration belongs to (None: neither).
     prorated_until: Mapped[dt.datetime | None]
+    #: Set once, by the guarded UPDATE that sends ``trial_ending`` for the current trial.
+    trial_ending_sent_at: Mapped[dt.datetime | None]
+    #: Set once, by the guarded UPDATE that sends ``trial_ended`` for the current trial.
+    trial_ended_sent_at: Mapped[dt.datetime | None]
     stripe_customer_id: Mapped[str | None] = mapped_column(sa.String(_KEY))
     stripe_subscription_id: Mapped[str | None] = mapped_column(sa.String(_KEY))
     #: ``created`` of the last Stripe event applied to this subscription: an older

@@ -294,7 +294,11 @@ def test_plans_table_lists_limits_and_subscribers(meter, db):
         "overage/1k",
         "features",
         "active",
+        "trial",
         "subscribers",
+        "trialling",
     ]
-    assert lines[1].split() == ["free", "Free", "unlimited", "unlimited", "daily", "-", "all", "yes", "0"]
-    assert lines[2].split() == ["pro", "Pro", "1,000,000", "100.00", "monthly", "0.01", "chat,", "summary", "yes", "2"]
+    assert lines[1].split() == ["free", "Free", "unlimited", "unlimited", "daily", "-", "all", "yes", "-", "0", "0"]
+    assert lines[2].split() == [
+        *["pro", "Pro", "1,000,000", "100.00", "monthly", "0.01", "chat,", "summary", "yes", "-", "2", "0"]
+    ]
