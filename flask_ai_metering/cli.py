@@ -183,6 +183,11 @@ def report_command(
         start = parse_month(month)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--month") from None
+    if billable is not None:  # ``team:42`` reports on Team:42, as the metered calls stored it
+        try:
+            billable = _meter().resolve_billable(billable)
+        except InvalidUsage as exc:
+            raise click.BadParameter(str(exc), param_hint="--billable") from None
     report = build_report(_meter().runtime(), start, billable=billable, tenant=tenant, forecast=forecast)
     click.echo(render(report, fmt))
 

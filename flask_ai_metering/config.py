@@ -90,6 +90,8 @@ class ConfigVars:
     PLAN_CHANGE = "AI_METERING_PLAN_CHANGE"
     #: Slug of the plan whose limits hold billables without a subscription (None: unlimited).
     DEFAULT_PLAN = "AI_METERING_DEFAULT_PLAN"
+    #: Extra spellings of billable types: ``{"org": "Team"}`` stores ``("org", 1)`` as ``("Team", "1")``.
+    BILLABLE_ALIASES = "AI_METERING_BILLABLE_ALIASES"
     #: Days before a trial's end at which ``trial_ending`` fires (0: only ``trial_ended``).
     TRIAL_ENDING_DAYS = "AI_METERING_TRIAL_ENDING_DAYS"
     #: Percentage of a limit at which ``limit_approaching`` fires.
@@ -157,6 +159,7 @@ DEFAULTS: dict[str, t.Any] = {
     ConfigVars.PLAN_CHANGE: "carry",
     ConfigVars.DEFAULT_PLAN: None,
     ConfigVars.TRIAL_ENDING_DAYS: 3,
+    ConfigVars.BILLABLE_ALIASES: {},
     ConfigVars.WARNING_THRESHOLD: 80,
     ConfigVars.MAX_REPORTED_TOKENS: 100_000_000,
     ConfigVars.JOURNAL_PATH: None,
@@ -266,6 +269,7 @@ class Settings:
     plan_change: str
     default_plan: str | None
     trial_ending_days: int
+    billable_aliases: t.Mapping[str, str]
     warning_threshold: int
     max_reported_tokens: int
     journal_path: str | None
@@ -365,6 +369,7 @@ class Settings:
             plan_change=str(config[ConfigVars.PLAN_CHANGE]).lower(),
             default_plan=_slug(config[ConfigVars.DEFAULT_PLAN], ConfigVars.DEFAULT_PLAN),
             trial_ending_days=config[ConfigVars.TRIAL_ENDING_DAYS],
+            billable_aliases=_aliases(config[ConfigVars.BILLABLE_ALIASES]),
             warning_threshold=config[ConfigVars.WARNING_THRESHOLD],
             max_reported_tokens=config[ConfigVars.MAX_REPORTED_TOKENS],
             journal_path=config[ConfigVars.JOURNAL_PATH] or None,
@@ -378,6 +383,15 @@ class Settings:
             prometheus_registry=config[ConfigVars.PROMETHEUS_REGISTRY],
             prometheus_max_models=config[ConfigVars.PROMETHEUS_MAX_MODELS],
         )
+
+
+def _aliases(value: t.Any) -> dict[str, str]:
+    """``{alias: billable type}``; each entry is checked again when the app state is built."""
+    if value is None or value == "":
+        return {}
+    if not isinstance(value, t.Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ConfigurationError(f"{ConfigVars.BILLABLE_ALIASES} must map str to str, got {value!r}")
+    return dict(value)
 
 
 def _slug(value: t.Any, key: str) -> str | None:

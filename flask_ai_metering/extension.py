@@ -12,6 +12,7 @@ from flask import current_app
 from flask import has_request_context
 
 from . import validation as v
+from .billables import BillableTypes
 from .billing import load_driver
 from .billing.wallets import Wallet
 from .billing.webhooks import handle_stripe_webhook
@@ -79,6 +80,7 @@ class _AppState:
                 providers[name] = load_provider(name, entry["class"])
         self.providers = providers
         self.observers = build_observers(settings)
+        self.billables = BillableTypes(db, settings.billable_aliases)
         self._store: Transactions | None = None
         self._fast: FastPath | None = None
         self._driver: BillingDriver | None = None
@@ -131,6 +133,7 @@ class AiMetering:
         self._states: weakref.WeakKeyDictionary[Flask, _AppState] = weakref.WeakKeyDictionary()
         self._billable_resolver: t.Callable[[], t.Any] = _default_billable
         self._dashboard_authorizer: t.Callable[[t.Any], bool] | None = None
+        self._aliases: dict[str, str] = {}
         if app is not None:
             self.init_app(app)
 
@@ -152,7 +155,10 @@ class AiMetering:
             raise RuntimeError("AiMetering needs Flask-SQLAlchemy: call db.init_app(app) first, or pass db=db.")
         apply_defaults(app)
         settings = Settings.from_config(app.config)
-        self._states[app] = _AppState(app, settings, db)
+        state = _AppState(app, settings, db)
+        for alias, target in self._aliases.items():
+            state.billables.add_alias(alias, target)
+        self._states[app] = state
         app.extensions["ai_metering"] = self
         exclude_from_app_migrations(app)
         if self.cli_group:
@@ -196,10 +202,26 @@ class AiMetering:
         return self._state().settings
 
     def resolve_billable(self, billable: t.Any = None) -> tuple[str, str]:
-        """``(type, id)`` of ``billable``, or of the registered resolver's answer."""
+        """``(type, id)`` of ``billable``, or of the registered resolver's answer, canonicalised.
+
+        A model instance is its class name and primary key; a tuple whose type is a model's
+        name in another case, or an alias, is stored under the model's name (see
+        :mod:`flask_ai_metering.billables`).
+        """
         if billable is None:
             billable = self._billable_resolver()
-        return v.billable_key(billable)
+        return self._state().billables.key(billable)
+
+    def billable_alias(self, alias: str, target: str) -> None:
+        """Store billables given as ``(alias, id)`` (any case) as ``(target, id)``.
+
+        For a type that is no model's name (``meter.billable_alias("org", "Team")``); a
+        model's own name in another case needs no alias. Applies to every app this
+        extension serves, and to apps initialised later.
+        """
+        for state in self._states.values():
+            state.billables.add_alias(alias, target)
+        self._aliases[alias] = target
 
     def _spec(self, rt: Runtime, **options: t.Any) -> CallSpec:
         """Resolve who is billed and attributed (per request), then validate the options."""
