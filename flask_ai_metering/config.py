@@ -92,6 +92,8 @@ class ConfigVars:
     DEFAULT_PLAN = "AI_METERING_DEFAULT_PLAN"
     #: Extra spellings of billable types: ``{"org": "Team"}`` stores ``("org", 1)`` as ``("Team", "1")``.
     BILLABLE_ALIASES = "AI_METERING_BILLABLE_ALIASES"
+    #: Available credit balance under which ``credits_low`` fires, once per crossing (None: never).
+    CREDITS_LOW_THRESHOLD = "AI_METERING_CREDITS_LOW_THRESHOLD"
     #: Days before a trial's end at which ``trial_ending`` fires (0: only ``trial_ended``).
     TRIAL_ENDING_DAYS = "AI_METERING_TRIAL_ENDING_DAYS"
     #: Percentage of a limit at which ``limit_approaching`` fires.
@@ -159,6 +161,7 @@ DEFAULTS: dict[str, t.Any] = {
     ConfigVars.PLAN_CHANGE: "carry",
     ConfigVars.DEFAULT_PLAN: None,
     ConfigVars.TRIAL_ENDING_DAYS: 3,
+    ConfigVars.CREDITS_LOW_THRESHOLD: None,
     ConfigVars.BILLABLE_ALIASES: {},
     ConfigVars.WARNING_THRESHOLD: 80,
     ConfigVars.MAX_REPORTED_TOKENS: 100_000_000,
@@ -269,6 +272,7 @@ class Settings:
     plan_change: str
     default_plan: str | None
     trial_ending_days: int
+    credits_low_threshold: Decimal | None
     billable_aliases: t.Mapping[str, str]
     warning_threshold: int
     max_reported_tokens: int
@@ -369,6 +373,9 @@ class Settings:
             plan_change=str(config[ConfigVars.PLAN_CHANGE]).lower(),
             default_plan=_slug(config[ConfigVars.DEFAULT_PLAN], ConfigVars.DEFAULT_PLAN),
             trial_ending_days=config[ConfigVars.TRIAL_ENDING_DAYS],
+            credits_low_threshold=_positive_money(
+                config[ConfigVars.CREDITS_LOW_THRESHOLD], ConfigVars.CREDITS_LOW_THRESHOLD
+            ),
             billable_aliases=_aliases(config[ConfigVars.BILLABLE_ALIASES]),
             warning_threshold=config[ConfigVars.WARNING_THRESHOLD],
             max_reported_tokens=config[ConfigVars.MAX_REPORTED_TOKENS],

@@ -370,6 +370,7 @@ class AiMetering:
             overdraft=rt.settings.credit_overdraft,
             sender=rt.app,
             max_meta_bytes=rt.settings.max_meta_bytes,
+            low_threshold=rt.settings.credits_low_threshold,
         )
 
     def handle_stripe_webhook(self, payload: bytes, signature: str, **options: t.Any) -> t.Any:

@@ -421,6 +421,9 @@ class CreditWallet(Base):
     balance: Mapped[Decimal] = mapped_column(default=Decimal(0), server_default="0")
     #: Credits held by calls in flight (part of ``balance``, not spendable twice).
     held: Mapped[Decimal] = mapped_column(default=Decimal(0), server_default="0")
+    #: ``credits_low`` has fired since the available balance last went below the threshold
+    #: (set by the guarded UPDATE that fires it; cleared when credits bring it back above).
+    low_notified: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
     currency: Mapped[str] = mapped_column(sa.String(3), default="usd")
     meta: Mapped[dict[str, t.Any] | None]
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

@@ -35,12 +35,16 @@ usage_refunded = _signals.signal("usage-refunded")
 trial_ending = _signals.signal("trial-ending")
 #: A trial ended; once per trial. Kwargs: billable, subscription_id, plan (slug), trial_ends_at.
 trial_ended = _signals.signal("trial-ended")
+#: A wallet's available balance went below ``AI_METERING_CREDITS_LOW_THRESHOLD``; once per crossing.
+#: Kwargs: billable, wallet_id, balance, available, threshold.
+credits_low = _signals.signal("credits-low")
 #: A subscription ended (and its grace period, if any). Kwargs: billable, subscription_id.
 subscription_expired = _signals.signal("subscription-expired")
 
 __all__ = [
     "credits_added",
     "credits_deducted",
+    "credits_low",
     "limit_approaching",
     "limit_reached",
     "overage_charged",

@@ -31,6 +31,7 @@ import sqlalchemy as sa
 
 from .. import signals
 from .. import validation as v
+from ..billing.wallets import rearm_low
 from ..errors import InvalidUsage
 from ..errors import UsageNotFound
 from ..models import TOKEN_COLUMNS
@@ -150,7 +151,7 @@ def refund(
         counter_id = _give_back_to_counter(rt, conn, original.counter_id, tokens_back, units_back, at)
         refund_id = _insert(conn, original, left, tokens_back, units_back, counter_id, key, reason, at)
         if original.billing_mode == "credits":
-            credited, wallet[:] = _credit_wallet(conn, original, refund_id, units_back, at)
+            credited, wallet[:] = _credit_wallet(rt, conn, original, refund_id, units_back, at)
         else:
             credited = 0
         overage_tokens, overage_units = (0, 0)
@@ -356,7 +357,7 @@ def _insert(
 
 
 def _credit_wallet(
-    conn: sa.Connection, original: t.Any, refund_id: int, units: int, at: dt.datetime
+    rt: Runtime, conn: sa.Connection, original: t.Any, refund_id: int, units: int, at: dt.datetime
 ) -> tuple[int, list[int]]:
     """Credit back what the wallet paid for the call, up to ``units``.
 
@@ -390,6 +391,8 @@ def _credit_wallet(
             created_at=at,
         )
     )
+    threshold = rt.settings.credits_low_threshold
+    rearm_low(conn, wallet_id, None if threshold is None else to_units(threshold))
     balance = conn.execute(sa.select(_balance).where(wallets.c.id == wallet_id)).scalar_one()
     return credit, [int(balance), int(txn.inserted_primary_key[0])]  # type: ignore[index]
 

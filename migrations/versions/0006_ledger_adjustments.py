@@ -7,7 +7,8 @@ Create Date: 2026-11-30 13:00:00
 A refund is a ledger row of its own (``kind = 'refund'``, negative amounts,
 ``adjusts_id`` naming the usage row it gives back), so every existing row is a
 call (``kind = 'usage'``). The rollups gain the refunds of each day. Plans gain
-trial limits, subscriptions the marks of the trial notices already sent.
+trial limits, subscriptions the marks of the trial notices already sent, and
+wallets the mark of a ``credits_low`` already sent.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def upgrade() -> None:
     with op.batch_alter_table("ai_metering_subscriptions", schema=None) as batch_op:
         batch_op.add_column(sa.Column("trial_ending_sent_at", flask_ai_metering.models.UTCDateTime(), nullable=True))
         batch_op.add_column(sa.Column("trial_ended_sent_at", flask_ai_metering.models.UTCDateTime(), nullable=True))
+    with op.batch_alter_table("ai_metering_credit_wallets", schema=None) as batch_op:
+        # A string default: an SQL expression makes SQLite's batch mode copy the whole table.
+        batch_op.add_column(sa.Column("low_notified", sa.Boolean(), server_default="0", nullable=False))
     for name in ROLLUPS:
         with op.batch_alter_table(name, schema=None) as batch_op:
             batch_op.add_column(sa.Column("refunds", sa.BigInteger(), server_default="0", nullable=False))
@@ -51,6 +55,8 @@ def downgrade() -> None:
         with op.batch_alter_table(name, schema=None) as batch_op:
             batch_op.drop_column("refunded_cost")
             batch_op.drop_column("refunds")
+    with op.batch_alter_table("ai_metering_credit_wallets", schema=None) as batch_op:
+        batch_op.drop_column("low_notified")
     with op.batch_alter_table("ai_metering_subscriptions", schema=None) as batch_op:
         batch_op.drop_column("trial_ended_sent_at")
         batch_op.drop_column("trial_ending_sent_at")
