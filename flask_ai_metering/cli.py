@@ -32,6 +32,7 @@ from .ops.reports import build_report
 from .ops.reports import parse_month
 from .ops.reports import plans_table
 from .ops.reports import render
+from .ops.reprice import reprice
 from .queueing import flush_outbox
 from .reporting.rollups import aggregate
 
@@ -136,6 +137,23 @@ def expire_reservations_command() -> None:
         f" sent {trials.ending} trial_ending and {trials.ended} trial_ended notice(s).",
         fg="green",
     )
+
+
+@cli.command("reprice")
+@click.option("--model", help="Only calls to this model (as the ledger names it).")
+@click.option("--since", help="Only calls on or after this day (YYYY-MM-DD, UTC).")
+@click.option("--dry-run", is_flag=True, help="Say what would be repriced; write nothing.")
+def reprice_command(model: str | None, since: str | None, dry_run: bool) -> None:
+    """Price unpriced and estimated calls once a price exists, through ledger adjustments."""
+    start = None
+    if since is not None:
+        try:
+            start = dt.datetime.combine(dt.date.fromisoformat(since), dt.time(), dt.timezone.utc)
+        except ValueError:
+            raise click.BadParameter(f"expected YYYY-MM-DD, got {since!r}", param_hint="--since") from None
+    with Progress("Repricing usage") as progress:
+        report = reprice(_meter().runtime(), model=model, since=start, dry_run=dry_run, progress=progress)
+    _status(str(report), fg="green")
 
 
 @cli.command("reconcile")

@@ -362,6 +362,9 @@ class Usage(_CallColumns, _TokenColumns, Base):
     unpriced: Mapped[bool] = mapped_column(default=False)
     #: The counts are an estimate (a stream that never reported its usage).
     estimated: Mapped[bool] = mapped_column(default=False)
+    #: Where the price came from: ``override``, ``genai-prices <version>`` or ``unpriced``
+    #: (None: recorded before this was kept). A ``reprice`` adjustment names its new source.
+    price_source: Mapped[str | None] = mapped_column(sa.String(100))
     billing_mode: Mapped[str] = mapped_column(sa.String(20), default="plan")
     idempotency_key: Mapped[str | None] = mapped_column(sa.String(_KEY))
     #: The tenant the key was claimed under ('' for none): one tenant can never replay another's key.
@@ -372,7 +375,8 @@ class Usage(_CallColumns, _TokenColumns, Base):
     counter_id: Mapped[int | None] = mapped_column(sa.ForeignKey(Counter.id))
     reservation_id: Mapped[int | None] = mapped_column(sa.BigInteger)
     #: ``usage`` for a metered call; ``refund`` for an adjustment that gives part of a call
-    #: back (negative tokens and cost, so every SUM over the ledger nets it out).
+    #: back (negative tokens and cost, so every SUM over the ledger nets it out); ``reprice``
+    #: for one that adds the cost a later price gives a call (no tokens).
     kind: Mapped[str] = mapped_column(sa.String(16), default="usage", server_default="usage")
     #: The usage row an adjustment adjusts (None for a call).
     adjusts_id: Mapped[int | None] = mapped_column(sa.BigInteger)

@@ -347,4 +347,4 @@ def test_the_dashboard_shows_refunds(make_app: AppFactory) -> None:
     assert f'title="Refund of usage {usage_id}">refund</span>' in explorer
     assert "of 3" in explorer and "1 refund (" in explorer
     csv = http.get("/ai-metering/usage.csv").get_data(as_text=True)
-    assert csv.splitlines()[0].endswith(",kind,adjusts_id") and f",refund,{usage_id}" in csv
+    assert csv.splitlines()[0].endswith(",kind,adjusts_id,price_source") and f",refund,{usage_id}" in csv

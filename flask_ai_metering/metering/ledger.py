@@ -67,6 +67,7 @@ def usage_values(
         "currency": costs.currency,
         "unpriced": costs.unpriced,
         "estimated": estimated,
+        "price_source": costs.source,
         "billing_mode": hold.billing_mode if hold else (spec.billing_mode or "plan"),
         "idempotency_key": spec.idempotency_key,
         "idempotency_scope": spec.scope,
@@ -120,6 +121,7 @@ def from_payload(payload: dict[str, t.Any]) -> dict[str, t.Any]:
     # Kept by a version without ledger adjustments: every such row is a call.
     values.setdefault("kind", "usage")
     values.setdefault("adjusts_id", None)
+    values.setdefault("price_source", None)
     return values
 
 

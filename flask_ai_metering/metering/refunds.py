@@ -255,13 +255,16 @@ def _same_request(earlier: Refund, key: str, tokens: int | None, units: int | No
 
 
 def _left(conn: sa.Connection, original: t.Any) -> dict[str, int]:
-    """What of ``original`` is not refunded yet: each token column, ``cost_units``, ``input_cost_units``."""
+    """What of ``original`` is not refunded yet: each token column, ``cost_units``, ``input_cost_units``.
+
+    A ``reprice`` adjustment's cost counts as charged (it has no tokens).
+    """
     sums = conn.execute(
         sa.select(
             *(sa.func.coalesce(sa.func.sum(usage.c[name]), 0) for name in TOKEN_COLUMNS),
             sa.func.coalesce(sa.func.sum(_cost), 0),
             sa.func.coalesce(sa.func.sum(_in_cost), 0),
-        ).where(usage.c.adjusts_id == original.id, usage.c.kind == "refund")
+        ).where(usage.c.adjusts_id == original.id, usage.c.kind.in_(("refund", "reprice")))
     ).one()
     left = {name: int(getattr(original, name)) + int(sums[i]) for i, name in enumerate(TOKEN_COLUMNS)}
     left["cost_units"] = to_units(original.total_cost) + int(sums[len(TOKEN_COLUMNS)])
@@ -343,6 +346,7 @@ def _insert(
         "currency": original.currency,
         "unpriced": False,
         "estimated": False,
+        "price_source": original.price_source,
         "billing_mode": original.billing_mode,
         "idempotency_key": key,
         "idempotency_scope": _scope(original.id) if key is not None else "",
@@ -363,9 +367,13 @@ def _credit_wallet(
 
     Returns the pico-units credited and, when some were, ``[balance units, transaction id]``.
     """
+    repriced = sa.select(usage.c.id).where(usage.c.adjusts_id == original.id, usage.c.kind == "reprice")
     paid = conn.execute(
         sa.select(transactions.c.wallet_id, sa.func.sum(_txn_amount))
-        .where(transactions.c.usage_id == original.id, transactions.c.reason == "usage")
+        .where(
+            sa.or_(transactions.c.usage_id == original.id, transactions.c.usage_id.in_(repriced)),
+            transactions.c.reason.in_(("usage", "reprice")),
+        )
         .group_by(transactions.c.wallet_id)
     ).first()
     if paid is None:

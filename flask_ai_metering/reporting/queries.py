@@ -325,6 +325,7 @@ LEDGER_COLUMNS = (
     "duration_ms",
     "kind",
     "adjusts_id",
+    "price_source",
 )
 
 

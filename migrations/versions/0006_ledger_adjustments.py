@@ -1,4 +1,4 @@
-"""ledger adjustments (refunds), refunds in the rollups, trial limits and notices (issue 12)
+"""ledger adjustments (refunds, repricing), price sources, refunds in the rollups, trials, credits_low (issue 12)
 
 Revision ID: 0006
 Revises: 0004
@@ -32,6 +32,7 @@ def upgrade() -> None:
     with op.batch_alter_table(USAGE, schema=None) as batch_op:
         batch_op.add_column(sa.Column("kind", sa.String(length=16), server_default="usage", nullable=False))
         batch_op.add_column(sa.Column("adjusts_id", sa.BigInteger(), nullable=True))
+        batch_op.add_column(sa.Column("price_source", sa.String(length=100), nullable=True))
         batch_op.create_index(batch_op.f("ix_ai_metering_usage_adjusts_id"), ["adjusts_id"], unique=False)
     with op.batch_alter_table("ai_metering_plans", schema=None) as batch_op:
         batch_op.add_column(sa.Column("trial_token_limit", sa.BigInteger(), nullable=True))
@@ -65,5 +66,6 @@ def downgrade() -> None:
         batch_op.drop_column("trial_token_limit")
     with op.batch_alter_table(USAGE, schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_ai_metering_usage_adjusts_id"))
+        batch_op.drop_column("price_source")
         batch_op.drop_column("adjusts_id")
         batch_op.drop_column("kind")
