@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import typing as t
+import warnings
 from decimal import Decimal
 
 from .errors import ConfigurationError
@@ -40,7 +41,8 @@ class ConfigVars:
     OVERAGE_SYNC_STRATEGY = "AI_METERING_OVERAGE_SYNC_STRATEGY"
     #: Allow a credit wallet to go below zero.
     CREDIT_OVERDRAFT = "AI_METERING_CREDIT_OVERDRAFT"
-    #: ISO currency code of every amount (lower case).
+    #: Deprecated: every amount is USD (the price database's currency) and nothing converts, so
+    #: only ``usd`` is accepted (with a ``DeprecationWarning``); any other value is refused.
     CURRENCY = "AI_METERING_CURRENCY"
     #: Days a subscription stays active after a failed payment.
     PAYMENT_FAILURE_GRACE_PERIOD = "AI_METERING_PAYMENT_FAILURE_GRACE_PERIOD"
@@ -220,6 +222,13 @@ def _from_env(key: str, default: t.Any) -> t.Any:
 
 def apply_defaults(app: Flask) -> None:
     """Fill every unset key from the environment, else from :data:`DEFAULTS`."""
+    if ConfigVars.CURRENCY in app.config or ConfigVars.CURRENCY in os.environ:
+        warnings.warn(
+            f"{ConfigVars.CURRENCY} is deprecated: every amount is in USD, the price database's currency,"
+            " and nothing converts; remove the setting",
+            DeprecationWarning,
+            stacklevel=3,
+        )
     for key, default in DEFAULTS.items():
         if key in app.config:
             continue
@@ -349,7 +358,7 @@ class Settings:
             overage_behavior=str(config[ConfigVars.OVERAGE_BEHAVIOR]).lower(),
             overage_sync_strategy=str(config[ConfigVars.OVERAGE_SYNC_STRATEGY]).lower(),
             credit_overdraft=bool(config[ConfigVars.CREDIT_OVERDRAFT]),
-            currency=str(config[ConfigVars.CURRENCY]).lower(),
+            currency=_usd(config[ConfigVars.CURRENCY]),
             payment_failure_grace_days=config[ConfigVars.PAYMENT_FAILURE_GRACE_PERIOD],
             tenant_resolver=resolver,
             period_type=period_type,
@@ -390,6 +399,21 @@ class Settings:
             prometheus_registry=config[ConfigVars.PROMETHEUS_REGISTRY],
             prometheus_max_models=config[ConfigVars.PROMETHEUS_MAX_MODELS],
         )
+
+
+#: The currency of every price and amount: the price database's. Nothing converts.
+CURRENCY = "usd"
+
+
+def _usd(value: t.Any) -> str:
+    """``AI_METERING_CURRENCY`` may only say what is true: every amount is USD."""
+    if value is None or str(value).strip().lower() in ("", CURRENCY):
+        return CURRENCY
+    raise ConfigurationError(
+        f"{ConfigVars.CURRENCY} = {value!r} is not supported: every price and amount is in USD (the price"
+        " database's currency) and nothing converts, so a label in another currency would mislabel USD;"
+        " remove the setting and convert in your own invoicing if you bill in another currency"
+    )
 
 
 def _aliases(value: t.Any) -> dict[str, str]:
