@@ -342,7 +342,8 @@ def test_the_dashboard_shows_refunds(make_app: AppFactory) -> None:
         meter.refund(usage_id, reason="bad answer", cost="1.5", tokens=0)
     http = app.test_client()
     overview = http.get("/ai-metering/").get_data(as_text=True)
-    assert '<th class="num">Refunds</th>' in overview and "1.50" in overview
+    assert '<th class="num">Refunds</th>' in overview  # the top billables' column
+    assert 'data-test="refunded" title="Refunded">−$1.50<' in overview  # under a breakdown's cost
     explorer = http.get("/ai-metering/usage").get_data(as_text=True)
     assert f'title="Refund of usage {usage_id}">refund</span>' in explorer
     assert "of 3" in explorer and "1 refund (" in explorer
