@@ -173,5 +173,10 @@ def seed_demo_command() -> None:
     # Keys are per day and index: a re-run on a later day still finds yesterday's rows.
     results = meter.record_batch(usage_rows(now, team_members))
     added = sum(1 for r in results if not r.replayed)
-    click.echo(f"Seeded {added} new usage row(s) ({len(results) - added} already there).")
+    # A refund, as support gives one for a bad answer: the newest seeded call gets its cost back
+    # through a ledger adjustment (the key makes a re-run replay it rather than refund twice).
+    recorded = [r.usage_id for r in results if r.usage_id is not None]
+    if recorded:
+        meter.refund(recorded[-1], reason="demo: the answer was wrong", idempotency_key="seed-refund")
+    click.echo(f"Seeded {added} new usage row(s) ({len(results) - added} already there) and a refund.")
     click.echo("Log in as admin@example.com / admin-password (admin) or member@example.com / member-password.")

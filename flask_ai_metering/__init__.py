@@ -13,8 +13,10 @@ from .errors import CreditsInsufficient
 from .errors import FeatureNotAllowed
 from .errors import IdempotencyConflict
 from .errors import InvalidUsage
+from .errors import UsageNotFound
 from .extension import AiMetering
 from .metering.calls import MeterResult
+from .metering.refunds import Refund
 from .metering.usage import PricedUsage as Usage
 from .quota.engine import LimitCheck
 
@@ -31,7 +33,9 @@ __all__ = [
     "InvalidUsage",
     "LimitCheck",
     "MeterResult",
+    "Refund",
     "Usage",
+    "UsageNotFound",
     "quota_required",
     "signals",
 ]

@@ -32,6 +32,7 @@ from .ops.reports import build_report
 from .ops.reports import parse_month
 from .ops.reports import plans_table
 from .ops.reports import render
+from .ops.reprice import reprice
 from .queueing import flush_outbox
 from .reporting.rollups import aggregate
 
@@ -122,7 +123,7 @@ def confirm_destructive(yes: bool, question: str) -> None:
 
 @cli.command("expire-reservations")
 def expire_reservations_command() -> None:
-    """Release reservations whose calls never committed, and write queued rows whose task was lost.
+    """Release reservations whose calls never committed, write queued rows whose task was lost, send trial notices.
 
     Safe to run from cron while traffic flows.
     """
@@ -130,7 +131,29 @@ def expire_reservations_command() -> None:
     rt = _meter().runtime()
     # The safety net of queued recording: rows whose task was lost are written here.
     written = flush_outbox(rt, older_than=dt.timedelta(seconds=rt.settings.reservation_ttl))
-    _status(f"Released {released} expired reservation(s); wrote {written} queued usage row(s).", fg="green")
+    trials = _meter().check_trials()
+    _status(
+        f"Released {released} expired reservation(s); wrote {written} queued usage row(s);"
+        f" sent {trials.ending} trial_ending and {trials.ended} trial_ended notice(s).",
+        fg="green",
+    )
+
+
+@cli.command("reprice")
+@click.option("--model", help="Only calls to this model (as the ledger names it).")
+@click.option("--since", help="Only calls on or after this day (YYYY-MM-DD, UTC).")
+@click.option("--dry-run", is_flag=True, help="Say what would be repriced; write nothing.")
+def reprice_command(model: str | None, since: str | None, dry_run: bool) -> None:
+    """Price unpriced and estimated calls once a price exists, through ledger adjustments."""
+    start = None
+    if since is not None:
+        try:
+            start = dt.datetime.combine(dt.date.fromisoformat(since), dt.time(), dt.timezone.utc)
+        except ValueError:
+            raise click.BadParameter(f"expected YYYY-MM-DD, got {since!r}", param_hint="--since") from None
+    with Progress("Repricing usage") as progress:
+        report = reprice(_meter().runtime(), model=model, since=start, dry_run=dry_run, progress=progress)
+    _status(str(report), fg="green")
 
 
 @cli.command("reconcile")
@@ -178,6 +201,11 @@ def report_command(
         start = parse_month(month)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--month") from None
+    if billable is not None:  # ``team:42`` reports on Team:42, as the metered calls stored it
+        try:
+            billable = _meter().resolve_billable(billable)
+        except InvalidUsage as exc:
+            raise click.BadParameter(str(exc), param_hint="--billable") from None
     report = build_report(_meter().runtime(), start, billable=billable, tenant=tenant, forecast=forecast)
     click.echo(render(report, fmt))
 

@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import typing as t
+import warnings
 from decimal import Decimal
 
 from .errors import ConfigurationError
@@ -40,7 +41,8 @@ class ConfigVars:
     OVERAGE_SYNC_STRATEGY = "AI_METERING_OVERAGE_SYNC_STRATEGY"
     #: Allow a credit wallet to go below zero.
     CREDIT_OVERDRAFT = "AI_METERING_CREDIT_OVERDRAFT"
-    #: ISO currency code of every amount (lower case).
+    #: Deprecated: every amount is USD (the price database's currency) and nothing converts, so
+    #: only ``usd`` is accepted (with a ``DeprecationWarning``); any other value is refused.
     CURRENCY = "AI_METERING_CURRENCY"
     #: Days a subscription stays active after a failed payment.
     PAYMENT_FAILURE_GRACE_PERIOD = "AI_METERING_PAYMENT_FAILURE_GRACE_PERIOD"
@@ -90,6 +92,12 @@ class ConfigVars:
     PLAN_CHANGE = "AI_METERING_PLAN_CHANGE"
     #: Slug of the plan whose limits hold billables without a subscription (None: unlimited).
     DEFAULT_PLAN = "AI_METERING_DEFAULT_PLAN"
+    #: Extra spellings of billable types: ``{"org": "Team"}`` stores ``("org", 1)`` as ``("Team", "1")``.
+    BILLABLE_ALIASES = "AI_METERING_BILLABLE_ALIASES"
+    #: Available credit balance under which ``credits_low`` fires, once per crossing (None: never).
+    CREDITS_LOW_THRESHOLD = "AI_METERING_CREDITS_LOW_THRESHOLD"
+    #: Days before a trial's end at which ``trial_ending`` fires (0: only ``trial_ended``).
+    TRIAL_ENDING_DAYS = "AI_METERING_TRIAL_ENDING_DAYS"
     #: Percentage of a limit at which ``limit_approaching`` fires.
     WARNING_THRESHOLD = "AI_METERING_WARNING_THRESHOLD"
     #: The most tokens of one kind a provider may report for one call; a larger count is
@@ -154,6 +162,9 @@ DEFAULTS: dict[str, t.Any] = {
     ConfigVars.MAX_COST_PER_CALL: None,
     ConfigVars.PLAN_CHANGE: "carry",
     ConfigVars.DEFAULT_PLAN: None,
+    ConfigVars.TRIAL_ENDING_DAYS: 3,
+    ConfigVars.CREDITS_LOW_THRESHOLD: None,
+    ConfigVars.BILLABLE_ALIASES: {},
     ConfigVars.WARNING_THRESHOLD: 80,
     ConfigVars.MAX_REPORTED_TOKENS: 100_000_000,
     ConfigVars.JOURNAL_PATH: None,
@@ -211,6 +222,13 @@ def _from_env(key: str, default: t.Any) -> t.Any:
 
 def apply_defaults(app: Flask) -> None:
     """Fill every unset key from the environment, else from :data:`DEFAULTS`."""
+    if ConfigVars.CURRENCY in app.config or ConfigVars.CURRENCY in os.environ:
+        warnings.warn(
+            f"{ConfigVars.CURRENCY} is deprecated: every amount is in USD, the price database's currency,"
+            " and nothing converts; remove the setting",
+            DeprecationWarning,
+            stacklevel=3,
+        )
     for key, default in DEFAULTS.items():
         if key in app.config:
             continue
@@ -262,6 +280,9 @@ class Settings:
     max_cost_per_call: Decimal | None
     plan_change: str
     default_plan: str | None
+    trial_ending_days: int
+    credits_low_threshold: Decimal | None
+    billable_aliases: t.Mapping[str, str]
     warning_threshold: int
     max_reported_tokens: int
     journal_path: str | None
@@ -287,7 +308,12 @@ class Settings:
     @classmethod
     def from_config(cls, config: t.Mapping[str, t.Any]) -> Settings:
         """Validate ``config`` and raise :class:`ConfigurationError` naming the bad key."""
-        for key in _POSITIVE_INTS + (ConfigVars.PAYMENT_FAILURE_GRACE_PERIOD, ConfigVars.WARNING_THRESHOLD):
+        non_negative = (
+            ConfigVars.PAYMENT_FAILURE_GRACE_PERIOD,
+            ConfigVars.WARNING_THRESHOLD,
+            ConfigVars.TRIAL_ENDING_DAYS,
+        )
+        for key in _POSITIVE_INTS + non_negative:
             value = config[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigurationError(f"{key} must be a non-negative int, got {value!r}")
@@ -332,7 +358,7 @@ class Settings:
             overage_behavior=str(config[ConfigVars.OVERAGE_BEHAVIOR]).lower(),
             overage_sync_strategy=str(config[ConfigVars.OVERAGE_SYNC_STRATEGY]).lower(),
             credit_overdraft=bool(config[ConfigVars.CREDIT_OVERDRAFT]),
-            currency=str(config[ConfigVars.CURRENCY]).lower(),
+            currency=_usd(config[ConfigVars.CURRENCY]),
             payment_failure_grace_days=config[ConfigVars.PAYMENT_FAILURE_GRACE_PERIOD],
             tenant_resolver=resolver,
             period_type=period_type,
@@ -355,6 +381,11 @@ class Settings:
             max_cost_per_call=_positive_money(config[ConfigVars.MAX_COST_PER_CALL], ConfigVars.MAX_COST_PER_CALL),
             plan_change=str(config[ConfigVars.PLAN_CHANGE]).lower(),
             default_plan=_slug(config[ConfigVars.DEFAULT_PLAN], ConfigVars.DEFAULT_PLAN),
+            trial_ending_days=config[ConfigVars.TRIAL_ENDING_DAYS],
+            credits_low_threshold=_positive_money(
+                config[ConfigVars.CREDITS_LOW_THRESHOLD], ConfigVars.CREDITS_LOW_THRESHOLD
+            ),
+            billable_aliases=_aliases(config[ConfigVars.BILLABLE_ALIASES]),
             warning_threshold=config[ConfigVars.WARNING_THRESHOLD],
             max_reported_tokens=config[ConfigVars.MAX_REPORTED_TOKENS],
             journal_path=config[ConfigVars.JOURNAL_PATH] or None,
@@ -368,6 +399,30 @@ class Settings:
             prometheus_registry=config[ConfigVars.PROMETHEUS_REGISTRY],
             prometheus_max_models=config[ConfigVars.PROMETHEUS_MAX_MODELS],
         )
+
+
+#: The currency of every price and amount: the price database's. Nothing converts.
+CURRENCY = "usd"
+
+
+def _usd(value: t.Any) -> str:
+    """``AI_METERING_CURRENCY`` may only say what is true: every amount is USD."""
+    if value is None or str(value).strip().lower() in ("", CURRENCY):
+        return CURRENCY
+    raise ConfigurationError(
+        f"{ConfigVars.CURRENCY} = {value!r} is not supported: every price and amount is in USD (the price"
+        " database's currency) and nothing converts, so a label in another currency would mislabel USD;"
+        " remove the setting and convert in your own invoicing if you bill in another currency"
+    )
+
+
+def _aliases(value: t.Any) -> dict[str, str]:
+    """``{alias: billable type}``; each entry is checked again when the app state is built."""
+    if value is None or value == "":
+        return {}
+    if not isinstance(value, t.Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ConfigurationError(f"{ConfigVars.BILLABLE_ALIASES} must map str to str, got {value!r}")
+    return dict(value)
 
 
 def _slug(value: t.Any, key: str) -> str | None:

@@ -70,13 +70,22 @@ def enforce(meter: t.Any, *, feature: str | None = None, tokens: int = 0) -> t.A
         raise FeatureNotAllowed(feature, policy.plan_slug or "")
     if not check.allowed:
         raise AiLimitExceeded(check.reason or _reason(check), check)
-    if policy.billing_mode == "credits":
+    if policy.billing_mode == "credits" and not _within_allowance(policy, check, max_tokens(tokens) or 0):
         wallet = Wallet(
             rt.store, billable, currency=rt.settings.currency, overdraft=rt.settings.credit_overdraft, sender=rt.app
         )
         if not rt.settings.credit_overdraft and wallet.available <= 0:
             raise CreditsInsufficient("The credit wallet is empty: add credits to continue.", check)
     return check
+
+
+def _within_allowance(policy: t.Any, check: t.Any, tokens: int) -> bool:
+    """In credits mode: whether the plan's allowance still covers a request (the wallet pays past it)."""
+    if not policy.limited:
+        return False
+    if check.remaining_tokens is not None and check.remaining_tokens < max(tokens, 1):
+        return False
+    return check.remaining_cost is None or check.remaining_cost > 0
 
 
 def _reason(check: t.Any) -> str:

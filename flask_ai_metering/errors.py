@@ -34,6 +34,15 @@ class InvalidUsage(AiMeteringError, ValueError):
     """Raised for bad input before anything is recorded; the message names the field."""
 
 
+class UsageNotFound(InvalidUsage, LookupError):
+    """A usage id that names no call in the ledger (e.g. ``meter.refund``'s ``usage_id``); nothing changed."""
+
+    def __init__(self, usage_id: t.Any, field: str = "usage_id") -> None:
+        super().__init__(f"{field} {usage_id!r} names no metered call in the ledger")
+        self.usage_id = usage_id
+        self.field = field
+
+
 class IdempotencyConflict(AiMeteringError):
     """Raised when a call reuses an idempotency key whose first call is still in flight."""
 
@@ -167,4 +176,5 @@ __all__ = [
     "FeatureNotAllowed",
     "IdempotencyConflict",
     "InvalidUsage",
+    "UsageNotFound",
 ]

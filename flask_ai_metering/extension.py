@@ -12,6 +12,7 @@ from flask import current_app
 from flask import has_request_context
 
 from . import validation as v
+from .billables import BillableTypes
 from .billing import load_driver
 from .billing.wallets import Wallet
 from .billing.webhooks import handle_stripe_webhook
@@ -22,6 +23,7 @@ from .dashboard import register_dashboard
 from .errors import InvalidUsage
 from .metering import pipeline
 from .metering import recording
+from .metering import refunds
 from .metering.calls import MeterCall
 from .metering.calls import MeterResult
 from .metering.fast_path import choose_fast_path
@@ -29,6 +31,7 @@ from .metering.instrument import FeatureScope
 from .metering.instrument import current_scope_feature
 from .metering.instrument import instrument as _instrument
 from .metering.instrument import uninstrument as _uninstrument
+from .metering.refunds import Refund
 from .metering.spec import CallSpec
 from .metering.spec import build_spec
 from .metering.spec import check_record_options
@@ -42,10 +45,14 @@ from .providers import load_provider
 from .quota.standing import current_check
 from .quota.subscriptions import subscribe
 from .quota.subscriptions import subscription_of
+from .quota.trials import TrialNotices
+from .quota.trials import check_trials
 from .runtime import Runtime
 from .transactions import Transactions
 
 if t.TYPE_CHECKING:
+    from decimal import Decimal
+
     from flask_sqlalchemy import SQLAlchemy
 
     from .billing import BillingDriver
@@ -73,6 +80,7 @@ class _AppState:
                 providers[name] = load_provider(name, entry["class"])
         self.providers = providers
         self.observers = build_observers(settings)
+        self.billables = BillableTypes(db, settings.billable_aliases)
         self._store: Transactions | None = None
         self._fast: FastPath | None = None
         self._driver: BillingDriver | None = None
@@ -125,6 +133,7 @@ class AiMetering:
         self._states: weakref.WeakKeyDictionary[Flask, _AppState] = weakref.WeakKeyDictionary()
         self._billable_resolver: t.Callable[[], t.Any] = _default_billable
         self._dashboard_authorizer: t.Callable[[t.Any], bool] | None = None
+        self._aliases: dict[str, str] = {}
         if app is not None:
             self.init_app(app)
 
@@ -146,7 +155,10 @@ class AiMetering:
             raise RuntimeError("AiMetering needs Flask-SQLAlchemy: call db.init_app(app) first, or pass db=db.")
         apply_defaults(app)
         settings = Settings.from_config(app.config)
-        self._states[app] = _AppState(app, settings, db)
+        state = _AppState(app, settings, db)
+        for alias, target in self._aliases.items():
+            state.billables.add_alias(alias, target)
+        self._states[app] = state
         app.extensions["ai_metering"] = self
         exclude_from_app_migrations(app)
         if self.cli_group:
@@ -190,10 +202,26 @@ class AiMetering:
         return self._state().settings
 
     def resolve_billable(self, billable: t.Any = None) -> tuple[str, str]:
-        """``(type, id)`` of ``billable``, or of the registered resolver's answer."""
+        """``(type, id)`` of ``billable``, or of the registered resolver's answer, canonicalised.
+
+        A model instance is its class name and primary key; a tuple whose type is a model's
+        name in another case, or an alias, is stored under the model's name (see
+        :mod:`flask_ai_metering.billables`).
+        """
         if billable is None:
             billable = self._billable_resolver()
-        return v.billable_key(billable)
+        return self._state().billables.key(billable)
+
+    def billable_alias(self, alias: str, target: str) -> None:
+        """Store billables given as ``(alias, id)`` (any case) as ``(target, id)``.
+
+        For a type that is no model's name (``meter.billable_alias("org", "Team")``); a
+        model's own name in another case needs no alias. Applies to every app this
+        extension serves, and to apps initialised later.
+        """
+        for state in self._states.values():
+            state.billables.add_alias(alias, target)
+        self._aliases[alias] = target
 
     def _spec(self, rt: Runtime, **options: t.Any) -> CallSpec:
         """Resolve who is billed and attributed (per request), then validate the options."""
@@ -287,7 +315,36 @@ class AiMetering:
         """Release reservations past their expiry; returns how many."""
         return expire_reservations(self.runtime(), now=now)
 
+    def refund(
+        self,
+        usage_id: int,
+        *,
+        reason: str,
+        tokens: int | None = None,
+        cost: Decimal | str | int | None = None,
+        idempotency_key: str | None = None,
+    ) -> Refund:
+        """Give a call's tokens and cost back through an adjustment in the ledger.
+
+        Without ``tokens`` and ``cost`` everything not refunded yet is given back;
+        with either, exactly that (the other is 0). The counter of the call's period
+        gets it back while that period runs, a wallet is credited in credits mode, and
+        the call's overage is reduced (or credited on the invoice once synced). A
+        replay of ``idempotency_key`` returns the first refund. Raises
+        ``UsageNotFound`` for an unknown id and ``InvalidUsage`` beyond what is left.
+        """
+        return refunds.refund(
+            self.runtime(), usage_id, reason=reason, tokens=tokens, cost=cost, idempotency_key=idempotency_key
+        )
+
     # -- plans and wallets ---------------------------------------------------------------
+
+    def check_trials(self, *, now: dt.datetime | None = None) -> TrialNotices:
+        """Send the trial notices that are due (``trial_ending``, ``trial_ended``), each once.
+
+        ``flask ai-metering expire-reservations`` runs it; call it yourself to check more often.
+        """
+        return check_trials(self.runtime(), now=now)
 
     def subscribe(self, billable: t.Any, plan: Plan | str, **options: t.Any) -> Subscription:
         """Put ``billable`` on ``plan`` (a ``Plan`` or its slug); move it if already subscribed.
@@ -313,6 +370,7 @@ class AiMetering:
             overdraft=rt.settings.credit_overdraft,
             sender=rt.app,
             max_meta_bytes=rt.settings.max_meta_bytes,
+            low_threshold=rt.settings.credits_low_threshold,
         )
 
     def handle_stripe_webhook(self, payload: bytes, signature: str, **options: t.Any) -> t.Any:

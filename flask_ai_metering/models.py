@@ -114,6 +114,10 @@ class Plan(Base):
     period: Mapped[str | None] = mapped_column(sa.String(20))
     is_active: Mapped[bool] = mapped_column(default=True, server_default=sa.true())
     trial_days: Mapped[int | None]
+    #: Tokens per period during a trial; None: the plan's ``token_limit``.
+    trial_token_limit: Mapped[int | None] = mapped_column(sa.BigInteger)
+    #: Cost per period during a trial; None: the plan's ``cost_limit``.
+    trial_cost_limit: Mapped[Decimal | None]
     meta: Mapped[dict[str, t.Any] | None]
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
@@ -166,13 +170,19 @@ class Subscription(Base):
     #: The counter segment the subscription counts on (``Counter.plan_version``): a plan change
     #: moves it to a fresh counter only under ``AI_METERING_PLAN_CHANGE = "reset"``.
     counter_segment: Mapped[int] = mapped_column(default=0, server_default="0")
-    #: Under ``prorate``: the period's token limit after the last plan change (None: unlimited),
-    #: in force while ``prorated_until`` is in the future; the plan's own limit applies after it.
+    #: The token limit in force while ``prorated_until`` is in the future (None: unlimited); the
+    #: plan's own limit applies after it. Set by a trial (its trial limit, until the trial ends)
+    #: and, under ``prorate``, by a plan change (the period's limit after the change).
     prorated_token_limit: Mapped[int | None] = mapped_column(sa.BigInteger)
     #: The same for the cost limit, in pico-units.
     prorated_cost_units: Mapped[int | None] = mapped_column(sa.BigInteger)
-    #: The end of the period the prorated limits belong to (None: no proration).
+    #: Until when the prorated limits are in force: the trial's end, or the end of the period a
+    #: proration belongs to (None: neither).
     prorated_until: Mapped[dt.datetime | None]
+    #: Set once, by the guarded UPDATE that sends ``trial_ending`` for the current trial.
+    trial_ending_sent_at: Mapped[dt.datetime | None]
+    #: Set once, by the guarded UPDATE that sends ``trial_ended`` for the current trial.
+    trial_ended_sent_at: Mapped[dt.datetime | None]
     stripe_customer_id: Mapped[str | None] = mapped_column(sa.String(_KEY))
     stripe_subscription_id: Mapped[str | None] = mapped_column(sa.String(_KEY))
     #: ``created`` of the last Stripe event applied to this subscription: an older
@@ -341,6 +351,7 @@ class Usage(_CallColumns, _TokenColumns, Base):
         sa.Index(None, "tenant_id", "occurred_at"),
         sa.Index(None, "counter_id"),
         sa.Index(None, "model", "occurred_at"),
+        sa.Index(None, "adjusts_id"),
     )
 
     input_cost: Mapped[Decimal] = mapped_column(default=Decimal(0))
@@ -351,6 +362,9 @@ class Usage(_CallColumns, _TokenColumns, Base):
     unpriced: Mapped[bool] = mapped_column(default=False)
     #: The counts are an estimate (a stream that never reported its usage).
     estimated: Mapped[bool] = mapped_column(default=False)
+    #: Where the price came from: ``override``, ``genai-prices <version>`` or ``unpriced``
+    #: (None: recorded before this was kept). A ``reprice`` adjustment names its new source.
+    price_source: Mapped[str | None] = mapped_column(sa.String(100))
     billing_mode: Mapped[str] = mapped_column(sa.String(20), default="plan")
     idempotency_key: Mapped[str | None] = mapped_column(sa.String(_KEY))
     #: The tenant the key was claimed under ('' for none): one tenant can never replay another's key.
@@ -360,6 +374,12 @@ class Usage(_CallColumns, _TokenColumns, Base):
     duration_ms: Mapped[int | None]
     counter_id: Mapped[int | None] = mapped_column(sa.ForeignKey(Counter.id))
     reservation_id: Mapped[int | None] = mapped_column(sa.BigInteger)
+    #: ``usage`` for a metered call; ``refund`` for an adjustment that gives part of a call
+    #: back (negative tokens and cost, so every SUM over the ledger nets it out); ``reprice``
+    #: for one that adds the cost a later price gives a call (no tokens).
+    kind: Mapped[str] = mapped_column(sa.String(16), default="usage", server_default="usage")
+    #: The usage row an adjustment adjusts (None for a call).
+    adjusts_id: Mapped[int | None] = mapped_column(sa.BigInteger)
     occurred_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
@@ -405,6 +425,9 @@ class CreditWallet(Base):
     balance: Mapped[Decimal] = mapped_column(default=Decimal(0), server_default="0")
     #: Credits held by calls in flight (part of ``balance``, not spendable twice).
     held: Mapped[Decimal] = mapped_column(default=Decimal(0), server_default="0")
+    #: ``credits_low`` has fired since the available balance last went below the threshold
+    #: (set by the guarded UPDATE that fires it; cleared when credits bring it back above).
+    low_notified: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
     currency: Mapped[str] = mapped_column(sa.String(3), default="usd")
     meta: Mapped[dict[str, t.Any] | None]
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
@@ -478,6 +501,10 @@ class _RollupMetrics(_TokenColumns):
     calls: Mapped[int] = mapped_column(sa.BigInteger, default=0)
     total_cost: Mapped[Decimal] = mapped_column(default=Decimal(0))
     unpriced_calls: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    #: Refund adjustments dated that day (not counted in ``calls``).
+    refunds: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    #: Cost given back by refunds dated that day (positive; ``total_cost`` is already net of it).
+    refunded_cost: Mapped[Decimal] = mapped_column(default=Decimal(0), server_default="0")
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 

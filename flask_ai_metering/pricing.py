@@ -191,6 +191,22 @@ def _compile_model_price(price: ModelPrice) -> _Pricing:
     return _Pricing(tuple((threshold, rates(threshold + 1)) for threshold in thresholds) + ((-1, rates(0)),))
 
 
+#: ``Usage.price_source`` of a row priced from ``AI_METERING_PROVIDERS``.
+OVERRIDE = "override"
+
+
+@functools.lru_cache(maxsize=1)
+def catalogue_label() -> str:
+    """``Usage.price_source`` of a row priced from the bundled catalogue: ``genai-prices <version>``."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version
+
+    try:
+        return f"genai-prices {version('genai-prices')}"
+    except PackageNotFoundError:  # pragma: no cover - a vendored copy
+        return "genai-prices"
+
+
 @functools.lru_cache(maxsize=_MAX_CACHED)
 def _catalogued(provider: str, model: str) -> _Catalogued | None:
     """Look ``model`` up in genai-prices once per process; None when it is not there."""
@@ -305,7 +321,8 @@ class PriceBook:
         if source is None:
             self._warn_unpriced(provider, model)
             return _UNPRICED
-        return source.at(_aware(at)).cost(tokens)
+        costs = source.at(_aware(at)).cost(tokens)
+        return dataclasses.replace(costs, source=OVERRIDE if isinstance(source, _Pricing) else catalogue_label())
 
     def max_token_price(self, provider: str, model: str | None, at: datetime | None = None) -> Decimal | None:
         """The highest per-token price the model can charge; None when it is unpriced.

@@ -27,17 +27,32 @@ plan_changed = _signals.signal("plan-changed")
 credits_added = _signals.signal("credits-added")
 #: Credits were taken from a wallet. Kwargs: billable, amount, balance, transaction_id, reason.
 credits_deducted = _signals.signal("credits-deducted")
+#: A call was refunded (part or all of it). Kwargs: billable, usage_id, refund_id, tokens, cost,
+#: reason, credited (back to the wallet), overage_tokens, overage_amount (taken off the overage).
+usage_refunded = _signals.signal("usage-refunded")
+#: A trial ends within ``AI_METERING_TRIAL_ENDING_DAYS``; once per trial.
+#: Kwargs: billable, subscription_id, plan (slug), trial_ends_at, days_left.
+trial_ending = _signals.signal("trial-ending")
+#: A trial ended; once per trial. Kwargs: billable, subscription_id, plan (slug), trial_ends_at.
+trial_ended = _signals.signal("trial-ended")
+#: A wallet's available balance went below ``AI_METERING_CREDITS_LOW_THRESHOLD``; once per crossing.
+#: Kwargs: billable, wallet_id, balance, available, threshold.
+credits_low = _signals.signal("credits-low")
 #: A subscription ended (and its grace period, if any). Kwargs: billable, subscription_id.
 subscription_expired = _signals.signal("subscription-expired")
 
 __all__ = [
     "credits_added",
     "credits_deducted",
+    "credits_low",
     "limit_approaching",
     "limit_reached",
     "overage_charged",
     "plan_changed",
     "provider_call_failed",
     "subscription_expired",
+    "trial_ended",
+    "trial_ending",
     "usage_recorded",
+    "usage_refunded",
 ]

@@ -82,7 +82,7 @@ def test_expire_reservations(runner, meter):
     holds.reserve(rt, CallSpec(billable=TEAM, provider="manual", max_tokens=50), now=past)
     holds.reserve(rt, CallSpec(billable=TEAM, provider="manual", max_tokens=50))  # still live
     result = run(runner, "expire-reservations")
-    assert result.exit_code == 0 and "Released 1 expired reservation(s); wrote 0 queued usage row(s)." in result.stderr
+    assert result.exit_code == 0 and "Released 1 expired reservation(s); wrote 0 queued usage row(s);" in result.stderr
     assert meter.check(TEAM).reserved_tokens == 50
     assert "Released 0" in run(runner, "expire-reservations").stderr
 
@@ -108,7 +108,9 @@ def test_plans(runner, meter, db):
     meter.subscribe(TEAM, "pro")
     result = run(runner, "plans")
     assert result.exit_code == 0
-    assert result.stdout.splitlines()[1].split() == ["pro", "Pro", "1,000", "5.00", "monthly", "-", "all", "yes", "1"]
+    assert result.stdout.splitlines()[1].split() == [
+        *["pro", "Pro", "1,000", "5.00", "monthly", "-", "all", "yes", "-", "1", "0"]
+    ]
 
 
 def test_migrate_plan_moves_the_billable_and_fires_plan_changed(runner, meter, db):
@@ -167,6 +169,7 @@ def test_report_formats_and_filters(runner, meter):
         "output_tokens": 200,
         "total_tokens": 2200,
         "total_cost": "0.000420000000",
+        "refunded_cost": "0.000000000000",
     }
     one = json.loads(run(runner, "report", "--month", "2026-01", "--billable", "Team:7", "--format", "json").stdout)
     assert [r["billable"] for r in one["by_billable"]] == ["Team:7"]

@@ -41,11 +41,11 @@ def test_defaults_and_environment(monkeypatch):
     monkeypatch.setenv("AI_METERING_RESERVATION_TTL", "90")
     monkeypatch.setenv("AI_METERING_CREDIT_OVERDRAFT", "true")
     monkeypatch.setenv("AI_METERING_DASHBOARD_ENABLED", "false")
-    app, meter = build(AI_METERING_CURRENCY="EUR")
+    app, meter = build()
     with app.app_context():
         settings = meter.settings()
     assert settings.reservation_ttl == 90 and settings.credit_overdraft is True
-    assert settings.currency == "eur" and settings.dashboard_prefix == "/ai-metering"
+    assert settings.currency == "usd" and settings.dashboard_prefix == "/ai-metering"
     assert app.extensions["ai_metering"] is meter
 
 
@@ -58,4 +58,17 @@ def test_registering_twice_is_refused():
 def test_environment_typos_are_refused(monkeypatch):
     monkeypatch.setenv("AI_METERING_BATCH_SIZE", "lots")
     with pytest.raises(ConfigurationError, match="AI_METERING_BATCH_SIZE"):
+        build()
+
+
+def test_the_currency_key_is_deprecated_and_only_says_usd(monkeypatch):
+    """Every amount is USD and nothing converts (issue 12): the key can no longer claim otherwise."""
+    with pytest.warns(DeprecationWarning, match="AI_METERING_CURRENCY is deprecated"):
+        app, meter = build(AI_METERING_CURRENCY="USD")
+    with app.app_context():
+        assert meter.settings().currency == "usd"
+    with pytest.warns(DeprecationWarning), pytest.raises(ConfigurationError, match="'EUR' is not supported"):
+        build(AI_METERING_CURRENCY="EUR")
+    monkeypatch.setenv("AI_METERING_CURRENCY", "gbp")
+    with pytest.warns(DeprecationWarning), pytest.raises(ConfigurationError, match="AI_METERING_CURRENCY"):
         build()

@@ -101,7 +101,7 @@ def test_credits_mode_empty_wallet_is_402(make_app):
         return "ok"
 
     with app.app_context():
-        add_plan(db, slug="c", token_limit=100)
+        add_plan(db, slug="c", token_limit=None)  # no allowance: the wallet pays every token
         meter.subscribe(TEAM, "c", billing_mode="credits")
     response = app.test_client().get("/x")
     assert response.status_code == 402

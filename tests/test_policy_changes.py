@@ -151,7 +151,8 @@ def test_an_ended_subscription_refuses_the_next_call_and_its_grace_period_allows
 
 
 def test_a_switch_to_credits_makes_the_next_call_pay_from_the_wallet(meter, db):
-    add_plan(db, slug="p", token_limit=10**6)
+    # No limits: nothing is included, so in credits mode the wallet pays every call.
+    add_plan(db, slug="p", token_limit=None)
     meter.subscribe(TEAM, "p")
     manual(meter, 1)
     edit(db, Subscription, billing_mode="credits")

@@ -63,12 +63,14 @@ def ledger_totals(db: t.Any, **where: t.Any) -> dict[str, t.Any]:
             for r in conn.execute(sa.select(Usage.__table__))
             if begin <= r.occurred_at < end and all(getattr(r, k) == v for k, v in where.items())
         ]
+    refunded = sum((-r.total_cost for r in rows if r.kind == "refund"), Decimal(0))
     return {
-        "calls": len(rows),
+        "calls": len([r for r in rows if r.kind == "usage"]),
         "input_tokens": sum(r.input_tokens for r in rows),
         "output_tokens": sum(r.output_tokens for r in rows),
         "total_tokens": sum(r.total_tokens for r in rows),
         "total_cost": format(sum((r.total_cost for r in rows), Decimal(0)).quantize(Decimal("1e-12")), "f"),
+        "refunded_cost": format(refunded.quantize(Decimal("1e-12")), "f"),
     }
 
 
@@ -113,6 +115,7 @@ def test_billable_and_tenant_narrow_every_section(meter, db):
         "output_tokens": 0,
         "total_tokens": 0,
         "total_cost": "0.000000000000",
+        "refunded_cost": "0.000000000000",
     }
     assert empty["by_model"] == []
 
@@ -291,7 +294,11 @@ def test_plans_table_lists_limits_and_subscribers(meter, db):
         "overage/1k",
         "features",
         "active",
+        "trial",
         "subscribers",
+        "trialling",
     ]
-    assert lines[1].split() == ["free", "Free", "unlimited", "unlimited", "daily", "-", "all", "yes", "0"]
-    assert lines[2].split() == ["pro", "Pro", "1,000,000", "100.00", "monthly", "0.01", "chat,", "summary", "yes", "2"]
+    assert lines[1].split() == ["free", "Free", "unlimited", "unlimited", "daily", "-", "all", "yes", "-", "0", "0"]
+    assert lines[2].split() == [
+        *["pro", "Pro", "1,000,000", "100.00", "monthly", "0.01", "chat,", "summary", "yes", "-", "2", "0"]
+    ]

@@ -54,7 +54,7 @@ def check_overages(rt: Runtime, conn: sa.Connection, *, fix: bool = False, now: 
             )
     unnamed = conn.execute(
         sa.select(overages.c.id).where(
-            overages.c.status == "synced", overages.c.synced_amount_minor > 0, overages.c.stripe_id.is_(None)
+            overages.c.status == "synced", overages.c.synced_amount_minor != 0, overages.c.stripe_id.is_(None)
         )
     )
     for (overage_id,) in unnamed:

@@ -95,7 +95,11 @@ class StripeBillingDriver(OverageSyncer):
                 "customer": t.cast(str, claim.customer),
                 "amount": claim.amount_minor,
                 "currency": claim.currency,
-                "description": f"AI usage beyond the plan: {claim.tokens} tokens (period from {period})",
+                "description": (
+                    f"AI usage beyond the plan: {claim.tokens} tokens (period from {period})"
+                    if claim.tokens >= 0
+                    else f"Refund of AI usage beyond the plan: {-claim.tokens} tokens (period from {period})"
+                ),
                 "metadata": {
                     OVERAGE_ID_KEY: str(claim.overage_id),
                     "ai_metering_billable": f"{claim.billable[0]}:{claim.billable[1]}",

@@ -369,7 +369,7 @@ class OverageSyncer:
     def _push(self, claim: Claim, report: SyncReport, now: dt.datetime, locks: ClaimLocks) -> None:
         try:
             remote_id = None
-            if claim.amount_minor > 0:
+            if claim.amount_minor != 0:  # negative: a refund's credit
                 if not locks.alive():
                     raise ConnectionError("lost the database session that holds this sync's claims")
                 if not still_claimed(self.store, claim):

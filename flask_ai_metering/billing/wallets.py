@@ -70,6 +70,85 @@ def ensure_wallet(store: Transactions, conn: sa.Connection, billable: Billable, 
     return int(wallet_id)
 
 
+def beyond_allowance(
+    token_limit: int | None,
+    cost_limit_units: int | None,
+    tokens_after: int,
+    cost_after: int,
+    tokens: int,
+    cost_units: int,
+) -> int:
+    """The part of a call's cost the wallet pays when its plan's limits are an allowance.
+
+    In credits mode a plan's token and cost limits are included usage: what fits in them is
+    not charged to the wallet, only what falls past them. ``tokens_after``/``cost_after`` are the
+    counter's amounts with the call's ``tokens``/``cost_units`` already added (read from the
+    locked row, so concurrent calls split the allowance exactly, as overage does). Past the
+    token allowance the cost is charged in proportion to the tokens beyond it (rounded up);
+    with both limits, the larger part. A plan with neither limit includes nothing: the whole
+    cost is charged.
+    """
+    if token_limit is None and cost_limit_units is None:
+        return cost_units
+    charge = 0
+    if token_limit is not None:
+        over = max(0, tokens_after - token_limit) - max(0, tokens_after - tokens - token_limit)
+        if over:
+            charge = cost_units if over >= tokens else -(-cost_units * over // tokens)
+    if cost_limit_units is not None:
+        over_cost = max(0, cost_after - cost_limit_units) - max(0, cost_after - cost_units - cost_limit_units)
+        charge = max(charge, over_cost)
+    return min(charge, cost_units)
+
+
+def mark_low(conn: sa.Connection, wallet_id: int, threshold_units: int | None) -> tuple[int, int] | None:
+    """Mark the wallet low if its available balance is under the threshold and it is not marked yet.
+
+    One guarded UPDATE: of concurrent spenders, only the one whose UPDATE marks the row gets
+    ``(balance, available)`` back, and sends ``credits_low``; the others get None.
+    """
+    if threshold_units is None:
+        return None
+    marked = conn.execute(
+        sa.update(wallets)
+        .where(wallets.c.id == wallet_id, wallets.c.low_notified.is_(False), _balance - _held < threshold_units)
+        .values(low_notified=True)
+    ).rowcount
+    if marked != 1:
+        return None
+    row = conn.execute(sa.select(_balance, _held).where(wallets.c.id == wallet_id)).one()
+    return int(row[0]), int(row[0]) - int(row[1])
+
+
+def rearm_low(conn: sa.Connection, wallet_id: int, threshold_units: int | None) -> None:
+    """Clear the low mark once the available balance is back at or above the threshold."""
+    if threshold_units is None:
+        return
+    conn.execute(
+        sa.update(wallets)
+        .where(wallets.c.id == wallet_id, wallets.c.low_notified.is_(True), _balance - _held >= threshold_units)
+        .values(low_notified=False)
+    )
+
+
+def announce_low(sender: t.Any, billable: Billable, wallet_id: int, low: tuple[int, int], threshold: Decimal) -> None:
+    """Send ``credits_low`` for a wallet :func:`mark_low` just marked."""
+    signals.credits_low.send(
+        sender,
+        billable=billable,
+        wallet_id=wallet_id,
+        balance=from_units(low[0]),
+        available=from_units(low[1]),
+        threshold=threshold,
+    )
+
+
+def wallet_id_of(conn: sa.Connection, billable: Billable) -> int | None:
+    """The billable's wallet id, if it has a wallet."""
+    found = conn.execute(sa.select(wallets.c.id).where(_where_billable(billable))).scalar()
+    return None if found is None else int(found)
+
+
 def hold(conn: sa.Connection, billable: Billable, units: int, *, overdraft: bool) -> int | None:
     """Hold ``units`` of the wallet's available balance; the wallet id, or None if it cannot pay.
 
@@ -166,8 +245,10 @@ class Wallet:
         overdraft: bool,
         sender: t.Any,
         max_meta_bytes: int = 8192,
+        low_threshold: Decimal | None = None,
     ) -> None:
         self._store = store
+        self.low_threshold = low_threshold
         self.billable = billable
         self.currency = currency
         self.overdraft = overdraft
@@ -223,7 +304,11 @@ class Wallet:
         if not isinstance(reason, str) or len(reason) > 255:
             raise InvalidUsage("reason must be a str of at most 255 characters")
 
+        threshold = None if self.low_threshold is None else to_units(self.low_threshold)
+        low: list[t.Any] = []
+
         def work(conn: sa.Connection) -> tuple[dict[str, t.Any], int | None]:
+            low.clear()
             wallet_id = ensure_wallet(self._store, conn, self.billable, self.currency)
             if key is not None:
                 existing = _find(conn, wallet_id, key)
@@ -247,6 +332,12 @@ class Wallet:
                 "created_at": now,
             }
             txn_id = conn.execute(sa.insert(transactions).values(**values)).inserted_primary_key[0]  # type: ignore[index]
+            if units < 0:
+                crossed = mark_low(conn, wallet_id, threshold)
+                if crossed is not None:
+                    low.extend((wallet_id, crossed))
+            else:
+                rearm_low(conn, wallet_id, threshold)
             balance = conn.execute(sa.select(_balance).where(wallets.c.id == wallet_id)).scalar_one()
             return {**values, "id": txn_id}, int(balance)
 
@@ -265,6 +356,8 @@ class Wallet:
         txn = CreditTransaction(**{k: row[k] for k in _TXN_FIELDS})
         if balance_units is not None:
             self._signal(units, balance_units, txn, reason)
+        if low and self.low_threshold is not None:
+            announce_low(self._sender, self.billable, low[0], low[1], self.low_threshold)
         return txn
 
     def _signal(self, units: int, balance_units: int, txn: CreditTransaction, reason: str) -> None:

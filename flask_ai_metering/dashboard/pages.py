@@ -297,13 +297,15 @@ def near_limits(rt: Runtime, billables: list[tuple[str, str]]) -> list[tuple[tup
     return out
 
 
-def plans(rt: Runtime) -> list[dict[str, t.Any]]:
-    """Every plan with its number of subscribers."""
+def plans(rt: Runtime, now: dt.datetime | None = None) -> list[dict[str, t.Any]]:
+    """Every plan with its number of subscribers, and how many of them are in a trial."""
     p, s = Plan.__table__, Subscription.__table__
     count = sa.func.count(s.c.id)
+    at = sa.literal(now or utcnow(), s.c.trial_ends_at.type)
+    in_trial = sa.func.coalesce(sa.func.sum(sa.case((s.c.trial_ends_at > at, 1), else_=0)), 0)
     with rt.store.engine.connect() as conn:
         rows = conn.execute(
-            sa.select(p, count.label("subscribers"))
+            sa.select(p, count.label("subscribers"), in_trial.label("in_trial"))
             .select_from(p.outerjoin(s, s.c.plan_id == p.c.id))
             .group_by(*p.c)
             .order_by(p.c.is_active.desc(), p.c.name)

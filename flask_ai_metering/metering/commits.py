@@ -68,6 +68,9 @@ class Effects:
     overages: list[dict[str, t.Any]] = dataclasses.field(default_factory=list)
     #: ``(deducted, balance)`` pico-units when a credits billable's wallet paid.
     charged: tuple[int, int] | None = None
+    #: ``(wallet id, (balance, available))`` when this commit took the wallet under
+    #: ``AI_METERING_CREDITS_LOW_THRESHOLD`` (and marked it, so ``credits_low`` fires once).
+    low: tuple[int, tuple[int, int]] | None = None
 
 
 def commit(
@@ -199,18 +202,46 @@ def _commit_portably(
         usage_id = insert_usage(conn, row)
     charged = None
     if hold.wallet_id is not None:
+        policy = hold.policy
+        due = wallets.beyond_allowance(
+            policy.token_limit,
+            policy.cost_limit_units,
+            state.used_tokens,
+            state.used_cost_units,
+            total_tokens,
+            cost_units,
+        )
         charged = wallets.settle(
             conn,
             hold.wallet_id,
             hold_units=hold.credit_units if won else 0,
-            cost_units=cost_units,
+            cost_units=due,
             usage_id=usage_id,
             overdraft=rt.settings.credit_overdraft,
             now=at,
         )
-    effects = apply_usage_effects(rt, conn, hold.policy, state, hold.counter_id, total_tokens, usage_id, at)
+    effects = apply_usage_effects(
+        rt,
+        conn,
+        hold.policy,
+        state,
+        hold.counter_id,
+        total_tokens,
+        usage_id,
+        at,
+        overage=hold.billing_mode != "credits",
+    )
     effects.charged = charged
+    if hold.wallet_id is not None:
+        effects.low = low_after_charge(rt, conn, hold.wallet_id)
     return usage_id, effects
+
+
+def low_after_charge(rt: Runtime, conn: sa.Connection, wallet_id: int) -> tuple[int, tuple[int, int]] | None:
+    """Mark the wallet low if this charge took it under the threshold (``credits_low`` to announce)."""
+    threshold = rt.settings.credits_low_threshold
+    crossed = wallets.mark_low(conn, wallet_id, None if threshold is None else to_units(threshold))
+    return None if crossed is None else (wallet_id, crossed)
 
 
 def _recorded_before(rt: Runtime, hold: Hold, conn: sa.Connection) -> tuple[int | None, Effects] | None:
@@ -265,20 +296,22 @@ def apply_usage_effects(
     total_tokens: int,
     usage_id: int | None,
     at: dt.datetime,
+    *,
+    overage: bool = True,
 ) -> Effects:
     """Set off, in the same transaction, what usage just added to a counter triggers.
 
     The limit check; the period's warning flag, set once (the check to announce,
     if this transaction set it); and, with ``charge``, the overage priced from
-    the locked counter.
+    the locked counter (``overage=False`` for credits mode: the wallet pays past the allowance).
     """
     effects = Effects(quota.limit_check(policy, state, warning_threshold=rt.settings.warning_threshold))
     if policy.limited and effects.check.approaching and quota.mark_approaching(conn, counter_id=counter_id):
         effects.approaching.append(effects.check)
-    if rt.settings.overage_behavior == "charge":
-        overage = record_overage(conn, policy, state, total_tokens, usage_id, at, rt.settings.currency)
-        if overage is not None:
-            effects.overages.append(overage)
+    if overage and rt.settings.overage_behavior == "charge":
+        charged = record_overage(conn, policy, state, total_tokens, usage_id, at, rt.settings.currency)
+        if charged is not None:
+            effects.overages.append(charged)
     return effects
 
 
@@ -307,6 +340,8 @@ def announce(
         signals.overage_charged.send(rt.app, billable=billable, **overage)
     if effects.overages and rt.settings.overage_sync_strategy == "immediate":
         rt.billing.sync_after_commit([o["overage_id"] for o in effects.overages])
+    if effects.low is not None and rt.settings.credits_low_threshold is not None:
+        wallets.announce_low(rt.app, billable, effects.low[0], effects.low[1], rt.settings.credits_low_threshold)
     if effects.charged and effects.charged[0]:
         deducted, balance = effects.charged
         signals.credits_deducted.send(

@@ -108,15 +108,20 @@ def _hold_portably(
     policy = current_policy(rt, spec, conn, at)
     mode = spec.billing_mode or policy.billing_mode
     counter_id = None
+    if mode == "credits":  # the plan's limits are an allowance: past them the wallet pays, nothing refuses
+        size = dataclasses.replace(size, enforce=False)
     if not policy.expired:
         counter_id = _hold_on_counter(rt, conn, policy, size, at)
     if counter_id is None:
         return _refusal(rt, conn, policy, size)
     wallet_id, credit_units = None, 0
     if mode == "credits":
-        credit_units = size.cost_units
-        wallet_id = wallets.hold(conn, spec.billable, credit_units, overdraft=rt.settings.credit_overdraft)
-        if wallet_id is None:
+        credit_units = _credits_to_hold(conn, policy, counter_id, size)
+        if credit_units == 0 and policy.limited:  # all inside the allowance: an empty wallet is fine
+            wallet_id = wallets.wallet_id_of(conn, spec.billable)
+        else:
+            wallet_id = wallets.hold(conn, spec.billable, credit_units, overdraft=rt.settings.credit_overdraft)
+        if wallet_id is None and not (credit_units == 0 and policy.limited):
             conn.rollback()
             return _credits_refusal(rt, conn, policy, credit_units)
     reservation_id = quota.add_reservation(
@@ -133,6 +138,25 @@ def _hold_portably(
         credit_units=credit_units,
     )
     return Hold(reservation_id, counter_id, policy, mode, size.tokens, size.cost_units, wallet_id, credit_units)
+
+
+def _credits_to_hold(conn: sa.Connection, policy: Policy, counter_id: int, size: HoldSize) -> int:
+    """The worst-case cost the wallet must hold: the part past the plan's allowance (all of it without one).
+
+    Quota others hold counts as used here, so the hold is never short; the commit charges
+    what actually fell past the allowance.
+    """
+    if not policy.limited:
+        return size.cost_units
+    state = quota.counter_state(conn, counter_id)
+    return wallets.beyond_allowance(
+        policy.token_limit,
+        policy.cost_limit_units,
+        state.used_tokens + state.reserved_tokens,
+        state.used_cost_units + state.reserved_cost_units,
+        size.tokens,
+        size.cost_units,
+    )
 
 
 def _hold_on_counter(rt: Runtime, conn: sa.Connection, policy: Policy, size: HoldSize, at: dt.datetime) -> int | None:

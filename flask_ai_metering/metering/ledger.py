@@ -67,6 +67,7 @@ def usage_values(
         "currency": costs.currency,
         "unpriced": costs.unpriced,
         "estimated": estimated,
+        "price_source": costs.source,
         "billing_mode": hold.billing_mode if hold else (spec.billing_mode or "plan"),
         "idempotency_key": spec.idempotency_key,
         "idempotency_scope": spec.scope,
@@ -74,6 +75,8 @@ def usage_values(
         "duration_ms": duration_ms,
         "counter_id": hold.counter_id if hold else counter_id,
         "reservation_id": hold.reservation_id if hold else None,
+        "kind": "usage",
+        "adjusts_id": None,
         "occurred_at": at,
     }
 
@@ -115,6 +118,10 @@ def from_payload(payload: dict[str, t.Any]) -> dict[str, t.Any]:
     for name in _MONEY_FIELDS:
         values[name] = Decimal(values[name])
     values["occurred_at"] = dt.datetime.fromisoformat(values["occurred_at"])
+    # Kept by a version without ledger adjustments: every such row is a call.
+    values.setdefault("kind", "usage")
+    values.setdefault("adjusts_id", None)
+    values.setdefault("price_source", None)
     return values
 
 

@@ -27,6 +27,7 @@ from .calls import MeterResult
 from .commits import Effects
 from .commits import announce
 from .commits import apply_usage_effects
+from .commits import low_after_charge
 from .ledger import find_replay
 from .ledger import insert_usage
 from .ledger import replay_claim
@@ -89,22 +90,34 @@ def _write(rt: Runtime, conn: sa.Connection, spec: CallSpec, at: dt.datetime) ->
         rt.store, conn, counter_id, used_tokens=tokens.total_tokens, used_cost_units=to_units(costs.total_cost), calls=1
     )
     usage_id = insert_usage(conn, usage_values(spec, tokens, costs, spec.model, at, counter_id=counter_id))
-    effects = apply_usage_effects(rt, conn, policy, state, counter_id, tokens.total_tokens, usage_id, at)
+    credits = spec.billing_mode == "credits"
+    effects = apply_usage_effects(
+        rt, conn, policy, state, counter_id, tokens.total_tokens, usage_id, at, overage=not credits
+    )
     usage = PricedUsage.of(tokens, costs, provider=spec.provider, model=spec.model)
     written = _Written(spec, Recorded(usage, usage_id, effects.check), effects)
-    if spec.billing_mode == "credits":
-        # Usage that already happened is paid from the wallet too (capped at what it holds
-        # without overdraft: it cannot be refused, it has been spent).
+    if credits:
+        # Usage that already happened is paid from the wallet too, past the plan's allowance
+        # (capped at what the wallet holds without overdraft: it cannot be refused, it has been spent).
         wallet_id = wallets.ensure_wallet(rt.store, conn, spec.billable, rt.settings.currency)
+        cost_units = to_units(costs.total_cost)
         effects.charged = wallets.settle(
             conn,
             wallet_id,
             hold_units=0,
-            cost_units=to_units(costs.total_cost),
+            cost_units=wallets.beyond_allowance(
+                policy.token_limit,
+                policy.cost_limit_units,
+                state.used_tokens,
+                state.used_cost_units,
+                tokens.total_tokens,
+                cost_units,
+            ),
             usage_id=usage_id,
             overdraft=rt.settings.credit_overdraft,
             now=at,
         )
+        effects.low = low_after_charge(rt, conn, wallet_id)
     return written
 
 

@@ -128,6 +128,9 @@ class Costs:
     currency: str = "usd"
     #: True when the price database does not know the model: every cost is then 0.
     unpriced: bool = False
+    #: Where the price came from: ``override`` (``AI_METERING_PROVIDERS``), ``genai-prices <version>``
+    #: (the bundled catalogue), or ``unpriced``.
+    source: str = "unpriced"
 
 
 @dataclasses.dataclass(frozen=True)

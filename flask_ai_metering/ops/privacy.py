@@ -71,7 +71,7 @@ _KEPT = (
     ("credit wallets (pseudonymized)", t.cast(sa.Table, CreditWallet.__table__)),
     ("overages (pseudonymized)", overages),
 )
-_ROLLUP_MEASURES = ("calls", *TOKEN_COLUMNS, "total_cost", "unpriced_calls")
+_ROLLUP_MEASURES = ("calls", *TOKEN_COLUMNS, "total_cost", "unpriced_calls", "refunds", "refunded_cost")
 
 
 #: ``SECRET_KEY`` values seen in tutorials and templates: as good as no key.
@@ -261,4 +261,4 @@ def _fold_rollup_tenants(conn: sa.Connection, rt: Runtime, first_kept_day: dt.da
 def _raw(row: t.Any, name: str) -> int:
     """A rollup measure as the raw integer SQL adds (money columns read as ``Decimal``)."""
     value = getattr(row, name)
-    return int(value.scaleb(12)) if name == "total_cost" else int(value)
+    return int(value.scaleb(12)) if name in ("total_cost", "refunded_cost") else int(value)

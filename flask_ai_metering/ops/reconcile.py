@@ -48,7 +48,11 @@ def _ledger_sums(counter_ids: sa.Select[t.Any]) -> dict[str, sa.ScalarSelect[t.A
         .where(by_usage)
         .scalar_subquery(),
         "used_cost_units": sa.select(sa.func.coalesce(sa.func.sum(_cost), 0)).where(by_usage).scalar_subquery(),
-        "calls": sa.select(sa.func.count()).select_from(usage).where(by_usage).scalar_subquery(),
+        # Adjustments (refunds) net out of the sums above, but are not calls.
+        "calls": sa.select(sa.func.count())
+        .select_from(usage)
+        .where(by_usage, usage.c.kind == "usage")
+        .scalar_subquery(),
         "reserved_tokens": sa.select(sa.func.coalesce(sa.func.sum(reservations.c.tokens), 0))
         .where(pending)
         .scalar_subquery(),

@@ -45,9 +45,11 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "by_model": ("provider", "model"),
     "by_feature": ("feature",),
 }
-MEASURES = ("calls", "input_tokens", "output_tokens", "total_tokens", "total_cost")
+#: ``total_cost`` is net of refunds; ``refunded_cost`` is what refunds gave back (positive).
+MEASURES = ("calls", "input_tokens", "output_tokens", "total_tokens", "total_cost", "refunded_cost")
+_MONEY = ("total_cost", "refunded_cost")
 #: Each measure's label in :func:`~flask_ai_metering.reporting.rollups.measures`.
-_SUMMED = {name: "cost_units" if name == "total_cost" else name for name in MEASURES}
+_SUMMED = {name: {"total_cost": "cost_units", "refunded_cost": "refunded_units"}.get(name, name) for name in MEASURES}
 _EMPTY = ""
 
 
@@ -128,7 +130,7 @@ def _grouped(conn: sa.Connection, parts: list[Source], keys: tuple[str, ...]) ->
     for source, where in parts:
         columns = [source.c[k] for k in keys]
         for row in conn.execute(sa.select(*columns, *measures(source)).where(*where).group_by(*columns)):
-            if not row.calls:
+            if not row.calls and not row.refunded_units:
                 continue
             key = tuple(None if v == _EMPTY else v for v in row[: len(keys)])
             into = merged.setdefault(key, dict.fromkeys(MEASURES, 0))
@@ -183,8 +185,7 @@ def _row(labels: dict[str, t.Any], keys: tuple[str, ...], sums: dict[str, int] |
     row = dict(labels)
     if "billable_type" in keys:
         row = {"billable": f"{labels['billable_type']}:{labels['billable_id']}", **row}
-    row.update({n: sums[n] for n in MEASURES if n != "total_cost"})
-    row["total_cost"] = money(sums["total_cost"])
+    row.update({n: money(sums[n]) if n in _MONEY else sums[n] for n in MEASURES})
     return row
 
 
@@ -270,7 +271,7 @@ def _forecast_table(forecast: dict[str, t.Any]) -> list[str]:
     return lines + _aligned(["billable", "tokens so far", "projected tokens", "cost so far", "projected cost"], body)
 
 
-_HEADERS = ["calls", "input", "output", "total tokens", "cost"]
+_HEADERS = ["calls", "input", "output", "total tokens", "cost", "refunds"]
 
 
 def _label(row: dict[str, t.Any], keys: tuple[str, ...]) -> str:
@@ -280,8 +281,7 @@ def _label(row: dict[str, t.Any], keys: tuple[str, ...]) -> str:
 
 
 def _cells(row: dict[str, t.Any]) -> list[str]:
-    counts = [f"{row[m]:,}" for m in MEASURES if m != "total_cost"]
-    return [*counts, _amount(row["total_cost"])]
+    return [_amount(row[m]) if m in _MONEY else f"{row[m]:,}" for m in MEASURES]
 
 
 def _amount(text: str) -> str:
@@ -301,13 +301,19 @@ def _aligned(header: list[str], body: list[list[str]]) -> list[str]:
 
 
 def plans_table(rt: Runtime, now: dt.datetime | None = None) -> str:
-    """Every plan with its limits and how many billables are on it (ended subscriptions not counted)."""
+    """Every plan with its limits, its trial, and how many billables are on it (ended subscriptions not counted)."""
     at = now or utcnow()
     active = sa.and_(
         subs.c.plan_id == plans.c.id,
         sa.or_(subs.c.ends_at.is_(None), subs.c.ends_at > at, subs.c.grace_period_ends_at > at),
     )
     count = sa.select(sa.func.count()).select_from(subs).where(active).scalar_subquery()
+    trialling = (
+        sa.select(sa.func.count())
+        .select_from(subs)
+        .where(active, subs.c.trial_ends_at > sa.literal(at, subs.c.trial_ends_at.type))
+        .scalar_subquery()
+    )
     with rt.store.engine.connect() as conn:
         rows = conn.execute(
             sa.select(
@@ -319,7 +325,11 @@ def plans_table(rt: Runtime, now: dt.datetime | None = None) -> str:
                 plans.c.overage_price_per_1k_tokens,
                 plans.c.features,
                 plans.c.is_active,
+                plans.c.trial_days,
+                plans.c.trial_token_limit,
+                sa.type_coerce(plans.c.trial_cost_limit, sa.BigInteger).label("trial_cost_units"),
                 count.label("subscribers"),
+                trialling.label("in_trial"),
             ).order_by(plans.c.slug)
         ).all()
     if not rows:
@@ -334,13 +344,28 @@ def plans_table(rt: Runtime, now: dt.datetime | None = None) -> str:
             "-" if row.overage_price_per_1k_tokens is None else _plain(row.overage_price_per_1k_tokens),
             ", ".join(row.features) if row.features else "all",
             "yes" if row.is_active else "no",
+            _trial(row),
             str(row.subscribers),
+            str(row.in_trial),
         ]
         for row in rows
     ]
-    header = ["slug", "name", "tokens", "cost", "period", "overage/1k", "features", "active", "subscribers"]
+    header = ["slug", "name", "tokens", "cost", "period", "overage/1k", "features", "active", "trial"]
+    header += ["subscribers", "trialling"]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *body])
+
+
+def _trial(row: t.Any) -> str:
+    """``14d``, with the trial's own limits when it has any (``14d: 10,000 tokens, 1.00``)."""
+    if not row.trial_days:
+        return "-"
+    limits = []
+    if row.trial_token_limit is not None:
+        limits.append(f"{row.trial_token_limit:,} tokens")
+    if row.trial_cost_units is not None:
+        limits.append(_plain(from_units(row.trial_cost_units)))
+    return f"{row.trial_days}d" + (": " + ", ".join(limits) if limits else "")
 
 
 def _plain(amount: t.Any) -> str:

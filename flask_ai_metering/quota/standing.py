@@ -72,7 +72,9 @@ def standing(
     # PostgreSQL's one-statement hold re-reads the policy and re-checks every limit).
     rt.fast.remember(policy)
     check = engine.limit_check(policy, state, warning_threshold=rt.settings.warning_threshold, want_tokens=tokens)
-    if rt.settings.overage_behavior != "block":
+    # Past the limits usage is recorded (``allow``/``charge``) or, in credits mode, paid from the
+    # wallet (the limits are an allowance): only an expired subscription refuses here.
+    if rt.settings.overage_behavior != "block" or policy.billing_mode == "credits":
         check = dataclasses.replace(check, allowed=not policy.expired, hard_limit_reached=policy.expired)
     return policy, check
 

@@ -54,6 +54,14 @@ _DATES = ("started_at", "renews_at", "ends_at", "trial_ends_at", "grace_period_e
 _LIMITS = (plans.c.token_limit, sa.type_coerce(plans.c.cost_limit, sa.BigInteger).label("cost_units"), plans.c.period)
 
 
+#: A plan's trial: its length, and its limits as the counters hold them (None: the plan's own).
+_TRIAL_LIMITS = (
+    plans.c.trial_days,
+    plans.c.trial_token_limit,
+    sa.type_coerce(plans.c.trial_cost_limit, sa.BigInteger).label("trial_cost_units"),
+)
+
+
 def _plan_row(conn: sa.Connection, plan: Plan | str) -> t.Any:
     if isinstance(plan, Plan):
         if plan.id is None:
@@ -63,7 +71,9 @@ def _plan_row(conn: sa.Connection, plan: Plan | str) -> t.Any:
         clause = plans.c.slug == plan
     else:
         raise InvalidUsage(f"plan must be a Plan or a plan slug, got {type(plan).__name__}")
-    row = conn.execute(sa.select(plans.c.id, plans.c.slug, plans.c.is_active, *_LIMITS).where(clause)).first()
+    row = conn.execute(
+        sa.select(plans.c.id, plans.c.slug, plans.c.is_active, *_LIMITS, *_TRIAL_LIMITS).where(clause)
+    ).first()
     if row is None:
         raise InvalidUsage(f"plan {getattr(plan, 'slug', plan)!r} does not exist")
     return row
@@ -111,6 +121,7 @@ def subscribe(
             values["stripe_subscription_id"] = stripe_subscription_id
         if current is None:
             values.setdefault("started_at", now)
+            values.update(trial_terms(new, None, dates.get("trial_ends_at"), values["started_at"], now))
             inserted = rt.store.insert_ignore(
                 conn,
                 subs,
@@ -135,6 +146,7 @@ def subscribe(
                     **allowance_on_change(rt.settings, current, new, now),
                 )
                 changes.append((current.slug, new.slug))
+            values.update(trial_terms(new, current, dates.get("trial_ends_at"), now, now))
             conn.execute(sa.update(subs).where(subs.c.id == current.id).values(**values))
         return int(conn.execute(sa.select(subs.c.id).where(where)).scalar_one())
 
@@ -165,6 +177,7 @@ _CURRENT = (
     subs.c.prorated_token_limit,
     subs.c.prorated_cost_units,
     subs.c.prorated_until,
+    subs.c.trial_ends_at,
 )
 
 
@@ -178,6 +191,7 @@ class _Current(t.NamedTuple):
     prorated_token_limit: int | None
     prorated_cost_units: int | None
     prorated_until: dt.datetime | None
+    trial_ends_at: dt.datetime | None
     slug: str
     token_limit: int | None
     cost_units: int | None
@@ -234,6 +248,40 @@ def allowance_on_change(settings: Settings, current: _Current, new: t.Any, now: 
         ),
         "prorated_until": period.end,
     }
+
+
+def trial_terms(
+    new: t.Any, current: _Current | None, explicit_end: dt.datetime | None, start: dt.datetime, now: dt.datetime
+) -> dict[str, t.Any]:
+    """The subscription columns a trial sets when the billable subscribes to ``new`` at ``now``.
+
+    A trial starts when ``trial_ends_at`` is given, or when a billable subscribes or moves to a
+    plan with ``trial_days`` and its subscription never had a trial (so changing plans cannot
+    restart one). While a trial runs,
+    the new plan's trial limits (each falling back to the plan's own) are in force until the
+    trial's end, through the subscription's time-bounded limits (``prorated_*``), which the
+    policy query already reads: a trial costs the hot path nothing.
+    """
+    out: dict[str, t.Any] = {}
+    if explicit_end is not None:
+        end: dt.datetime | None = explicit_end
+    elif new.trial_days and (current is None or current.trial_ends_at is None and current.plan_id != new.id):
+        end = start + dt.timedelta(days=int(new.trial_days))
+    else:
+        end = current.trial_ends_at if current is not None else None
+        if end is None or end <= now:
+            return out
+        return _trial_limits(new, end)
+    out.update(trial_ends_at=end, trial_ending_sent_at=None, trial_ended_sent_at=None)
+    if end is not None and end > now:
+        out.update(_trial_limits(new, end))
+    return out
+
+
+def _trial_limits(plan: t.Any, end: dt.datetime) -> dict[str, t.Any]:
+    token_limit = plan.trial_token_limit if plan.trial_token_limit is not None else plan.token_limit
+    cost_units = plan.trial_cost_units if plan.trial_cost_units is not None else plan.cost_units
+    return {"prorated_token_limit": token_limit, "prorated_cost_units": cost_units, "prorated_until": end}
 
 
 def prorate(in_force: int | None, old: int | None, new: int | None, remaining: Fraction) -> int | None:

@@ -77,7 +77,7 @@ def spend_by_feature(
     rows = conn.execute(
         sa.select(
             usage.c.feature,
-            sa.func.count().label("calls"),
+            sa.func.sum(sa.case((usage.c.kind == "usage", 1), else_=0)).label("calls"),  # refunds are no calls
             sa.func.sum(usage.c.total_tokens).label("total_tokens"),
             cost_units.label("cost_units"),
         )

@@ -54,6 +54,10 @@ class Totals:
     total_tokens: int = 0
     cost_units: int = 0
     unpriced_calls: int = 0
+    #: Refund adjustments (ledger rows that are not calls).
+    refunds: int = 0
+    #: Cost given back by refunds (pico-units, positive); ``cost_units`` is already net of it.
+    refunded_units: int = 0
 
     def add(self, other: Totals) -> None:
         # Spelled out: this runs once per bucket per grouping, thousands of times a page.
@@ -66,6 +70,8 @@ class Totals:
         self.total_tokens += other.total_tokens
         self.cost_units += other.cost_units
         self.unpriced_calls += other.unpriced_calls
+        self.refunds += other.refunds
+        self.refunded_units += other.refunded_units
 
     def minus(self, other: Totals) -> Totals:
         """A new ``Totals``: these less ``other`` (what a ranking's tail adds up to)."""
@@ -145,6 +151,8 @@ def _totals(row: t.Any) -> Totals:
         **{c: int(getattr(row, c) or 0) for c in TOKEN_COLUMNS},
         cost_units=int(row.cost_units or 0),
         unpriced_calls=int(row.unpriced_calls or 0),
+        refunds=int(row.refunds or 0),
+        refunded_units=int(row.refunded_units or 0),
     )
 
 
@@ -227,9 +235,13 @@ def _union(parts: list[sa.Select[t.Any]]) -> sa.Subquery:
     return (parts[0] if len(parts) == 1 else sa.union_all(*parts)).subquery()
 
 
+_SUMMED = ("calls", *TOKEN_COLUMNS, "cost_units", "unpriced_calls", "refunds", "refunded_units")
+#: Where the cost sits in :func:`_sums`'s list (rankings order by it).
+_COST = _SUMMED.index("cost_units")
+
+
 def _sums(both: sa.Subquery) -> list[sa.Label[t.Any]]:
-    names = ("calls", *TOKEN_COLUMNS, "cost_units", "unpriced_calls")
-    return [sa.func.sum(both.c[name]).label(name) for name in names]
+    return [sa.func.sum(both.c[name]).label(name) for name in _SUMMED]
 
 
 def ranking(conn: sa.Connection, f: Filters, key: str, *, use_rollups: bool, limit: int) -> list[tuple[str, Totals]]:
@@ -247,7 +259,7 @@ def ranking(conn: sa.Connection, f: Filters, key: str, *, use_rollups: bool, lim
     rows = conn.execute(
         sa.select(both.c.name, *sums)
         .group_by(both.c.name)
-        .order_by(sums[-2].desc(), sums[0].desc(), both.c.name)
+        .order_by(sums[_COST].desc(), sums[0].desc(), both.c.name)
         .limit(limit)
     )
     return [(row.name, _totals(row)) for row in rows]
@@ -290,7 +302,7 @@ def top_billables(conn: sa.Connection, f: Filters, *, use_rollups: bool, limit: 
     rows = conn.execute(
         sa.select(both.c.billable_type, both.c.billable_id, *sums)
         .group_by(both.c.billable_type, both.c.billable_id)
-        .order_by(sums[-2].desc(), both.c.billable_type, both.c.billable_id)
+        .order_by(sums[_COST].desc(), both.c.billable_type, both.c.billable_id)
         .limit(limit)
     )
     return [{"billable": (row.billable_type, row.billable_id), "totals": _totals(row)} for row in rows]
@@ -318,6 +330,9 @@ LEDGER_COLUMNS = (
     "estimated",
     "billing_mode",
     "duration_ms",
+    "kind",
+    "adjusts_id",
+    "price_source",
 )
 
 

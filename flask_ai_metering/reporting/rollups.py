@@ -72,7 +72,17 @@ class RollupSpec:
     @property
     def columns(self) -> list[str]:
         """The insert order, matching :func:`rollup_select`'s select list."""
-        return ["day", *self.keys, "calls", *TOKEN_COLUMNS, "total_cost", "unpriced_calls", "updated_at"]
+        return [
+            "day",
+            *self.keys,
+            "calls",
+            *TOKEN_COLUMNS,
+            "total_cost",
+            "unpriced_calls",
+            "refunds",
+            "refunded_cost",
+            "updated_at",
+        ]
 
 
 #: Grouped from the ledger; the source of the other two.
@@ -128,21 +138,32 @@ def _local_days_of_utc_date(day: dt.date, zone: ZoneInfo) -> set[dt.date]:
 
 
 def measures(source: sa.Table | sa.Subquery) -> list[sa.Label[t.Any]]:
-    """Calls, token sums, cost and unpriced calls of the ledger or of any rollup table.
+    """Calls, token sums, cost, unpriced calls and refunded cost of the ledger or of any rollup table.
 
     The cost is summed as raw pico-units (``cost_units``): a SUM through
-    ``MoneyType`` would be read back as currency units.
+    ``MoneyType`` would be read back as currency units. Refunds are ledger rows
+    with negative amounts, so the sums are net of them; they are not calls, and
+    the cost they gave back is summed apart (``refunded_units``, positive).
     """
     if source is usage:
-        calls: sa.ColumnElement[t.Any] = sa.func.count()
-        unpriced: sa.ColumnElement[t.Any] = sa.func.sum(sa.case((usage.c.unpriced, 1), else_=0))
+        call = usage.c.kind == "usage"
+        calls: sa.ColumnElement[t.Any] = sa.func.sum(sa.case((call, 1), else_=0))
+        unpriced: sa.ColumnElement[t.Any] = sa.func.sum(sa.case((sa.and_(call, usage.c.unpriced), 1), else_=0))
+        cost = sa.type_coerce(usage.c.total_cost, sa.BigInteger)
+        refund = usage.c.kind == "refund"
+        refunds: sa.ColumnElement[t.Any] = sa.func.sum(sa.case((refund, 1), else_=0))
+        refunded: sa.ColumnElement[t.Any] = sa.func.sum(sa.case((refund, -cost), else_=0))
     else:
         calls, unpriced = sa.func.sum(source.c.calls), sa.func.sum(source.c.unpriced_calls)
+        refunds = sa.func.sum(source.c.refunds)
+        refunded = sa.func.sum(sa.type_coerce(source.c.refunded_cost, sa.BigInteger))
     return [
         calls.label("calls"),
         *(sa.func.sum(source.c[name]).label(name) for name in TOKEN_COLUMNS),
         sa.func.sum(sa.type_coerce(source.c.total_cost, sa.BigInteger)).label("cost_units"),
         unpriced.label("unpriced_calls"),
+        refunds.label("refunds"),
+        refunded.label("refunded_units"),
     ]
 
 
