@@ -166,7 +166,9 @@ def seed_demo_command() -> None:
         billable = ("Team", team_id)
         started = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=DAYS + 1)
         if meter.subscription(billable) is None:
-            meter.subscribe(billable, slug, started_at=started)
+            # Hooli is still in its Pro trial: the dashboard and `plans` show it trialling.
+            trial = {"trial_ends_at": started + dt.timedelta(days=DAYS + 8)} if team_id == "hooli" else {}
+            meter.subscribe(billable, slug, started_at=started, **trial)
         db.session.remove()
     meter.wallet(("Team", "acme")).add_credits(Decimal("250"), reason="top-up", idempotency_key="seed-topup")
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
@@ -178,5 +180,5 @@ def seed_demo_command() -> None:
     recorded = [r.usage_id for r in results if r.usage_id is not None]
     if recorded:
         meter.refund(recorded[-1], reason="demo: the answer was wrong", idempotency_key="seed-refund")
-    click.echo(f"Seeded {added} new usage row(s) ({len(results) - added} already there) and a refund.")
+    click.echo(f"Seeded {added} new usage row(s) ({len(results) - added} already there), a trial and a refund.")
     click.echo("Log in as admin@example.com / admin-password (admin) or member@example.com / member-password.")

@@ -288,3 +288,24 @@ def test_credits_through_stripe_checkout(
         assert demo.extensions["ai_metering"].wallet(("Team", team)).balance == Decimal("10")
     with demo.app_context():
         demo.extensions["sqlalchemy"].engine.dispose()
+
+
+def test_seed_demo_leaves_a_team_in_its_trial_and_a_refund(tmp_path: t.Any, sqlite_template: t.Any) -> None:
+    """Issue 12: the demo shows a trial and a refund."""
+    import shutil
+
+    from flask_ai_metering.models import Usage
+
+    path = tmp_path / "seeded.sqlite"
+    shutil.copy(sqlite_template, path)
+    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": f"sqlite:///{path}"})
+    result = app.test_cli_runner().invoke(args=["seed-demo"])
+    assert result.exit_code == 0, result.output
+    with app.app_context():
+        meter = app.extensions["ai_metering"]
+        sub = meter.subscription(("Team", "hooli"))
+        assert sub is not None and sub.trial_ends_at is not None
+        assert sub.trial_ends_at > dt.datetime.now(dt.timezone.utc)
+        with meter.runtime().store.engine.connect() as conn:
+            kinds = list(conn.execute(sa.select(Usage.__table__.c.kind).where(Usage.__table__.c.kind == "refund")))
+        assert len(kinds) == 1
