@@ -333,7 +333,7 @@ def test_a_synced_overage_is_credited_on_stripe_exactly_once(
         assert reconcile(meter.runtime()) == []
 
 
-def test_the_dashboard_shows_refunds(make_app: AppFactory) -> None:
+def test_the_dashboard_shows_refunds(make_app: AppFactory, backend: str) -> None:
     app, db, meter = make_app(AI_METERING_PROVIDERS=PRICES)
     meter.dashboard_authorizer(lambda user: True)
     with app.app_context():

@@ -370,7 +370,7 @@ _GROUPED_KEYS = ("slot", "provider", "model", "feature", "billable_type", "billa
 
 
 def _measure_columns(source: t.Any) -> list[t.Any]:
-    return [source.c[name] for name in ("calls", *TOKEN_COLUMNS, "cost_units", "unpriced_calls")]
+    return [source.c[name] for name in _SUMMED]
 
 
 def _keys_or_null(col: dict[str, t.Any], sets: list[tuple[str, ...]]) -> list[t.Any]:
@@ -455,7 +455,13 @@ def grouped(
             usage.c.billable_id,
             *(usage.c[name] for name in TOKEN_COLUMNS),
             sa.type_coerce(usage.c.total_cost, sa.BigInteger).label("cost"),
-            sa.case((usage.c.unpriced, 1), else_=0).label("unpriced"),
+            # Refunds are ledger rows too: summed into the tokens and cost, never counted as calls.
+            sa.case((usage.c.kind == "usage", 1), else_=0).label("call"),
+            sa.case((sa.and_(usage.c.kind == "usage", usage.c.unpriced), 1), else_=0).label("unpriced"),
+            sa.case((usage.c.kind == "refund", 1), else_=0).label("refund"),
+            sa.case(
+                (usage.c.kind == "refund", -sa.type_coerce(usage.c.total_cost, sa.BigInteger)), else_=0
+            ).label("refunded"),
         )
         .where(*_conditions(usage, f))
         .subquery("rows")
@@ -472,10 +478,12 @@ def grouped(
     if billables:
         first_sets.append(("billable_type", "billable_id"))
     sums = [
-        sa.func.count().label("calls"),
+        sa.func.sum(rows.c.call).label("calls"),
         *(sa.func.sum(rows.c[name]).label(name) for name in TOKEN_COLUMNS),
         sa.func.sum(rows.c.cost).label("cost_units"),
         sa.func.sum(rows.c.unpriced).label("unpriced_calls"),
+        sa.func.sum(rows.c.refund).label("refunds"),
+        sa.func.sum(rows.c.refunded).label("refunded_units"),
     ]
     first_gid, first_ids = _grouping(col, first_sets, offset=0)
     cells = (
