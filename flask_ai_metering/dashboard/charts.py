@@ -98,10 +98,10 @@ def cost_over_time(summary: Summary, start: dt.date, end: dt.date, group: str) -
 
 
 def error_rate_per_day(health: outlook.Health, start: dt.date, end: dt.date) -> str:
-    """Failed ÷ (recorded + failed) per day, a line per model (the models of the errors table)."""
+    """Failed ÷ (recorded + failed) per day of the range's last days, a line per model (the errors table's)."""
     import plotly.graph_objects as go
 
-    days = days_of(start, end)
+    days = days_of(max(start, end - dt.timedelta(days=outlook.LATENCY_DAYS - 1)), end)
     x = [d.isoformat() for d in days]
     figure = go.Figure(layout=_layout(yaxis={"title": {"text": "%"}, "gridcolor": "#e2e8f0", "rangemode": "tozero"}))
     for row in health.by_model:
@@ -116,10 +116,10 @@ def error_rate_per_day(health: outlook.Health, start: dt.date, end: dt.date) -> 
 
 
 def latency_per_day(health: outlook.Health, start: dt.date, end: dt.date) -> str:
-    """p50 (solid) and p95 (dotted) provider-call latency per day, a line pair per model."""
+    """p50 (solid) and p95 (dotted) provider-call latency per day of the range's last days, per model."""
     import plotly.graph_objects as go
 
-    days = days_of(start, end)
+    days = days_of(max(start, end - dt.timedelta(days=outlook.LATENCY_DAYS - 1)), end)
     x = [d.isoformat() for d in days]
     figure = go.Figure(layout=_layout(yaxis={"title": {"text": "ms"}, "gridcolor": "#e2e8f0", "rangemode": "tozero"}))
     for row in health.by_model:

@@ -136,6 +136,9 @@ def _failure_conditions(f: Filters) -> list[sa.ColumnElement[bool]]:
     return out
 
 
+#: Days, at the end of the range, whose latency and daily error rate are read: the ledger has
+#: no rollup of durations, so this bounds the scan (and the page time) however long the range.
+LATENCY_DAYS = 7
 #: Upper bounds (ms) of the latency histogram's buckets; the last is open-ended. Percentiles are
 #: read off it, interpolated inside their bucket: exact to the bucket, bounded in memory.
 LATENCY_BOUNDS_MS = (50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 7500, 10000, 15000, 30000, 60000)
@@ -245,8 +248,9 @@ def health(conn: sa.Connection, f: Filters, ranking: list[tuple[str, t.Any]]) ->
 
 
 def _add_latency(conn: sa.Connection, f: Filters, out: Health, names: list[str], seconds: int) -> None:
-    """Calls and latency histograms per (day, model) of the listed models, counted in SQL in one
-    grouped scan (bucket -1: a row without a duration, e.g. one ``record`` wrote)."""
+    """Calls and latency histograms per (day, model) of the listed models over the range's last
+    :data:`LATENCY_DAYS` days, counted in SQL in one grouped scan (bucket -1: a row without a
+    duration, e.g. one ``record`` wrote)."""
     usage = queries.usage
     duration = usage.c.duration_ms
     bucket = sa.case(
@@ -256,7 +260,8 @@ def _add_latency(conn: sa.Connection, f: Filters, out: Health, names: list[str],
     ).label("bucket")
     model = sa.func.coalesce(usage.c.model, sa.literal_column("''")).label("model")
     slot = queries.epoch_bucket(usage.c.occurred_at, seconds, conn.dialect.name).label("slot")
-    where = [*queries.ledger_conditions(f), model.in_(names)]
+    recent = max(f.since, f.until - dt.timedelta(days=LATENCY_DAYS))
+    where = [*queries.ledger_conditions(f), usage.c.occurred_at >= recent, model.in_(names)]
     by_model = {row.model: row for row in out.by_model}
     for row in conn.execute(
         sa.select(slot, model, bucket, sa.func.count().label("n")).where(*where).group_by(slot, model, bucket)

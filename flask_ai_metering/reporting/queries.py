@@ -459,9 +459,9 @@ def grouped(
             sa.case((usage.c.kind == "usage", 1), else_=0).label("call"),
             sa.case((sa.and_(usage.c.kind == "usage", usage.c.unpriced), 1), else_=0).label("unpriced"),
             sa.case((usage.c.kind == "refund", 1), else_=0).label("refund"),
-            sa.case(
-                (usage.c.kind == "refund", -sa.type_coerce(usage.c.total_cost, sa.BigInteger)), else_=0
-            ).label("refunded"),
+            sa.case((usage.c.kind == "refund", -sa.type_coerce(usage.c.total_cost, sa.BigInteger)), else_=0).label(
+                "refunded"
+            ),
         )
         .where(*_conditions(usage, f))
         .subquery("rows")
