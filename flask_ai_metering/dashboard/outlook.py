@@ -71,24 +71,42 @@ def billable_forecast(
     now: dt.datetime | None = None,
 ) -> Forecast:
     """``billable``'s current quota period projected to its end, against its token and cost limits."""
+    return billable_forecasts(conn, [(billable, check)], zone=zone, use_rollups=use_rollups, now=now)[billable]
+
+
+def billable_forecasts(
+    conn: sa.Connection,
+    checks: t.Sequence[tuple[tuple[str, str], LimitCheck]],
+    *,
+    zone: ZoneInfo,
+    use_rollups: bool,
+    now: dt.datetime | None = None,
+) -> dict[tuple[str, str], Forecast]:
+    """Each billable's current quota period projected to its end: one read per distinct period."""
     now = now or utcnow()
-    start, end = check.period_start, check.period_end
-    period = Filters(
-        start=local_day(start, zone),
-        end=local_day(end - dt.timedelta(microseconds=1), zone),
-        zone=zone,
-        billable=billable,
-    )
-    daily = daily_by_billable(conn, period, use_rollups=use_rollups).get(billable)
-    tokens = daily.tokens if daily else {}
-    cost = daily.cost_units if daily else {}
-    cost_limit = None if check.cost_limit is None else check.cost_limit * UNITS_PER_UNIT
-    return Forecast(
-        period_start=start,
-        period_end=end,
-        tokens=project(tokens, start=start, end=end, now=now, zone=zone, limit=check.token_limit),
-        cost=project(cost, start=start, end=end, now=now, zone=zone, limit=cost_limit),
-    )
+    windows: dict[tuple[dt.datetime, dt.datetime], list[tuple[tuple[str, str], LimitCheck]]] = {}
+    for billable, check in checks:
+        windows.setdefault((check.period_start, check.period_end), []).append((billable, check))
+    out: dict[tuple[str, str], Forecast] = {}
+    for (start, end), group in windows.items():
+        period = Filters(
+            start=local_day(start, zone), end=local_day(end - dt.timedelta(microseconds=1), zone), zone=zone
+        )
+        daily = daily_by_billable(conn, period, use_rollups=use_rollups, only={b for b, _ in group})
+        for billable, check in group:
+            mine = daily.get(billable)
+            cost_limit = None if check.cost_limit is None else check.cost_limit * UNITS_PER_UNIT
+            out[billable] = Forecast(
+                period_start=start,
+                period_end=end,
+                tokens=project(
+                    mine.tokens if mine else {}, start=start, end=end, now=now, zone=zone, limit=check.token_limit
+                ),
+                cost=project(
+                    mine.cost_units if mine else {}, start=start, end=end, now=now, zone=zone, limit=cost_limit
+                ),
+            )
+    return out
 
 
 def month_window(zone: ZoneInfo, now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:

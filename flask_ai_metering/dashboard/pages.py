@@ -226,10 +226,9 @@ def overview(rt: Runtime, f: Filters, group: str = "model") -> Overview:
         for entry in top:
             entry["check"] = current_check(rt, entry["billable"])
         near = near_limits(rt, candidates)
-        forecasts = {
-            billable: outlook.billable_forecast(conn, billable, check, zone=f.zone, use_rollups=use_rollups)
-            for billable, check in [*((e["billable"], e["check"]) for e in top), *near]
-        }
+        forecasts = outlook.billable_forecasts(
+            conn, [*((e["billable"], e["check"]) for e in top), *near], zone=f.zone, use_rollups=use_rollups
+        )
     return Overview(
         filters=f,
         current=current,

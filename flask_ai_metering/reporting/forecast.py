@@ -112,11 +112,16 @@ def project(
     return Projection(used, rate, projected, reaches)
 
 
-def daily_by_billable(conn: sa.Connection, f: Filters, *, use_rollups: bool) -> dict[Billable, Daily]:
-    """Each billable's total tokens and cost per local day of ``f``'s range (rollups, then the ledger's tail)."""
+def daily_by_billable(
+    conn: sa.Connection, f: Filters, *, use_rollups: bool, only: t.Collection[Billable] | None = None
+) -> dict[Billable, Daily]:
+    """Each billable's total tokens and cost per local day of ``f``'s range (rollups, then the
+    ledger's tail); ``only`` limits it to those billables, in the same queries."""
     out: dict[Billable, Daily] = {}
     for source, where in sources(conn, f, use_rollups=use_rollups, by_billable=True):
         kind, ident = source.c.billable_type, source.c.billable_id
+        if only:
+            where = [*where, sa.tuple_(kind, ident).in_(list(only))]
         sums = (
             sa.func.sum(source.c.total_tokens).label("tokens"),
             sa.func.sum(sa.type_coerce(source.c.total_cost, sa.BigInteger)).label("cost_units"),
