@@ -141,17 +141,11 @@ def overall_forecast(conn: sa.Connection, f: Filters, *, use_rollups: bool, now:
 
 
 def _failure_conditions(f: Filters) -> list[sa.ColumnElement[bool]]:
-    out: list[sa.ColumnElement[bool]] = [failures.c.occurred_at >= f.since, failures.c.occurred_at < f.until]
-    for name in ("provider", "model", "feature"):
-        value = getattr(f, name)
-        if value is not None:
-            out.append(failures.c[name] == value)
-    if f.tenant is not None:
-        out.append(failures.c.tenant_id == f.tenant)
-    if f.billable is not None:
-        out.append(failures.c.billable_type == f.billable[0])
-        out.append(failures.c.billable_id == f.billable[1])
-    return out
+    return [
+        failures.c.occurred_at >= f.since,
+        failures.c.occurred_at < f.until,
+        *queries.attribute_conditions(failures, f),
+    ]
 
 
 #: Days, at the end of the range, whose latency and daily error rate are read: the ledger has

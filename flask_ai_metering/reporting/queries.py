@@ -93,7 +93,8 @@ def rollup_for(f: Filters, *, by_billable: bool) -> sa.Table:
     return TOTALS.table
 
 
-def _conditions(source: sa.Table, f: Filters) -> list[sa.ColumnElement[bool]]:
+def attribute_conditions(source: sa.Table, f: Filters) -> list[sa.ColumnElement[bool]]:
+    """``f``'s provider, model, feature, tenant and billable filters on any table with those columns."""
     out: list[sa.ColumnElement[bool]] = []
     for name in ("provider", "model", "feature"):
         value = getattr(f, name)
@@ -104,6 +105,11 @@ def _conditions(source: sa.Table, f: Filters) -> list[sa.ColumnElement[bool]]:
     if f.billable is not None:
         out.append(source.c.billable_type == f.billable[0])
         out.append(source.c.billable_id == f.billable[1])
+    return out
+
+
+def _conditions(source: sa.Table, f: Filters) -> list[sa.ColumnElement[bool]]:
+    out = attribute_conditions(source, f)
     if source is usage:
         out.append(usage.c.occurred_at >= f.since)
         out.append(usage.c.occurred_at < f.until)
