@@ -80,37 +80,53 @@ PAGES = (
 LEDGER_MAX_ROWS = int(os.environ.get("BENCH_DASHBOARD_LEDGER_ROWS", "100000"))
 
 
+def _row(
+    at: dt.datetime,
+    rng: random.Random,
+    i: int,
+    provider: str,
+    model: str,
+    inp: int,
+    out: int,
+    costs: tuple[int, int],
+    unpriced: bool,
+) -> tuple[t.Any, ...]:
+    """One ledger row in the column order :func:`_load` copies."""
+    cin, cout = costs
+    return (
+        "Team",
+        str(1 + int(500 * rng.random() ** 3)),
+        f"t{i % 7}",
+        provider,
+        model,
+        FEATURES[i % 5],
+        inp,
+        out,
+        inp // 4,
+        0,
+        0,
+        inp + out,
+        cin,
+        cout,
+        cin + cout,
+        "usd",
+        unpriced,
+        False,
+        "plan",
+        at,
+        at,
+    )
+
+
 def _rows(n: int, now: dt.datetime) -> t.Iterator[tuple[t.Any, ...]]:
     rng = random.Random(42)
     span = 90 * 86400
     for i in range(n):
         provider, model, pin, pout = MODELS[min(int(rng.random() ** 2 * len(MODELS)), len(MODELS) - 1)]
         inp, out = rng.randint(50, 4000), rng.randint(10, 1200)
-        cin, cout = int(inp * pin * 10**6), int(out * pout * 10**6)  # pico-units per token = $/1M × 10^6
+        costs = (int(inp * pin * 10**6), int(out * pout * 10**6))  # pico-units per token = $/1M × 10^6
         at = (now - dt.timedelta(seconds=span * (n - i) / n)).replace(tzinfo=None)
-        yield (
-            "Team",
-            str(1 + int(500 * rng.random() ** 3)),
-            f"t{i % 7}",
-            provider,
-            model,
-            FEATURES[i % 5],
-            inp,
-            out,
-            inp // 4,
-            0,
-            0,
-            inp + out,
-            cin,
-            cout,
-            cin + cout,
-            "usd",
-            False,
-            False,
-            "plan",
-            at,
-            at,
-        )
+        yield _row(at, rng, i, provider, model, inp, out, costs, False)
 
 
 def _load(engine: sa.Engine, n: int, now: dt.datetime, rows: t.Iterable[tuple[t.Any, ...]] | None = None) -> None:
@@ -264,31 +280,9 @@ def _wide_rows(n: int, models: int, now: dt.datetime) -> t.Iterator[tuple[t.Any,
         provider = ("openai", "anthropic", "google")[m % 3]
         unpriced = m % 3 == 2
         inp, out = rng.randint(50, 4000), rng.randint(10, 1200)
-        cin, cout = (0, 0) if unpriced else (inp * 10**6, out * 4 * 10**6)
+        costs = (0, 0) if unpriced else (inp * 10**6, out * 4 * 10**6)
         at = (now - dt.timedelta(seconds=span * (n - i) / n)).replace(tzinfo=None)
-        yield (
-            "Team",
-            str(1 + int(500 * rng.random() ** 3)),
-            f"t{i % 7}",
-            provider,
-            f"model-{m:05d}",
-            FEATURES[i % 5],
-            inp,
-            out,
-            inp // 4,
-            0,
-            0,
-            inp + out,
-            cin,
-            cout,
-            cin + cout,
-            "usd",
-            unpriced,
-            False,
-            "plan",
-            at,
-            at,
-        )
+        yield _row(at, rng, i, provider, f"model-{m:05d}", inp, out, costs, unpriced)
 
 
 def _rss_mb() -> float:
