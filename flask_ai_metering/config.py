@@ -126,6 +126,20 @@ class ConfigVars:
     PROMETHEUS_REGISTRY = "AI_METERING_PROMETHEUS_REGISTRY"
     #: Distinct model labels kept in Prometheus; later models are counted as ``other``.
     PROMETHEUS_MAX_MODELS = "AI_METERING_PROMETHEUS_MAX_MODELS"
+    #: Percentages of a plan's or budget's limit at which ``threshold_crossed`` fires, each once
+    #: per period per counter (a budget may set its own).
+    ALERT_THRESHOLDS = "AI_METERING_ALERT_THRESHOLDS"
+    #: URL that receives each alert as a signed JSON POST (None: alerts are only signals).
+    ALERT_WEBHOOK_URL = "AI_METERING_ALERT_WEBHOOK_URL"
+    #: Secret of the alerts' HMAC-SHA256 signature (required with a webhook URL).
+    ALERT_WEBHOOK_SECRET = "AI_METERING_ALERT_WEBHOOK_SECRET"
+    #: ``thread``: a background thread of each app process delivers alerts; ``cli``: only
+    #: ``flask ai-metering deliver-alerts`` does (from cron or a worker).
+    ALERT_DELIVERY = "AI_METERING_ALERT_DELIVERY"
+    #: Delivery attempts of one alert before it is left failed (``deliver-alerts --retry-failed``).
+    ALERT_MAX_ATTEMPTS = "AI_METERING_ALERT_MAX_ATTEMPTS"
+    #: Seconds the webhook receiver has to answer one delivery.
+    ALERT_WEBHOOK_TIMEOUT = "AI_METERING_ALERT_WEBHOOK_TIMEOUT"
 
 
 #: Every key with its default, applied by ``init_app``.
@@ -177,6 +191,12 @@ DEFAULTS: dict[str, t.Any] = {
     ConfigVars.PROMETHEUS_ENABLED: False,
     ConfigVars.PROMETHEUS_REGISTRY: None,
     ConfigVars.PROMETHEUS_MAX_MODELS: 50,
+    ConfigVars.ALERT_THRESHOLDS: [80, 100],
+    ConfigVars.ALERT_WEBHOOK_URL: None,
+    ConfigVars.ALERT_WEBHOOK_SECRET: None,
+    ConfigVars.ALERT_DELIVERY: "thread",
+    ConfigVars.ALERT_MAX_ATTEMPTS: 12,
+    ConfigVars.ALERT_WEBHOOK_TIMEOUT: 5,
 }
 
 _CHOICES = {
@@ -184,6 +204,7 @@ _CHOICES = {
     ConfigVars.OVERAGE_SYNC_STRATEGY: ("immediate", "batch"),
     ConfigVars.PLAN_CHANGE: ("carry", "prorate", "reset"),
     ConfigVars.LOG_LEVEL: ("debug", "info", "warning", "error", "critical"),
+    ConfigVars.ALERT_DELIVERY: ("thread", "cli"),
 }
 _POSITIVE_INTS = (
     ConfigVars.PRUNE_AFTER_DAYS,
@@ -193,6 +214,8 @@ _POSITIVE_INTS = (
     ConfigVars.DEFAULT_MAX_TOKENS,
     ConfigVars.MAX_REPORTED_TOKENS,
     ConfigVars.PROMETHEUS_MAX_MODELS,
+    ConfigVars.ALERT_MAX_ATTEMPTS,
+    ConfigVars.ALERT_WEBHOOK_TIMEOUT,
 )
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -212,7 +235,7 @@ def _from_env(key: str, default: t.Any) -> t.Any:
             return int(raw)
         except ValueError:
             raise ConfigurationError(f"{key} must be a whole number, got {raw!r}") from None
-    if isinstance(default, dict):
+    if isinstance(default, (dict, list)):
         try:
             return json.loads(raw, parse_float=Decimal)
         except ValueError as exc:
@@ -297,6 +320,13 @@ class Settings:
     #: A ``CollectorRegistry``, its dotted path, or None for the client's default registry.
     prometheus_registry: t.Any = None
     prometheus_max_models: int = 50
+    #: Ascending percentages (1-100) at which ``threshold_crossed`` fires.
+    alert_thresholds: tuple[int, ...] = (80, 100)
+    alert_webhook_url: str | None = None
+    alert_webhook_secret: str | None = dataclasses.field(default=None, repr=False)
+    alert_delivery: str = "thread"
+    alert_max_attempts: int = 12
+    alert_webhook_timeout: int = 5
 
     def missing_default_plan(self) -> ConfigurationError:
         """The error of a default plan that does not exist (found at first use), naming the key."""
@@ -350,6 +380,10 @@ class Settings:
             raise ConfigurationError(
                 f"{ConfigVars.STRIPE_WEBHOOK_ROUTE} needs {ConfigVars.STRIPE_WEBHOOK_SECRET} to verify the events"
             )
+        if config[ConfigVars.ALERT_WEBHOOK_URL] and not config[ConfigVars.ALERT_WEBHOOK_SECRET]:
+            raise ConfigurationError(
+                f"{ConfigVars.ALERT_WEBHOOK_URL} needs {ConfigVars.ALERT_WEBHOOK_SECRET} to sign the alerts"
+            )
         return cls(
             enabled=bool(config[ConfigVars.ENABLED]),
             default_provider=str(config[ConfigVars.DEFAULT_PROVIDER]),
@@ -398,6 +432,12 @@ class Settings:
             prometheus_enabled=bool(config[ConfigVars.PROMETHEUS_ENABLED]),
             prometheus_registry=config[ConfigVars.PROMETHEUS_REGISTRY],
             prometheus_max_models=config[ConfigVars.PROMETHEUS_MAX_MODELS],
+            alert_thresholds=thresholds(config[ConfigVars.ALERT_THRESHOLDS], ConfigVars.ALERT_THRESHOLDS),
+            alert_webhook_url=config[ConfigVars.ALERT_WEBHOOK_URL] or None,
+            alert_webhook_secret=config[ConfigVars.ALERT_WEBHOOK_SECRET] or None,
+            alert_delivery=str(config[ConfigVars.ALERT_DELIVERY]).lower(),
+            alert_max_attempts=config[ConfigVars.ALERT_MAX_ATTEMPTS],
+            alert_webhook_timeout=config[ConfigVars.ALERT_WEBHOOK_TIMEOUT],
         )
 
 
@@ -414,6 +454,22 @@ def _usd(value: t.Any) -> str:
         " database's currency) and nothing converts, so a label in another currency would mislabel USD;"
         " remove the setting and convert in your own invoicing if you bill in another currency"
     )
+
+
+def thresholds(value: t.Any, field: str) -> tuple[int, ...]:
+    """Alert thresholds: whole percentages from 1 to 100, sorted, each once (empty: no alerts).
+
+    Raises :class:`ConfigurationError` for a config key and :class:`InvalidUsage` for an
+    argument (``field`` without the ``AI_METERING_`` prefix), naming it either way.
+    """
+    error = ConfigurationError if field.startswith("AI_METERING_") else InvalidUsage
+    if isinstance(value, (str, bytes)) or not isinstance(value, t.Iterable):
+        raise error(f"{field} must be a list of percentages from 1 to 100, got {value!r}")
+    items = list(value)
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= 100:
+            raise error(f"{field} must hold whole percentages from 1 to 100, got {item!r}")
+    return tuple(sorted(set(items)))
 
 
 def _aliases(value: t.Any) -> dict[str, str]:

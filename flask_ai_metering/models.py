@@ -270,6 +270,9 @@ class Counter(Base):
     calls: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
     #: Set once when ``limit_approaching`` has fired for this period.
     approaching_notified: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
+    #: The highest ``AI_METERING_ALERT_THRESHOLDS`` percentage already announced this period:
+    #: raised by a guarded UPDATE, so each threshold fires once however many calls cross it.
+    alert_level: Mapped[int] = mapped_column(default=0, server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
@@ -307,6 +310,126 @@ class Reservation(Base):
     #: With queued recording: the committed usage row still to be written (an outbox),
     #: so a lost task or a restarted worker loses nothing.
     payload: Mapped[dict[str, t.Any] | None]
+    #: Ids of the :class:`BudgetCounter` rows the call also holds on (None: no budget matched),
+    #: so a commit, release or expiry settles every counter the reserve held on.
+    budget_counter_ids: Mapped[list[int] | None] = mapped_column(sa.JSON(none_as_null=True))
+
+
+class Budget(Base):
+    """An extra limit inside a billable's plan: for one user, feature or model, or all its calls.
+
+    A call is held on every budget that matches it (same billable; each of ``user_id``,
+    ``feature`` and ``model`` either unset or equal to the call's) together with the plan's
+    counter, all or none. Budgets count from their creation; ``removed_at`` retires one and
+    keeps its counters for the record.
+    """
+
+    __tablename__ = PREFIX + "budgets"
+    __table_args__ = (sa.Index(None, "billable_type", "billable_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    billable_type: Mapped[str] = mapped_column(sa.String(_BILLABLE_TYPE))
+    billable_id: Mapped[str] = mapped_column(sa.String(_ID))
+    user_id: Mapped[str | None] = mapped_column(sa.String(_ID))
+    feature: Mapped[str | None] = mapped_column(sa.String(100))
+    model: Mapped[str | None] = mapped_column(sa.String(150))
+    #: ``minute``, ``hour``, ``day``, ``week``, ``month`` or ``year`` (calendar periods).
+    period: Mapped[str] = mapped_column(sa.String(10))
+    token_limit: Mapped[int | None] = mapped_column(sa.BigInteger)
+    cost_limit: Mapped[Decimal | None]
+    request_limit: Mapped[int | None] = mapped_column(sa.BigInteger)
+    #: ``hard`` refuses a call that does not fit; ``soft`` only counts and alerts.
+    mode: Mapped[str] = mapped_column(sa.String(10), default="hard")
+    #: Alert percentages of this budget (None: ``AI_METERING_ALERT_THRESHOLDS``).
+    thresholds: Mapped[list[int] | None] = mapped_column(sa.JSON(none_as_null=True))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    removed_at: Mapped[dt.datetime | None]
+
+    @property
+    def billable(self) -> tuple[str, str]:
+        return (self.billable_type, self.billable_id)
+
+    @property
+    def scope(self) -> str:
+        """Who the budget limits, in words: ``Team:1``, ``Team:1 user 7 feature images``."""
+        parts = [f"{self.billable_type}:{self.billable_id}"]
+        parts += [f"{name} {value}" for name, value in self.scope_items()]
+        return " ".join(parts)
+
+    def scope_items(self) -> list[tuple[str, str]]:
+        """The set scope fields among user, feature and model, in that order."""
+        fields = (("user", self.user_id), ("feature", self.feature), ("model", self.model))
+        return [(name, value) for name, value in fields if value is not None]
+
+    def __repr__(self) -> str:
+        return f"<Budget {self.id} {self.scope} per {self.period}>"
+
+
+class BudgetCounter(Base):
+    """A budget's used and reserved amounts in one period, like :class:`Counter` for a plan.
+
+    It copies the budget's limits when created, so the one-statement hold on PostgreSQL
+    judges an existing row against the limits it was created with (a budget's limits
+    never change: remove it and add another).
+    """
+
+    __tablename__ = PREFIX + "budget_counters"
+    __table_args__ = (
+        sa.UniqueConstraint("budget_id", "period_start"),
+        sa.Index(None, "period_start"),
+        sa.CheckConstraint("reserved_tokens >= 0", name="reserved_tokens_nonneg"),
+        sa.CheckConstraint("reserved_cost_units >= 0", name="reserved_cost_nonneg"),
+        sa.CheckConstraint("reserved_requests >= 0", name="reserved_requests_nonneg"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    budget_id: Mapped[int] = mapped_column(sa.ForeignKey(Budget.id))
+    period_start: Mapped[dt.datetime]
+    period_end: Mapped[dt.datetime]
+    token_limit: Mapped[int | None] = mapped_column(sa.BigInteger)
+    #: Pico-units (None: unlimited).
+    cost_limit_units: Mapped[int | None] = mapped_column(sa.BigInteger)
+    request_limit: Mapped[int | None] = mapped_column(sa.BigInteger)
+    #: False for a ``soft`` budget: holds are never refused.
+    enforced: Mapped[bool] = mapped_column(default=True, server_default=sa.true())
+    used_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    reserved_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    used_cost_units: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    reserved_cost_units: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    used_requests: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    reserved_requests: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    #: As :attr:`Counter.alert_level`.
+    alert_level: Mapped[int] = mapped_column(default=0, server_default="0")
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class AlertEvent(Base):
+    """An alert waiting for (or past) delivery to ``AI_METERING_ALERT_WEBHOOK_URL``: an outbox.
+
+    Written in the transaction that crossed the threshold, so an alert exists exactly when
+    the crossing does; delivered afterwards, retried with backoff, and sent with its
+    ``event_id`` so a receiver that dedups on it sees each crossing once.
+    """
+
+    __tablename__ = PREFIX + "alert_events"
+    __table_args__ = (sa.UniqueConstraint("event_id"), sa.Index(None, "delivered_at", "next_attempt_at"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    event_id: Mapped[str] = mapped_column(sa.String(64))
+    #: ``threshold_crossed``.
+    kind: Mapped[str] = mapped_column(sa.String(50))
+    billable_type: Mapped[str] = mapped_column(sa.String(_BILLABLE_TYPE))
+    billable_id: Mapped[str] = mapped_column(sa.String(_ID))
+    #: The JSON body delivered (without secrets or prompts).
+    payload: Mapped[dict[str, t.Any]]
+    attempts: Mapped[int] = mapped_column(default=0, server_default="0")
+    next_attempt_at: Mapped[dt.datetime]
+    #: A deliverer's claim: others skip the row until then (a crashed one's claim runs out).
+    claimed_until: Mapped[dt.datetime | None]
+    delivered_at: Mapped[dt.datetime | None]
+    #: The last failure's HTTP status or exception class (never a response body).
+    last_error: Mapped[str | None] = mapped_column(sa.String(200))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
 class _CallColumns:
@@ -585,7 +708,10 @@ class AggregationState(Base):
 
 __all__ = [
     "AggregationState",
+    "AlertEvent",
     "Base",
+    "Budget",
+    "BudgetCounter",
     "Counter",
     "CreditTransaction",
     "CreditWallet",

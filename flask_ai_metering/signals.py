@@ -38,6 +38,11 @@ trial_ended = _signals.signal("trial-ended")
 #: A wallet's available balance went below ``AI_METERING_CREDITS_LOW_THRESHOLD``; once per crossing.
 #: Kwargs: billable, wallet_id, balance, available, threshold.
 credits_low = _signals.signal("credits-low")
+#: Usage of a plan or budget reached one of its alert thresholds; once per threshold per period
+#: per counter, however many calls crossed it. Kwargs: billable, budget (the ``Budget``'s id, or
+#: None for the plan), plan (slug or None), threshold (percent), usage (percent now), event_id
+#: (the id a webhook delivery of the same alert carries), check (the counter's ``LimitCheck``).
+threshold_crossed = _signals.signal("threshold-crossed")
 #: A subscription ended (and its grace period, if any). Kwargs: billable, subscription_id.
 subscription_expired = _signals.signal("subscription-expired")
 
@@ -51,6 +56,7 @@ __all__ = [
     "plan_changed",
     "provider_call_failed",
     "subscription_expired",
+    "threshold_crossed",
     "trial_ended",
     "trial_ending",
     "usage_recorded",
