@@ -7,6 +7,7 @@ import logging
 import typing as t
 import weakref
 
+import sqlalchemy as sa
 from flask import Flask
 from flask import current_app
 from flask import has_request_context
@@ -37,12 +38,15 @@ from .metering.spec import build_spec
 from .metering.spec import check_record_options
 from .metering.sweeper import expire_reservations
 from .metering.usage import TokenCounts
+from .models import Budget
 from .observability import build_observers
 from .ops.schema import exclude_from_app_migrations
 from .pricing import PriceBook
 from .providers import builtin_providers
 from .providers import load_provider
+from .quota import budgets
 from .quota.standing import current_check
+from .quota.subscriptions import attach
 from .quota.subscriptions import subscribe
 from .quota.subscriptions import subscription_of
 from .quota.trials import TrialNotices
@@ -355,6 +359,73 @@ class AiMetering:
         """
         state = self._state()
         return subscribe(self.runtime(), state.db, self.resolve_billable(billable), plan, **options)
+
+    def add_budget(
+        self,
+        billable: t.Any,
+        *,
+        user: t.Any = None,
+        feature: str | None = None,
+        model: str | None = None,
+        period: str = "month",
+        token_limit: int | None = None,
+        cost_limit: Decimal | str | int | None = None,
+        request_limit: int | None = None,
+        mode: str = "hard",
+        thresholds: t.Sequence[int] | None = None,
+    ) -> Budget:
+        """Limit the billable's calls further, inside its plan: all of them, or one user's, feature's or model's.
+
+        A call is held on the plan and on every budget that matches it, all or none: a
+        ``hard`` budget that cannot take the call refuses it (``AiLimitExceeded`` naming the
+        budget, a 429); a ``soft`` one only counts and alerts. ``period`` is ``minute``,
+        ``hour`` (UTC), ``day``, ``week``, ``month`` or ``year`` (calendar periods in
+        ``AI_METERING_TIMEZONE``); ``request_limit`` counts calls, so a ``minute`` budget is an
+        exact rate limit. ``thresholds`` replaces ``AI_METERING_ALERT_THRESHOLDS`` for it.
+        A budget counts the calls made after it was added.
+
+        :raises InvalidUsage: naming the field: no limit, a negative one, an unknown period or
+            mode, or a feature the billable's plan forbids.
+        """
+        rt = self.runtime()
+        budget_id = budgets.add_budget(
+            rt.store,
+            rt.settings,
+            self.resolve_billable(billable),
+            user_id=v.attribution_id(user, "user"),
+            feature=v.feature(feature, strict=rt.settings.validate_features),
+            model=v.name(model, "model"),
+            period=period,
+            token_limit=token_limit,
+            cost_limit=cost_limit,
+            request_limit=request_limit,
+            mode=mode,
+            thresholds=thresholds,
+        )
+        budget = self._budget(rt, budget_id)
+        assert budget is not None
+        return budget
+
+    def remove_budget(self, budget: Budget | int) -> bool:
+        """Retire a budget: calls stop holding on it at once. False if it was already removed.
+
+        Its counters stay, so past periods can still be explained.
+        """
+        budget_id = budget if isinstance(budget, int) else budget.id
+        return budgets.remove_budget(self.runtime().store, budget_id)
+
+    def budgets(self, billable: t.Any = None) -> list[Budget]:
+        """The live budgets of ``billable`` (of every billable with None), oldest first."""
+        rt = self.runtime()
+        key = None if billable is None else self.resolve_billable(billable)
+        with rt.store.reading() as conn:
+            rows = budgets.budgets_of(conn, key)
+        return [attach(self._state().db, Budget, row) for row in rows]
+
+    def _budget(self, rt: Runtime, budget_id: int) -> Budget | None:
+        with rt.store.reading() as conn:
+            row = conn.execute(sa.select(budgets.budgets).where(budgets.budgets.c.id == budget_id)).first()
+        return None if row is None else attach(self._state().db, Budget, row)
 
     def subscription(self, billable: t.Any) -> Subscription | None:
         """The billable's subscription, if it has one: a fresh read, attached to ``db.session``."""

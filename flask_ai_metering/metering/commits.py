@@ -21,13 +21,16 @@ import sqlalchemy as sa
 
 from .. import queueing
 from .. import signals
+from ..alerts import worker
 from ..billing import wallets
 from ..billing.overages import record_overage
 from ..errors import AiMeteringError
 from ..models import utcnow
 from ..money import from_units
 from ..money import to_units
+from ..quota import budgets
 from ..quota import engine as quota
+from ..quota import thresholds
 from ..quota.policy import resolve_policy
 from .ledger import from_payload
 from .ledger import insert_usage
@@ -71,6 +74,8 @@ class Effects:
     #: ``(wallet id, (balance, available))`` when this commit took the wallet under
     #: ``AI_METERING_CREDITS_LOW_THRESHOLD`` (and marked it, so ``credits_low`` fires once).
     low: tuple[int, tuple[int, int]] | None = None
+    #: Alert thresholds this commit crossed (``threshold_crossed``, once each).
+    crossings: list[thresholds.Crossing] = dataclasses.field(default_factory=list)
 
 
 def commit(
@@ -151,13 +156,37 @@ def _write_fast(
     fast = rt.fast.try_commit(rt, hold, values, cost_units)
     if fast is None:
         return None
-    usage_id, state = fast
-    effects = Effects(quota.limit_check(hold.policy, state, warning_threshold=rt.settings.warning_threshold))
-    # Its own statement, after the commit: retrying it must not re-run the commit.
-    if hold.policy.limited and effects.check.approaching:
+    usage_id, state, standings = fast
+    policy = hold.policy
+    effects = Effects(quota.limit_check(policy, state, warning_threshold=rt.settings.warning_threshold))
+    # Their own statements, after the commit: retrying them must not re-run the commit.
+    if policy.limited and effects.check.approaching:
         if rt.store.run(functools.partial(quota.mark_approaching, counter_id=hold.counter_id), autocommit=True):
             effects.approaching.append(effects.check)
+    checks = _budget_checks(rt, standings)
+    if checks:
+        effects.check = budgets.tightest([effects.check, *(check for _, check in checks)])
+    plan = (policy, hold.counter_id, state, effects.check)
+    plan_due = policy.limited and thresholds.due(
+        rt.settings.alert_thresholds, thresholds.plan_usage(policy, state), state.alert_level
+    )
+    if plan_due or any(_due(rt, standing) for standing, _ in checks):
+        work = functools.partial(
+            thresholds.cross, settings=rt.settings, at=values["occurred_at"], plan=plan, budgets=checks
+        )
+        effects.crossings = rt.store.run(work)
     return usage_id, effects
+
+
+def _budget_checks(
+    rt: Runtime, standings: t.Sequence[budgets.Standing]
+) -> list[tuple[budgets.Standing, quota.LimitCheck]]:
+    return [(s, s.check(warning_threshold=rt.settings.warning_threshold)) for s in standings]
+
+
+def _due(rt: Runtime, standing: budgets.Standing) -> bool:
+    levels = standing.budget.thresholds or rt.settings.alert_thresholds
+    return bool(thresholds.due(levels, standing.used_percentage(), standing.alert_level))
 
 
 def clamp_counts(tokens: TokenCounts, ceiling: int) -> tuple[TokenCounts, dict[str, int]]:
@@ -189,6 +218,16 @@ def _commit_portably(
         release_tokens=hold.tokens if won else 0,
         release_cost_units=hold.cost_units if won else 0,
         calls=1,
+    )
+    budgets.apply(
+        conn,
+        hold.budget_counter_ids,
+        used_tokens=total_tokens,
+        used_cost_units=cost_units,
+        requests=1,
+        release_tokens=hold.tokens if won else 0,
+        release_cost_units=hold.cost_units if won else 0,
+        release_requests=1 if won else 0,
     )
     # A commit that lost to the sweeper lost its key too, and a retry may have claimed
     # it since: the row is recorded without it (the key is kept in meta, for audit).
@@ -230,6 +269,7 @@ def _commit_portably(
         usage_id,
         at,
         overage=hold.billing_mode != "credits",
+        budget_standings=budgets.standings(conn, hold.budget_counter_ids),
     )
     effects.charged = charged
     if hold.wallet_id is not None:
@@ -278,6 +318,7 @@ def commit_kept(
         settled.cost_units,
         settled.wallet_id,
         settled.credit_units,
+        budgets=tuple((s.counter_id, s.budget) for s in budgets.standings(conn, settled.budget_counter_ids or [])),
     )
     if _recorded_before(rt, hold, conn) is not None:
         return None
@@ -298,16 +339,23 @@ def apply_usage_effects(
     at: dt.datetime,
     *,
     overage: bool = True,
+    budget_standings: t.Sequence[budgets.Standing] = (),
 ) -> Effects:
     """Set off, in the same transaction, what usage just added to a counter triggers.
 
-    The limit check; the period's warning flag, set once (the check to announce,
-    if this transaction set it); and, with ``charge``, the overage priced from
-    the locked counter (``overage=False`` for credits mode: the wallet pays past the allowance).
+    The limit check (the tightest of the plan's and the budgets' it was added to); the
+    period's warning flag, set once (the check to announce, if this transaction set it);
+    the alert thresholds crossed; and, with ``charge``, the overage priced from the locked
+    counter (``overage=False`` for credits mode: the wallet pays past the allowance).
     """
     effects = Effects(quota.limit_check(policy, state, warning_threshold=rt.settings.warning_threshold))
     if policy.limited and effects.check.approaching and quota.mark_approaching(conn, counter_id=counter_id):
         effects.approaching.append(effects.check)
+    checks = _budget_checks(rt, budget_standings)
+    plan = (policy, counter_id, state, effects.check)
+    effects.crossings = thresholds.cross(conn, rt.settings, at, plan=plan, budgets=checks)
+    if checks:
+        effects.check = budgets.tightest([effects.check, *(check for _, check in checks)])
     if overage and rt.settings.overage_behavior == "charge":
         charged = record_overage(conn, policy, state, total_tokens, usage_id, at, rt.settings.currency)
         if charged is not None:
@@ -336,6 +384,10 @@ def announce(
     )
     for check in effects.approaching:
         signals.limit_approaching.send(rt.app, billable=billable, check=check)
+    for crossing in effects.crossings:
+        signals.threshold_crossed.send(rt.app, **crossing.send_kwargs())
+    if any(crossing.queued for crossing in effects.crossings):
+        worker.wake(rt)
     for overage in effects.overages:
         signals.overage_charged.send(rt.app, billable=billable, **overage)
     if effects.overages and rt.settings.overage_sync_strategy == "immediate":

@@ -11,6 +11,7 @@ portable transaction. Elsewhere :class:`NoFastPath` always answers None.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import typing as t
@@ -18,6 +19,7 @@ import typing as t
 import sqlalchemy as sa
 
 from ..models import utcnow
+from ..quota import budgets
 from ..quota import postgres
 from ..quota.grouped import GroupCommit
 from ..quota.grouped import GroupHold
@@ -38,6 +40,11 @@ if t.TYPE_CHECKING:
     from .spec import CallSpec
 
 
+#: What a one-statement commit returns: the usage id (None when queued), the plan's counter
+#: and the budget counters after it.
+Committed = tuple[int | None, "CounterState", "list[budgets.Standing]"]
+
+
 class FastPath(t.Protocol):
     """What the portable reserve and commit ask of a dialect's fast path."""
 
@@ -47,10 +54,8 @@ class FastPath(t.Protocol):
     def try_hold(self, rt: Runtime, spec: CallSpec, size: HoldSize, at: dt.datetime) -> Hold | Replay | None:
         """The call's hold or replay, or None to take the portable transaction."""
 
-    def try_commit(
-        self, rt: Runtime, hold: Hold, values: dict[str, t.Any], cost_units: int
-    ) -> tuple[int | None, CounterState] | None:
-        """The usage id (None when queued) and the counter after the commit, or None."""
+    def try_commit(self, rt: Runtime, hold: Hold, values: dict[str, t.Any], cost_units: int) -> Committed | None:
+        """The usage id (None when queued), the counter and budget counters after the commit, or None."""
 
 
 class NoFastPath:
@@ -62,9 +67,7 @@ class NoFastPath:
     def try_hold(self, rt: Runtime, spec: CallSpec, size: HoldSize, at: dt.datetime) -> Hold | Replay | None:
         return None
 
-    def try_commit(
-        self, rt: Runtime, hold: Hold, values: dict[str, t.Any], cost_units: int
-    ) -> tuple[int | None, CounterState] | None:
+    def try_commit(self, rt: Runtime, hold: Hold, values: dict[str, t.Any], cost_units: int) -> Committed | None:
         return None
 
 
@@ -78,6 +81,8 @@ class PostgresFastPath:
         self.commits = GroupCommit()
         #: Holds quota, several calls of one billable at once.
         self.holds = GroupHold()
+        #: Budgets by id, as the one-statement hold names them (a budget's terms never change).
+        self.budget_terms = budgets.TermsCache()
 
     def remember(self, policy: Policy) -> None:
         self.recent.remember(policy)
@@ -97,6 +102,8 @@ class PostgresFastPath:
         recent = self.recent.get(spec.billable, at)
         if recent is None or spec.billing_mode not in (None, "plan"):
             return None
+        if recent.has_budgets:
+            return rt.store.run(functools.partial(self._budgeted, rt, spec, size, at, recent), autocommit=True)
         row = self.holds.hold(
             rt.store,
             recent,
@@ -118,6 +125,8 @@ class PostgresFastPath:
         mode = spec.billing_mode or policy.billing_mode
         if mode != "plan" or policy.expired:
             return None
+        if policy.has_budgets:
+            return self._budgeted(rt, spec, size, at, policy, conn)
         row = postgres.reserve_pinned(
             conn,
             policy,
@@ -128,11 +137,33 @@ class PostgresFastPath:
         )
         return None if row is None else _pinned_hold(row, policy, size)
 
-    def try_commit(
-        self, rt: Runtime, hold: Hold, values: dict[str, t.Any], cost_units: int
-    ) -> tuple[int | None, CounterState] | None:
+    def _budgeted(
+        self, rt: Runtime, spec: CallSpec, size: HoldSize, at: dt.datetime, policy: Policy, conn: sa.Connection
+    ) -> Hold | None:
+        """The hold on the plan's counter and every matching budget's, in one statement."""
+        row = postgres.reserve_budgeted(
+            conn,
+            policy,
+            _request(rt, spec, size, at),
+            enforce=size.enforce,
+            mode_from_plan=spec.billing_mode is None,
+            feature=spec.feature,
+            user_id=spec.user_id,
+            model=spec.model,
+            timezone=rt.settings.timezone,
+        )
+        if row is None:
+            return None
+        pairs = [(int(counter_id), int(budget_id)) for counter_id, budget_id in row.budget_counters or []]
+        terms = self.budget_terms.get(conn, [budget_id for _, budget_id in pairs])
+        hold = _pinned_hold(row, policy, size)
+        return dataclasses.replace(hold, budgets=tuple((cid, terms[bid]) for cid, bid in sorted(pairs)))
+
+    def try_commit(self, rt: Runtime, hold: Hold, values: dict[str, t.Any], cost_units: int) -> Committed | None:
         if hold.wallet_id is not None or rt.settings.overage_behavior == "charge":
             return None  # the wallet or the overage needs the portable transaction's locks
+        if hold.budgets and rt.settings.queue_recording:
+            return None  # the budgets' true-up is in the portable transaction only
         true_up = postgres.TrueUp(
             hold.reservation_id,
             hold.counter_id,
@@ -146,8 +177,13 @@ class PostgresFastPath:
             work = functools.partial(postgres.commit_queued, true_up=true_up, payload=to_payload(values))
             state = rt.store.run(work, autocommit=True)
             # None: the sweeper expired the hold first, and the portable path records it.
-            return None if state is None else (None, state)
-        return self.commits.commit(rt.store, true_up, {**values, "created_at": utcnow()})
+            return None if state is None else (None, state, [])
+        row = {**values, "created_at": utcnow()}
+        if hold.budgets:
+            budgeted = functools.partial(postgres.commit_budgeted, true_up=true_up, values=row, held=hold.budgets)
+            return rt.store.run(budgeted, autocommit=True)
+        usage_id, state = self.commits.commit(rt.store, true_up, row)
+        return usage_id, state, []
 
 
 def choose_fast_path(store: Transactions) -> FastPath:

@@ -26,6 +26,7 @@ from ..errors import FeatureNotAllowed
 from ..errors import IdempotencyConflict
 from ..models import utcnow
 from ..money import from_units
+from ..quota import budgets
 from ..quota import engine as quota
 from ..quota.policy import resolve_policy
 from ..transactions import is_duplicate
@@ -113,7 +114,15 @@ def _hold_portably(
     if not policy.expired:
         counter_id = _hold_on_counter(rt, conn, policy, size, at)
     if counter_id is None:
-        return _refusal(rt, conn, policy, size)
+        return _refusal(rt, conn, policy, size, spec, at)
+    held_budgets: tuple[tuple[int, budgets.Terms], ...] = ()
+    if policy.has_budgets:
+        matched = budgets.matching(conn, spec.billable, spec.user_id, spec.feature, spec.model)
+        ids, refused = budgets.hold(rt.store, conn, matched, size.tokens, size.cost_units, at, rt.settings.timezone)
+        if refused is not None:
+            conn.rollback()  # every hold this transaction made, the plan's included
+            return _refusal(rt, conn, policy, size, spec, at)
+        held_budgets = tuple(zip(ids, matched, strict=True))
     wallet_id, credit_units = None, 0
     if mode == "credits":
         credit_units = _credits_to_hold(conn, policy, counter_id, size)
@@ -136,8 +145,19 @@ def _hold_portably(
         now=at,
         wallet_id=wallet_id,
         credit_units=credit_units,
+        budget_counter_ids=[counter_id for counter_id, _ in held_budgets],
     )
-    return Hold(reservation_id, counter_id, policy, mode, size.tokens, size.cost_units, wallet_id, credit_units)
+    return Hold(
+        reservation_id,
+        counter_id,
+        policy,
+        mode,
+        size.tokens,
+        size.cost_units,
+        wallet_id,
+        credit_units,
+        budgets=held_budgets,
+    )
 
 
 def _credits_to_hold(conn: sa.Connection, policy: Policy, counter_id: int, size: HoldSize) -> int:
@@ -168,7 +188,18 @@ def _hold_on_counter(rt: Runtime, conn: sa.Connection, policy: Policy, size: Hol
     return counter_id
 
 
-def _refusal(rt: Runtime, conn: sa.Connection, policy: Policy, size: HoldSize) -> AiLimitExceeded:
+def _refusal(
+    rt: Runtime, conn: sa.Connection, policy: Policy, size: HoldSize, spec: CallSpec, at: dt.datetime
+) -> AiLimitExceeded:
+    """The refusal to explain: the narrowest budget that refuses the call, else the plan."""
+    if policy.has_budgets:
+        matched = budgets.matching(conn, spec.billable, spec.user_id, spec.feature, spec.model)
+        refused = budgets.refusal(
+            conn, matched, size.tokens, size.cost_units, at, rt.settings.timezone, rt.settings.warning_threshold
+        )
+        if refused is not None:
+            assert refused.reason is not None
+            return AiLimitExceeded(refused.reason, refused)
     _, state = quota.read_counter(conn, policy)
     reason = quota.refusal_reason(policy, state, size.tokens, size.cost_units)
     check = quota.limit_check(policy, state, warning_threshold=rt.settings.warning_threshold, reason=reason)
@@ -202,6 +233,13 @@ def release_reservation(
     settled = quota.held_by(conn, reservation_id)
     quota.apply_to_counter(
         rt.store, conn, settled.counter_id, release_tokens=settled.tokens, release_cost_units=settled.cost_units
+    )
+    budgets.apply(
+        conn,
+        settled.budget_counter_ids,
+        release_tokens=settled.tokens,
+        release_cost_units=settled.cost_units,
+        release_requests=1,
     )
     if settled.wallet_id is not None and settled.credit_units:
         wallets.release(conn, settled.wallet_id, settled.credit_units)

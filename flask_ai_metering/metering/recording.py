@@ -19,6 +19,7 @@ from ..billing import wallets
 from ..errors import InvalidUsage
 from ..models import utcnow
 from ..money import to_units
+from ..quota import budgets
 from ..quota import engine as quota
 from ..quota.policy import resolve_policy
 from ..quota.standing import current_check
@@ -90,9 +91,23 @@ def _write(rt: Runtime, conn: sa.Connection, spec: CallSpec, at: dt.datetime) ->
         rt.store, conn, counter_id, used_tokens=tokens.total_tokens, used_cost_units=to_units(costs.total_cost), calls=1
     )
     usage_id = insert_usage(conn, usage_values(spec, tokens, costs, spec.model, at, counter_id=counter_id))
+    budget_ids: list[int] = []
+    if policy.has_budgets:
+        matched = budgets.matching(conn, spec.billable, spec.user_id, spec.feature, spec.model)
+        cost_units = to_units(costs.total_cost)
+        budget_ids = budgets.record(rt.store, conn, matched, tokens.total_tokens, cost_units, at, rt.settings.timezone)
     credits = spec.billing_mode == "credits"
     effects = apply_usage_effects(
-        rt, conn, policy, state, counter_id, tokens.total_tokens, usage_id, at, overage=not credits
+        rt,
+        conn,
+        policy,
+        state,
+        counter_id,
+        tokens.total_tokens,
+        usage_id,
+        at,
+        overage=not credits,
+        budget_standings=budgets.standings(conn, budget_ids),
     )
     usage = PricedUsage.of(tokens, costs, provider=spec.provider, model=spec.model)
     written = _Written(spec, Recorded(usage, usage_id, effects.check), effects)

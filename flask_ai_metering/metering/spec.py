@@ -23,6 +23,7 @@ from .usage import PricedUsage
 from .usage import TokenCounts
 
 if t.TYPE_CHECKING:
+    from ..quota.budgets import Terms as BudgetTerms
     from ..quota.engine import LimitCheck
     from ..quota.policy import Billable
     from ..quota.policy import Policy
@@ -74,6 +75,12 @@ class Hold:
     credit_units: int
     #: Seconds the reserve took (metering overhead before the call), when observers want it.
     reserved_in: float = 0.0
+    #: The budget counters held on beside the plan's, with their budgets: ``(counter id, Terms)``.
+    budgets: tuple[tuple[int, BudgetTerms], ...] = ()
+
+    @property
+    def budget_counter_ids(self) -> list[int]:
+        return [counter_id for counter_id, _ in self.budgets]
 
 
 @dataclasses.dataclass(frozen=True)

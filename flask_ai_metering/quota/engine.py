@@ -36,11 +36,13 @@ if t.TYPE_CHECKING:
 counters = table(Counter)
 reservations = table(Reservation)
 
+#: A counter's amounts, then the alert threshold it last announced (:class:`CounterState`'s fields).
 USED_COLUMNS = _USED = (
     counters.c.used_tokens,
     counters.c.reserved_tokens,
     counters.c.used_cost_units,
     counters.c.reserved_cost_units,
+    counters.c.alert_level,
 )
 
 
@@ -72,6 +74,16 @@ class LimitCheck:
     expired: bool = False
     #: False when the call asked for more than a whole period allows: no reset lifts the refusal.
     fits_a_period: bool = True
+    #: Requests per period, for a budget with a ``request_limit`` (None: not limited).
+    request_limit: int | None = None
+    remaining_requests: int | None = None
+    used_requests: int = 0
+    #: The budget this check is about (None: the plan's counter).
+    budget_id: int | None = None
+    #: Who the budget limits, in words (``Team:1 user 7``).
+    budget_scope: str | None = None
+    #: The budget's period: ``minute``, ``hour``, ``day``, ``week``, ``month`` or ``year``.
+    budget_period: str | None = None
 
     @property
     def resets_at(self) -> dt.datetime:
@@ -83,8 +95,11 @@ class LimitCheck:
         return max(1, int((self.period_end - now).total_seconds() + 0.999))
 
     def as_json(self) -> dict[str, t.Any]:
-        """The fields a 429/402 body carries, money as decimal strings."""
-        return {
+        """The fields a 429/402 body carries, money as decimal strings.
+
+        A budget's check adds ``budget`` (``id``, ``scope``, ``period``) and its request counts.
+        """
+        body: dict[str, t.Any] = {
             "remaining_tokens": self.remaining_tokens,
             "remaining_cost": None if self.remaining_cost is None else str(self.remaining_cost),
             "usage_percentage": self.usage_percentage,
@@ -93,22 +108,30 @@ class LimitCheck:
             "period_start": self.period_start.isoformat(),
             "resets_at": self.period_end.isoformat(),
         }
+        if self.request_limit is not None:
+            body["request_limit"] = self.request_limit
+            body["remaining_requests"] = self.remaining_requests
+        if self.budget_id is not None:
+            body["budget"] = {"id": self.budget_id, "scope": self.budget_scope, "period": self.budget_period}
+        return body
 
 
 @dataclasses.dataclass(frozen=True)
 class CounterState:
-    """A counter row's amounts (costs in pico-units)."""
+    """A counter row's amounts (costs in pico-units) and the alert threshold it last announced."""
 
     used_tokens: int = 0
     reserved_tokens: int = 0
     used_cost_units: int = 0
     reserved_cost_units: int = 0
+    alert_level: int = 0
 
     @classmethod
     def of(cls, row: t.Any) -> CounterState:
+        """From the :data:`USED_COLUMNS` of a row."""
         if row is None:
             return cls()
-        return cls(int(row[0]), int(row[1]), int(row[2]), int(row[3]))
+        return cls(int(row[0]), int(row[1]), int(row[2]), int(row[3]), int(row[4]))
 
 
 def limit_check(
@@ -328,6 +351,7 @@ def add_reservation(
     now: dt.datetime,
     wallet_id: int | None = None,
     credit_units: int = 0,
+    budget_counter_ids: list[int] | None = None,
 ) -> int:
     """Write the reservation row; its unique key is the idempotency claim."""
     result = conn.execute(
@@ -345,6 +369,7 @@ def add_reservation(
             "wallet_id": wallet_id,
             "expires_at": expires_at,
             "created_at": now,
+            "budget_counter_ids": budget_counter_ids or None,
         },
     )
     return int(result.inserted_primary_key[0])  # type: ignore[index]
@@ -359,6 +384,7 @@ class Settled:
     cost_units: int
     credit_units: int
     wallet_id: int | None
+    budget_counter_ids: list[int] | None = None
 
 
 def settle_statement(keep_key: bool) -> t.Any:
@@ -381,6 +407,7 @@ _HOLD = sa.select(
     reservations.c.cost_units,
     reservations.c.credit_units,
     reservations.c.wallet_id,
+    reservations.c.budget_counter_ids,
 ).where(reservations.c.id == sa.bindparam("rid"))
 
 
@@ -398,7 +425,7 @@ def settle_reservation(
 def held_by(conn: sa.Connection, reservation_id: int) -> Settled:
     """What a reservation holds, as stored."""
     row = conn.execute(_HOLD, {"rid": reservation_id}).one()
-    return Settled(int(row[0]), int(row[1]), int(row[2]), int(row[3]), row[4])
+    return Settled(int(row[0]), int(row[1]), int(row[2]), int(row[3]), row[4], row[5])
 
 
 _APPLY = (

@@ -44,6 +44,8 @@ _UTC = dt_timezone.utc
 _CALENDAR_ANCHOR = datetime(2001, 1, 1)
 _DAY = timedelta(days=1)
 _WEEK = timedelta(weeks=1)
+#: Budgets' short periods (``minute``, ``hour``), not offered to plans: fixed steps like days.
+_STEPS = {"minutely": timedelta(minutes=1), "hourly": timedelta(hours=1), "daily": _DAY, "weekly": _WEEK}
 _TICK = timedelta(microseconds=1)
 
 
@@ -77,10 +79,9 @@ class PeriodRule:
         anchor = self.anchor
         # A wall-clock estimate, exact but where a DST change moves a boundary
         # across ``at``, which the two loops below correct.
-        if self.unit == "daily":
-            index = (local - anchor) // _DAY
-        elif self.unit == "weekly":
-            index = (local - anchor) // _WEEK
+        step = _STEPS.get(self.unit)
+        if step is not None:
+            index = (local - anchor) // step
         elif self.unit == "monthly":
             index = (local.year - anchor.year) * 12 + local.month - anchor.month
         else:
@@ -102,10 +103,9 @@ class PeriodRule:
     def _wall(self, index: int) -> datetime:
         """The local wall time of the ``index``-th boundary after (or before) the anchor."""
         anchor = self.anchor
-        if self.unit == "daily":
-            return anchor + index * _DAY
-        if self.unit == "weekly":
-            return anchor + index * _WEEK
+        step = _STEPS.get(self.unit)
+        if step is not None:
+            return anchor + index * step
         if self.unit == "monthly":
             year, month = divmod(anchor.month - 1 + index, 12)
             year, month = anchor.year + year, month + 1
@@ -191,7 +191,7 @@ def validate_period_settings(
 @functools.lru_cache(maxsize=1024)
 def _rule(period_type: str, alignment: str, timezone: str, anchor: datetime | None) -> PeriodRule:
     """Build (once per settings and anchor: this is on every metered call's path) a rule."""
-    _choice(period_type, PERIOD_TYPES, "period_type")
+    _choice(period_type, PERIOD_TYPES + ("minutely", "hourly"), "period_type")
     _choice(alignment, ALIGNMENTS, "alignment")
     zone = _zone(timezone, "timezone")
     unit = "monthly" if period_type == "rolling" else period_type

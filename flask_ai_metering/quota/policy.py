@@ -14,6 +14,7 @@ from decimal import Decimal
 
 import sqlalchemy as sa
 
+from ..models import Budget
 from ..models import Plan
 from ..models import Subscription
 from ..models import UsageLimitOverride
@@ -60,6 +61,8 @@ class Policy:
     #: ``AI_METERING_DEFAULT_PLAN``, a parameter of the policy query (it holds billables
     #: without a subscription to that plan's limits).
     default_plan: str | None = None
+    #: The billable has live budgets: a call must also hold on those that match it.
+    has_budgets: bool = False
 
     @property
     def limited(self) -> bool:
@@ -134,6 +137,16 @@ POLICY_QUERY = sa.select(
 )
 
 
+_budgets = table(Budget).alias("b")
+#: Whether the billable has a live budget (read with the policy: most have none).
+HAS_BUDGETS = sa.exists(
+    sa.select(_budgets.c.id).where(
+        _budgets.c.billable_type == _B_TYPE, _budgets.c.billable_id == _B_ID, _budgets.c.removed_at.is_(None)
+    )
+)
+_RESOLVE_QUERY = POLICY_QUERY.add_columns(HAS_BUDGETS.label("has_budgets"))
+
+
 def policy_params(billable: Billable, now: dt.datetime, default_plan: str | None) -> dict[str, t.Any]:
     return {"b_type": billable[0], "b_id": billable[1], "now": now, "default_plan": default_plan}
 
@@ -145,7 +158,7 @@ def resolve_policy(conn: sa.Connection, billable: Billable, now: dt.datetime, se
         (checked here, at first use, since it needs the database).
     """
     params = policy_params(billable, now, settings.default_plan)
-    return policy_from_row(conn.execute(POLICY_QUERY, params).one(), billable, now, settings)
+    return policy_from_row(conn.execute(_RESOLVE_QUERY, params).one(), billable, now, settings)
 
 
 #: The columns of :data:`POLICY_QUERY` that may change while a billable stays on the
@@ -178,7 +191,12 @@ def policy_from_row(row: t.Any, billable: Billable, now: dt.datetime, settings: 
             now, period_type=row.period or settings.period_type, alignment="calendar", timezone=settings.timezone
         )
         return Policy(
-            billable=billable, period=period, plan_period=row.period, default_plan=settings.default_plan, **_terms(row)
+            billable=billable,
+            period=period,
+            plan_period=row.period,
+            default_plan=settings.default_plan,
+            has_budgets=bool(getattr(row, "has_budgets", False)),
+            **_terms(row),
         )
     period = period_for(
         now,
@@ -201,6 +219,7 @@ def policy_from_row(row: t.Any, billable: Billable, now: dt.datetime, settings: 
         plan_period=row.period,
         anchor=row.started_at,
         default_plan=settings.default_plan,
+        has_budgets=bool(getattr(row, "has_budgets", False)),
         **_terms(row),
     )
 

@@ -25,11 +25,14 @@ import functools
 import typing as t
 
 import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from ..models import Usage as UsageRow
 from ..models import table
+from . import budgets
 from . import engine as quota
 from .policy import POLICY_QUERY
 from .policy import TERMS
@@ -52,6 +55,9 @@ _RESERVATION_COLUMNS = (
     "expires_at",
     "created_at",
 )
+#: The reservation columns' bind parameters: short names keep the one-statement reserve under
+#: psycopg's 4 KiB statement cache limit.
+_R = {name: f"r{i}" for i, name in enumerate(_RESERVATION_COLUMNS)}
 
 
 def _param(column: sa.Column[t.Any], name: str | None = None) -> sa.BindParameter[t.Any]:
@@ -71,6 +77,15 @@ class HoldRequest:
 
 
 _HOLD_COLUMNS = ("tokens", "cost_units", "idempotency_key", "idempotency_scope", "expires_at", "created_at")
+
+
+def _no_budgets() -> sa.ColumnElement[bool]:
+    """The billable has no live budget: the plain statements' condition (a budgeted call holds more)."""
+    b = budgets.budgets.alias("b")
+    live = sa.select(b.c.id).where(
+        b.c.billable_type == sa.bindparam("k_type"), b.c.billable_id == sa.bindparam("k_id"), b.c.removed_at.is_(None)
+    )
+    return ~sa.exists(live)
 
 
 def _pinned_conditions(pol: sa.CTE, c: sa.Alias, mode_from_plan: bool, feature: bool) -> list[sa.ColumnElement[bool]]:
@@ -135,8 +150,9 @@ def _pinned_statement(enforce: bool, zero_tokens: bool, mode_from_plan: bool, fe
         token_limit, cost_limit = pol.c.token_limit, pol.c.cost_limit
         conditions.append(sa.or_(token_limit.is_(None), sa.and_(*quota.admits(token_limit, None, zero_tokens, c))))
         conditions.append(sa.or_(cost_limit.is_(None), sa.and_(*quota.admits(None, cost_limit, False, c))))
+    conditions.append(_no_budgets())
     claim = sa.update(c).where(*conditions).values(quota.hold_values(c)).returning(c.c.id).cte("claimed")
-    select = sa.select(claim.c.id, *(_param(reservations.c[name], "r_" + name) for name in _RESERVATION_COLUMNS))
+    select = sa.select(claim.c.id, *(_param(reservations.c[name], _R[name]) for name in _RESERVATION_COLUMNS))
     held = (
         sa.insert(reservations)
         .from_select(["counter_id", *_RESERVATION_COLUMNS], select)
@@ -200,6 +216,7 @@ def _pinned_many_statement(enforce: bool, mode_from_plan: bool, feature: bool) -
         conditions.append(
             sa.or_(cost_limit.is_(None), sa.and_(held_cost + cost <= cost_limit, held_cost + cost - most < cost_limit))
         )
+    conditions.append(_no_budgets())
     claim = sa.update(c).where(*conditions).values(quota.hold_values(c)).returning(c.c.id).cte("claimed")
     arrays = {name: reservations.c[name].type for name in _HOLD_COLUMNS}
     requested = (
@@ -209,8 +226,8 @@ def _pinned_many_statement(enforce: bool, mode_from_plan: bool, feature: bool) -
     )
     rows = sa.select(
         claim.c.id,
-        _param(reservations.c.billable_type, "r_billable_type"),
-        _param(reservations.c.billable_id, "r_billable_id"),
+        _param(reservations.c.billable_type, _R["billable_type"]),
+        _param(reservations.c.billable_id, _R["billable_id"]),
         sa.literal("pending"),
         sa.literal(0),
         *(requested.c[name] for name in _HOLD_COLUMNS),
@@ -245,8 +262,8 @@ def reserve_pinned_many(
     """
     params: dict[str, t.Any] = {
         **_pinned_params(recent, now, feature),
-        "r_billable_type": recent.billable[0],
-        "r_billable_id": recent.billable[1],
+        _R["billable_type"]: recent.billable[0],
+        _R["billable_id"]: recent.billable[1],
         "n": sum(r.tokens for r in requests),
         "c": sum(r.cost_units for r in requests),
         "any_zero": any(r.tokens == 0 for r in requests),
@@ -272,18 +289,19 @@ def reserve_pinned_many(
 
 
 def _reservation_params(billable: tuple[str, str], request: HoldRequest) -> dict[str, t.Any]:
-    return {
-        "r_billable_type": billable[0],
-        "r_billable_id": billable[1],
-        "r_idempotency_key": request.idempotency_key,
-        "r_idempotency_scope": request.scope,
-        "r_status": "pending",
-        "r_tokens": request.tokens,
-        "r_cost_units": request.cost_units,
-        "r_credit_units": 0,
-        "r_expires_at": request.expires_at,
-        "r_created_at": request.created_at,
+    values = {
+        "billable_type": billable[0],
+        "billable_id": billable[1],
+        "idempotency_key": request.idempotency_key,
+        "idempotency_scope": request.scope,
+        "status": "pending",
+        "tokens": request.tokens,
+        "cost_units": request.cost_units,
+        "credit_units": 0,
+        "expires_at": request.expires_at,
+        "created_at": request.created_at,
     }
+    return {_R[name]: value for name, value in values.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,7 +369,7 @@ def commit(conn: sa.Connection, true_up: TrueUp, values: dict[str, t.Any]) -> tu
     """
     params = {**true_up.params(), **{"u_" + name: value for name, value in values.items()}}
     row = conn.execute(_commit_statement(), params).one()
-    return int(row[-1]), quota.CounterState.of(row[:4])
+    return int(row[-1]), quota.CounterState.of(row[:5])
 
 
 _LEDGER_COLUMNS = [c for c in usage_table.c if c.name != "id"]
@@ -424,7 +442,7 @@ def commit_many(
     for column in _LEDGER_COLUMNS:
         params["a_" + column.name] = [values[column.name] for _, values in items]
     rows = conn.execute(_commit_many_statement(), params).all()
-    return {int(row.reservation_id): int(row.id) for row in rows}, quota.CounterState.of(rows[0][:4])
+    return {int(row.reservation_id): int(row.id) for row in rows}, quota.CounterState.of(rows[0][:5])
 
 
 @functools.lru_cache(maxsize=1)
@@ -449,3 +467,215 @@ def commit_queued(conn: sa.Connection, true_up: TrueUp, payload: dict[str, t.Any
     params = {**true_up.params(), "payload": payload}
     row = conn.execute(_queued_statement(), params).first()
     return None if row is None else quota.CounterState.of(row)
+
+
+# -- budgets: the plan's counter and every matching budget's, in one statement -----------------
+
+
+def _period_bound(b: sa.FromClause, which: int) -> sa.ColumnElement[t.Any]:
+    """The start (0) or end (1) of the budget's period, chosen by its ``period`` among the bound ones."""
+    kind = budgets.budget_counters.c.period_start.type
+    return sa.case({name: sa.bindparam(f"p_{name}_{which}", type_=kind) for name in budgets.PERIODS}, value=b.c.period)
+
+
+def _fresh_admits(bud: sa.CTE, zero_tokens: bool) -> sa.ColumnElement[bool]:
+    """A new counter of ``bud``'s budget could take this hold (:func:`budgets.admits` on zeros)."""
+    n = sa.bindparam("n", type_=sa.BigInteger)
+    cost = sa.bindparam("c", type_=sa.BigInteger)
+    token_ok = [n <= bud.c.token_limit] + ([bud.c.token_limit > 0] if zero_tokens else [])
+    return sa.or_(
+        bud.c.enforced == sa.false(),
+        sa.and_(
+            sa.or_(bud.c.token_limit.is_(None), sa.and_(*token_ok)),
+            sa.or_(
+                bud.c.cost_limit_units.is_(None), sa.and_(cost <= bud.c.cost_limit_units, bud.c.cost_limit_units > 0)
+            ),
+            sa.or_(bud.c.request_limit.is_(None), bud.c.request_limit >= 1),
+        ),
+    )
+
+
+@functools.cache
+def _budgeted_statement(enforce: bool, zero_tokens: bool, mode_from_plan: bool, feature: bool) -> t.Any:
+    """:func:`_pinned_statement` that also holds on every budget matching the call, all or none.
+
+    Each matching budget's counter of its period is created or updated by one
+    ``INSERT … ON CONFLICT DO UPDATE … WHERE <it admits the hold>``. The plan's counter is
+    updated first (its row lock orders the calls of one billable), then the budgets in id
+    order. A statement cannot undo part of itself, so when the plan's counter took the hold
+    and a budget refused it (or the reverse) the last column divides by zero: PostgreSQL
+    aborts the whole statement and nothing is written. The caller then takes the portable
+    path, which names the budget that refused.
+    """
+    pol, c = _policy_and_counter()
+    conditions = _pinned_conditions(pol, c, mode_from_plan, feature)
+    if enforce:
+        token_limit, cost_limit = pol.c.token_limit, pol.c.cost_limit
+        conditions.append(sa.or_(token_limit.is_(None), sa.and_(*quota.admits(token_limit, None, zero_tokens, c))))
+        conditions.append(sa.or_(cost_limit.is_(None), sa.and_(*quota.admits(None, cost_limit, False, c))))
+    claim = sa.update(c).where(*conditions).values(quota.hold_values(c)).returning(c.c.id).cte("claimed")
+    b = budgets.budgets.alias("b")
+    bud = (
+        sa.select(
+            b.c.id.label("budget_id"),
+            _period_bound(b, 0).label("period_start"),
+            _period_bound(b, 1).label("period_end"),
+            b.c.token_limit,
+            sa.type_coerce(b.c.cost_limit, sa.BigInteger).label("cost_limit_units"),
+            b.c.request_limit,
+            (b.c.mode == "hard").label("enforced"),
+        )
+        .where(budgets.matching_clause(b))
+        .cte("bud")
+    )
+    bc = budgets.budget_counters
+    fresh = (
+        sa.select(
+            *(bud.c[name] for name in _BUDGET_COUNTER_TERMS),
+            sa.bindparam("n", type_=sa.BigInteger),
+            sa.bindparam("c", type_=sa.BigInteger),
+            sa.literal(1, sa.BigInteger),
+            sa.bindparam("now", type_=bc.c.created_at.type),
+            *(sa.literal_column("0") for _ in _ZEROED),
+        )
+        .where(_fresh_admits(bud, zero_tokens))
+        .order_by(bud.c.budget_id)
+    )
+    upsert = pg_insert(bc).from_select(
+        [*_BUDGET_COUNTER_TERMS, "reserved_tokens", "reserved_cost_units", "reserved_requests", "created_at", *_ZEROED],
+        fresh,
+    )
+    bheld = (
+        upsert.on_conflict_do_update(
+            index_elements=[bc.c.budget_id, bc.c.period_start],
+            set_=budgets.hold_values(bc),
+            where=budgets.admits(bc, zero_tokens=zero_tokens),
+        )
+        .returning(bc.c.id, bc.c.budget_id)
+        .cte("bheld")
+    )
+    held_ids = sa.select(sa.func.json_agg(bheld.c.id)).scalar_subquery()
+    select = sa.select(claim.c.id, *(_param(reservations.c[name], _R[name]) for name in _RESERVATION_COLUMNS), held_ids)
+    held = (
+        sa.insert(reservations)
+        .from_select(["counter_id", *_RESERVATION_COLUMNS, "budget_counter_ids"], select)
+        .returning(reservations.c.id.label("reservation_id"), reservations.c.counter_id)
+        .cte("held")
+    )
+
+    def count(cte: sa.CTE) -> sa.ScalarSelect[int]:
+        return sa.select(sa.func.count()).select_from(cte).scalar_subquery()
+
+    whole = sa.or_(
+        sa.and_(count(claim) == 1, count(bheld) == count(bud)), sa.and_(count(claim) == 0, count(bheld) == 0)
+    )
+    guard = sa.literal(1) / sa.case((whole, 1), else_=0)
+    pairs = sa.select(sa.func.json_agg(sa.func.json_build_array(bheld.c.id, bheld.c.budget_id))).scalar_subquery()
+    terms = (pol.c[name] for name in TERMS)
+    return sa.select(
+        held.c.reservation_id, held.c.counter_id, pairs.label("budget_counters"), *terms, guard.label("whole")
+    ).select_from(pol.outerjoin(held, sa.true()))
+
+
+#: A new budget counter's columns that start at zero (given, so no Python default is bound as NULL).
+_ZEROED = ("used_tokens", "used_cost_units", "used_requests", "alert_level")
+_BUDGET_COUNTER_TERMS = (
+    "budget_id",
+    "period_start",
+    "period_end",
+    "token_limit",
+    "cost_limit_units",
+    "request_limit",
+    "enforced",
+)
+
+
+def reserve_budgeted(
+    conn: sa.Connection,
+    recent: Policy,
+    request: HoldRequest,
+    *,
+    enforce: bool,
+    mode_from_plan: bool,
+    feature: str | None,
+    user_id: str | None,
+    model: str | None,
+    timezone: str,
+) -> t.Any:
+    """:func:`reserve_pinned` for a billable with budgets: the plan's and the budgets' holds at once.
+
+    Returns the row (``reservation_id``, ``counter_id``, ``budget_counters`` as ``[[counter id,
+    budget id], …]`` and the :data:`TERMS`), or None when nothing was written.
+    """
+    bounds = budgets.period_bounds(request.created_at, timezone)
+    params = {
+        **_pinned_params(recent, request.created_at, feature),
+        **_reservation_params(recent.billable, request),
+        **budgets.matching_params(recent.billable, user_id, feature, model),
+        **{f"p_{name}_{i}": bound[i] for name, bound in bounds.items() for i in (0, 1)},
+        "n": request.tokens,
+        "c": request.cost_units,
+    }
+    statement = _budgeted_statement(enforce, request.tokens == 0, mode_from_plan, feature is not None)
+    try:  # in autocommit: a statement that fails leaves nothing behind
+        row = conn.execute(statement, params).first()
+    except sa_exc.DataError as error:
+        if getattr(error.orig, "sqlstate", None) != _DIVISION_BY_ZERO:
+            raise
+        return None  # a budget or the plan refused: nothing was written
+    return None if row is None or row.reservation_id is None else row
+
+
+_DIVISION_BY_ZERO = "22012"
+
+
+@functools.lru_cache(maxsize=1)
+def _commit_budgeted_statement() -> t.Any:
+    """:func:`_commit_statement` that also trues up the budget counters the hold was on."""
+    settled = quota.settle_statement(keep_key=True).returning(reservations.c.id).cte("settled")
+    won = sa.exists(sa.select(settled.c.id))
+    counter = _true_up(won)
+    values: dict[str, t.Any] = {c.name: _param(c, "u_" + c.name) for c in usage_table.c if c.name != "id"}
+    values["idempotency_key"] = sa.case((won, values["idempotency_key"]), else_=sa.null())
+    ledger = sa.insert(usage_table).values(values).returning(usage_table.c.id).cte("recorded")
+    bc = budgets.budget_counters
+    one = sa.case((won, 1), else_=0)
+    counted = (
+        sa.update(bc)
+        .where(bc.c.id == sa.func.any(sa.bindparam("bids", type_=ARRAY(sa.BigInteger))))
+        .values(
+            used_tokens=bc.c.used_tokens + sa.bindparam("ut", type_=sa.BigInteger),
+            used_cost_units=bc.c.used_cost_units + sa.bindparam("uc", type_=sa.BigInteger),
+            used_requests=bc.c.used_requests + 1,
+            reserved_tokens=bc.c.reserved_tokens - sa.case((won, sa.bindparam("rt", type_=sa.BigInteger)), else_=0),
+            reserved_cost_units=bc.c.reserved_cost_units
+            - sa.case((won, sa.bindparam("rc", type_=sa.BigInteger)), else_=0),
+            reserved_requests=bc.c.reserved_requests - one,
+        )
+        .returning(*(bc.c[name] for name in budgets.COUNTER_COLUMNS))
+        .cte("bcounted")
+    )
+    states = sa.select(
+        sa.func.json_agg(sa.func.json_build_array(*(counted.c[name] for name in budgets.COUNTER_COLUMNS)))
+    ).scalar_subquery()
+    return sa.select(*counter.c, ledger.c.id, states.label("budget_counters")).select_from(
+        counter.join(ledger, sa.true())
+    )
+
+
+def commit_budgeted(
+    conn: sa.Connection,
+    true_up: TrueUp,
+    values: dict[str, t.Any],
+    held: t.Sequence[tuple[int, budgets.Terms]],
+) -> tuple[int, quota.CounterState, list[budgets.Standing]]:
+    """:func:`commit` for a hold on budgets too: one statement; the budget counters after it."""
+    params = {
+        **true_up.params(),
+        **{"u_" + name: value for name, value in values.items()},
+        "bids": [counter_id for counter_id, _ in held],
+    }
+    row = conn.execute(_commit_budgeted_statement(), params).one()
+    terms = dict(held)
+    standings = [budgets.standing_of(state, terms[int(state[0])]) for state in row.budget_counters or []]
+    return int(row.id), quota.CounterState.of(row[:5]), standings

@@ -64,7 +64,11 @@ def standing(
             row = conn.execute(_STANDING, {**policy_params(billable, at, rt.settings.default_plan), **key}).one()
             policy = policy_from_row(row, billable, at, rt.settings)
             if engine.key_params(policy) == key:
-                state = engine.CounterState.of(row[-4:]) if row.counter_id is not None else engine.CounterState()
+                state = (
+                    engine.CounterState.of(row[-len(engine.USED_COLUMNS) :])
+                    if row.counter_id is not None
+                    else engine.CounterState()
+                )
             else:
                 _, state = engine.read_counter(conn, policy)
     recent.remember(policy)

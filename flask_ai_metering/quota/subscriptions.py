@@ -30,6 +30,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from .. import signals
 from ..errors import AiMeteringError
 from ..errors import InvalidUsage
+from ..models import Base
 from ..models import Plan
 from ..models import Subscription
 from ..models import table
@@ -162,7 +163,7 @@ def subscribe(
         signals.plan_changed.send(rt.app, billable=billable, old_plan=old, new_plan=new_slug, subscription_id=sub_id)
     with rt.store.engine.connect() as conn:
         row = conn.execute(sa.select(subs).where(subs.c.id == sub_id)).one()
-    return _attach(db, row)
+    return attach(db, Subscription, row)
 
 
 class _Retry(Exception):
@@ -306,11 +307,14 @@ def subscription_of(rt: Runtime, db: SQLAlchemy, billable: Billable) -> Subscrip
         row = conn.execute(
             sa.select(subs).where(subs.c.billable_type == billable[0], subs.c.billable_id == billable[1])
         ).first()
-    return None if row is None else _attach(db, row)
+    return None if row is None else attach(db, Subscription, row)
 
 
-def _attach(db: SQLAlchemy, row: t.Any) -> Subscription:
-    """The committed row as a ``Subscription`` in the app's session, without any SQL.
+M = t.TypeVar("M", bound=Base)
+
+
+def attach(db: SQLAlchemy, model: type[M], row: t.Any) -> M:
+    """The committed row as a ``model`` instance in the app's session, without any SQL.
 
     Read through metering's own connection, because the app's session may hold an
     older snapshot (MySQL's REPEATABLE READ) that cannot see what we just committed;
@@ -318,7 +322,7 @@ def _attach(db: SQLAlchemy, row: t.Any) -> Subscription:
     instance the session already holds keeps the app's own unflushed changes.
     """
     values = dict(row._mapping)
-    key = db.session.identity_key(Subscription, (values["id"],))
+    key = db.session.identity_key(model, (values["id"],))
     loaded = db.session.identity_map.get(key)
     if loaded is not None:
         # Refresh what the app has not changed; its own pending changes stay pending.
@@ -326,7 +330,7 @@ def _attach(db: SQLAlchemy, row: t.Any) -> Subscription:
         for name, value in values.items():
             if name not in state.committed_state:
                 set_committed_value(loaded, name, value)
-        return t.cast(Subscription, loaded)
-    sub = Subscription(**values)
-    make_transient_to_detached(sub)
-    return db.session.merge(sub, load=False)
+        return t.cast(M, loaded)
+    instance = model(**values)
+    make_transient_to_detached(instance)
+    return db.session.merge(instance, load=False)
