@@ -27,6 +27,7 @@ from .. import validation as v
 from ..errors import InvalidUsage
 from ..models import Budget
 from ..models import BudgetCounter
+from ..models import Reservation
 from ..models import table
 from ..models import utcnow
 from ..money import from_units
@@ -43,6 +44,7 @@ if t.TYPE_CHECKING:
 
 budgets = table(Budget)
 budget_counters = table(BudgetCounter)
+reservations = table(Reservation)
 
 #: A budget's periods, shortest first; ``minute`` and ``hour`` are UTC, the others calendar
 #: periods in ``AI_METERING_TIMEZONE`` like a plan's.
@@ -427,6 +429,51 @@ def apply(
     )
 
 
+def counters_of_call(conn: sa.Connection, call: t.Any) -> list[int]:
+    """The budget counters a ledger row's call counted on.
+
+    A metered call's reservation lists them. Recorded usage (no reservation) counted
+    on the budgets live when it happened, in the period containing it.
+    """
+    if call.reservation_id is not None:
+        held = conn.execute(
+            sa.select(reservations.c.budget_counter_ids).where(reservations.c.id == call.reservation_id)
+        ).scalar()
+        return [int(counter_id) for counter_id in held or []]
+    at = call.occurred_at
+    live = sa.and_(
+        budgets.c.created_at <= at,
+        sa.or_(budgets.c.removed_at.is_(None), budgets.c.removed_at > at),
+        budget_counters.c.period_start <= at,
+        budget_counters.c.period_end > at,
+    )
+    query = (
+        sa.select(budget_counters.c.id)
+        .join_from(budget_counters, budgets, budgets.c.id == budget_counters.c.budget_id)
+        .where(matching_clause().self_group(), live)
+    )
+    params = matching_params((call.billable_type, call.billable_id), call.user_id, call.feature, call.model)
+    return [int(row[0]) for row in conn.execute(query, params)]
+
+
+def give_back(conn: sa.Connection, call: t.Any, tokens: int, cost_units: int, at: dt.datetime) -> list[int]:
+    """A refund's amounts back to the budget counters its call counted on, whose period still runs.
+
+    Requests stay counted: the call was made. Returns the counters credited.
+    """
+    counted = counters_of_call(conn, call)
+    if not counted:
+        return []
+    running = [
+        int(row[0])
+        for row in conn.execute(
+            sa.select(budget_counters.c.id).where(budget_counters.c.id.in_(counted), budget_counters.c.period_end > at)
+        )
+    ]
+    apply(conn, running, used_tokens=-tokens, used_cost_units=-cost_units)
+    return running
+
+
 # -- where a budget stands -------------------------------------------------------------------
 
 
@@ -533,7 +580,7 @@ COUNTER_COLUMNS = (
     "alert_level",
 )
 _STANDINGS = (
-    sa.select(*(budget_counters.c[name] for name in COUNTER_COLUMNS), budgets)
+    sa.select(*(budget_counters.c[name].label("bc_" + name) for name in COUNTER_COLUMNS), budgets)
     .join_from(budget_counters, budgets, budgets.c.id == budget_counters.c.budget_id)
     .where(budget_counters.c.id.in_(sa.bindparam("ids", expanding=True)))
     .order_by(budget_counters.c.id)
