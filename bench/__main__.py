@@ -15,6 +15,7 @@ reachable), ``BENCH_QUICK=1`` (shorter runs), ``BENCH_DASHBOARD_ROWS`` (default
 
 ``python -m bench http`` runs the HTTP bench alone (gunicorn + wrk);
 ``python -m bench http-soak`` runs the worker RSS soak alone;
+``python -m bench budgets`` runs only the cost of each matching budget per call;
 ``python -m bench dashboard-wide`` runs only the wide-ledger dashboard case (peak RSS
 and page time per view), which the full run is too long to repeat for.
 """
@@ -54,8 +55,8 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, _interrupted)
     quick = os.environ.get("BENCH_QUICK") == "1"
     only = argv[0] if argv else None
-    if only not in (None, "http", "http-soak", "dashboard-wide"):
-        print("usage: python -m bench [http | http-soak | dashboard-wide]", file=sys.stderr)
+    if only not in (None, "http", "http-soak", "dashboard-wide", "budgets"):
+        print("usage: python -m bench [http | http-soak | dashboard-wide | budgets]", file=sys.stderr)
         return 2
     # The HTTP bench's own check: it does not import bench.common.
     from bench.common import postgres_available
@@ -67,6 +68,11 @@ def main(argv: list[str]) -> int:
     RESULTS.mkdir(exist_ok=True)
     meta = {"when": stamp, "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
     rows: list[dict[str, t.Any]] = []
+    if only in (None, "budgets"):
+        from bench import budgets
+
+        print("budgets on the hot path…", file=sys.stderr)
+        rows += budgets.run(backends, calls=500 if quick else 1500)
     if only is None:
         from bench import overhead
         from bench import quota
@@ -107,6 +113,8 @@ def _optional_benches(
         return [("HTTP under gunicorn + wrk", lambda: http.run(backends))]
     if only == "http-soak":
         return [("HTTP soak, worker RSS", lambda: http.soak(backends))]
+    if only == "budgets":
+        return []
     from bench import dashboard
 
     def wide(rows: int, models: int) -> list[dict[str, t.Any]]:

@@ -24,6 +24,7 @@ from decimal import Decimal
 import sqlalchemy as sa
 
 from .. import validation as v
+from ..config import thresholds as check_thresholds
 from ..errors import InvalidUsage
 from ..models import Budget
 from ..models import BudgetCounter
@@ -36,6 +37,7 @@ from ..money import to_units
 from .engine import LimitCheck
 from .periods import Period
 from .periods import period_for
+from .policy import resolve_policy
 
 if t.TYPE_CHECKING:
     from ..config import Settings
@@ -124,8 +126,6 @@ def validate_budget(
     thresholds: t.Any,
 ) -> dict[str, t.Any]:
     """The budget's limits and options checked, naming the bad field; its column values."""
-    from ..config import thresholds as check_thresholds
-
     if period not in PERIODS:
         raise InvalidUsage(f"period must be one of {', '.join(PERIODS)}; got {period!r}")
     if mode not in MODES:
@@ -161,8 +161,6 @@ def add_budget(
 
     :raises InvalidUsage: naming the bad field; a ``feature`` the billable's plan forbids.
     """
-    from .policy import resolve_policy
-
     values = validate_budget(**options)
 
     def work(conn: sa.Connection) -> int:
