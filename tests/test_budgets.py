@@ -325,3 +325,21 @@ def test_a_refund_gives_the_budget_back_while_its_period_runs(team, db, backend)
     assert (bc.used_tokens, bc.used_requests) == (60, 2)  # requests stay counted: the calls were made
     spend(team, user="7", tokens=240)
     assert reconcile(team.runtime()) == []
+
+
+def test_repricing_adds_the_cost_to_the_budgets_too(make_app, backend):
+    from flask_ai_metering.ops.reprice import reprice
+
+    prices = {"manual": {"models": {"m": {"input_price_per_1k": "1", "output_price_per_1k": "2"}}}}
+    before, db, old = make_app()  # no price for "m" yet
+    with before.app_context():
+        add_plan(db, slug="pro", token_limit=100_000)
+        old.subscribe(TEAM, "pro")
+        old.add_budget(TEAM, model="m", period="month", cost_limit="10")
+        old.call(lambda: "ok", billable=TEAM, provider="manual", model="m", usage={"input_tokens": 1000})
+    app, now_db, meter = make_app(AI_METERING_PROVIDERS=prices)
+    with app.app_context():
+        assert reprice(meter.runtime()).repriced == 1
+        [bc] = rows(now_db, BudgetCounter)
+        assert bc.used_cost_units == 10**12  # 1,000 input tokens at 1 per 1k
+        assert reconcile(meter.runtime()) == []

@@ -150,7 +150,7 @@ def refund(
             of_billable = sa.and_(subs.c.billable_type == billable[0], subs.c.billable_id == billable[1])
             conn.execute(sa.select(subs.c.id).where(of_billable).with_for_update())
         counter_id = _give_back_to_counter(rt, conn, original.counter_id, tokens_back, units_back, at)
-        budgets.give_back(conn, original, tokens_back, units_back, at)
+        budgets.adjust_for_call(conn, original, tokens=-tokens_back, cost_units=-units_back, at=at)
         refund_id = _insert(conn, original, left, tokens_back, units_back, counter_id, key, reason, at)
         if original.billing_mode == "credits":
             credited, wallet[:] = _credit_wallet(rt, conn, original, refund_id, units_back, at)

@@ -38,6 +38,7 @@ from ..models import table
 from ..models import utcnow
 from ..money import from_units
 from ..money import to_units
+from ..quota import budgets
 from ..quota import engine as quota
 from ..quota.policy import resolve_policy
 
@@ -146,6 +147,7 @@ def _one(rt: Runtime, conn: sa.Connection, row: t.Any, report: RepriceReport, at
     if dry_run:
         return
     counter_id = _counter_in_force(rt, conn, row.counter_id, delta, at)
+    budgets.adjust_for_call(conn, row, tokens=0, cost_units=delta, at=at)
     input_delta = to_units(costs.input_cost) - to_units(row.input_cost)
     adjustment_id = _insert(conn, row, costs.source, delta, input_delta, counter_id, at)
     if row.billing_mode == "credits":

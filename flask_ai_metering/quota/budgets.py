@@ -454,10 +454,11 @@ def counters_of_call(conn: sa.Connection, call: t.Any) -> list[int]:
     return [int(row[0]) for row in conn.execute(query, params)]
 
 
-def give_back(conn: sa.Connection, call: t.Any, tokens: int, cost_units: int, at: dt.datetime) -> list[int]:
-    """A refund's amounts back to the budget counters its call counted on, whose period still runs.
+def adjust_for_call(conn: sa.Connection, call: t.Any, *, tokens: int, cost_units: int, at: dt.datetime) -> list[int]:
+    """Add an adjustment of a call (a refund's negative amounts, a repricing's cost) to its budgets.
 
-    Requests stay counted: the call was made. Returns the counters credited.
+    Only the counters the call counted on whose period still runs at ``at`` change, as a
+    plan's counter does; requests stay counted (the call was made). Returns those counters.
     """
     counted = counters_of_call(conn, call)
     if not counted:
@@ -468,7 +469,7 @@ def give_back(conn: sa.Connection, call: t.Any, tokens: int, cost_units: int, at
             sa.select(budget_counters.c.id).where(budget_counters.c.id.in_(counted), budget_counters.c.period_end > at)
         )
     ]
-    apply(conn, running, used_tokens=-tokens, used_cost_units=-cost_units)
+    apply(conn, running, used_tokens=tokens, used_cost_units=cost_units)
     return running
 
 
