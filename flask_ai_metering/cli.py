@@ -8,6 +8,7 @@ message and change nothing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import sys
@@ -17,6 +18,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
+from .alerts.delivery import deliver_due
 from .errors import ConfigurationError
 from .errors import InvalidUsage
 from .ops import schema as migrations
@@ -232,7 +234,7 @@ def validate_command() -> None:
 @click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
 @yes_option
 def cleanup_command(days: int | None, dry_run: bool, yes: bool) -> None:
-    """Prune old usage, finished reservations and expired idempotency claims (never rollups)."""
+    """Prune old usage, finished reservations, expired idempotency claims and delivered alerts (never rollups)."""
 
     if not dry_run:
         kept = _meter().runtime().settings.prune_after_days if days is None else days
@@ -266,6 +268,24 @@ def sync_overages_command(limit: int | None) -> None:
         for error in getattr(report, "errors", []):
             click.echo(str(error), err=True)
         _status(str(report), fg="red")
+        raise SystemExit(1)
+    _status(str(report), fg="green")
+
+
+@cli.command("deliver-alerts")
+@click.option("--retry-failed", is_flag=True, help="First give alerts that used up their attempts a fresh set.")
+def deliver_alerts_command(retry_failed: bool) -> None:
+    """Send the alerts that are due to the webhook; exit 1 while any is out of attempts.
+
+    Safe beside the background thread and other runs: each alert is claimed before it is sent.
+    """
+    rt = _meter().runtime()
+    if not rt.settings.alert_webhook_url:
+        _status("No AI_METERING_ALERT_WEBHOOK_URL is set: alerts are only signals.", fg="yellow")
+    report = deliver_due(rt, limit=None, retry_failed=retry_failed)
+    click.echo(json.dumps(dataclasses.asdict(report)))
+    if not report.ok:
+        _status(f"{report} Fix the receiver, then run deliver-alerts --retry-failed.", fg="red")
         raise SystemExit(1)
     _status(str(report), fg="green")
 

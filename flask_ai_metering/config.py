@@ -384,6 +384,14 @@ class Settings:
             raise ConfigurationError(
                 f"{ConfigVars.ALERT_WEBHOOK_URL} needs {ConfigVars.ALERT_WEBHOOK_SECRET} to sign the alerts"
             )
+        webhook_url = config[ConfigVars.ALERT_WEBHOOK_URL]
+        # urllib also opens file:// and ftp:// URLs: only a web receiver may get alerts.
+        if webhook_url and (
+            not isinstance(webhook_url, str) or not webhook_url.lower().startswith(("http://", "https://"))
+        ):
+            raise ConfigurationError(
+                f"{ConfigVars.ALERT_WEBHOOK_URL} must be an http:// or https:// URL, got {webhook_url!r}"
+            )
         return cls(
             enabled=bool(config[ConfigVars.ENABLED]),
             default_provider=str(config[ConfigVars.DEFAULT_PROVIDER]),

@@ -237,3 +237,12 @@ def concurrently(fn: t.Callable[[], t.Any], times: int = 2, timeout: float = 60)
     for thread in threads:
         thread.join(timeout)
     return results
+
+
+@pytest.fixture(autouse=True)
+def _stop_alert_threads() -> t.Iterator[None]:
+    """Stop any alert delivery thread a test started, so none outlives its test's database."""
+    yield
+    from flask_ai_metering.alerts import worker
+
+    assert worker.stop(), "an alert delivery thread did not stop"

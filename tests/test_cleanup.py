@@ -73,7 +73,7 @@ def test_cleanup_prunes_old_rows_in_batches_and_keeps_rollups(make_app: AppFacto
             rollups_before = count(conn, rollup)
 
         planned = cleanup(rt, dry_run=True)
-        assert planned == {"usage rows": 7, "finished reservations": 3, "failure rows": 0}
+        assert planned == {"usage rows": 7, "finished reservations": 3, "failure rows": 0, "delivered alerts": 0}
         with rt.store.engine.connect() as conn:
             assert count(conn, usage) == 11
 
@@ -83,7 +83,7 @@ def test_cleanup_prunes_old_rows_in_batches_and_keeps_rollups(make_app: AppFacto
             assert count(conn, rollup) == rollups_before
             assert count(conn, reservations) == 2
             assert count(conn, reservations, reservations.c.status == "pending") == 1
-        assert cleanup(rt) == {"usage rows": 0, "finished reservations": 0, "failure rows": 0}
+        assert cleanup(rt) == {"usage rows": 0, "finished reservations": 0, "failure rows": 0, "delivered alerts": 0}
         assert reconcile(rt) == []
 
 
@@ -93,7 +93,12 @@ def test_cleanup_never_reaches_into_a_checked_or_running_period(make_app: AppFac
         rt = meter.runtime()
         record(meter, 3, days_ago=20)
         # --days reaching into the running period stops at its start: those rows stay.
-        assert cleanup(rt, days=1) == {"usage rows": 0, "finished reservations": 0, "failure rows": 0}
+        assert cleanup(rt, days=1) == {
+            "usage rows": 0,
+            "finished reservations": 0,
+            "failure rows": 0,
+            "delivered alerts": 0,
+        }
         # A yearly plan's running period started long ago: its rows stay.
         plan = add_plan(db, slug="yearly", period="yearly", token_limit=10**9)
         meter.subscribe(("Team", "y"), plan)

@@ -3,8 +3,10 @@
 What goes: usage rows and failure rows older than the retention window, and reservations that are
 finished (``committed``, ``released`` or ``expired`` — an idempotency claim is a
 reservation, so expired claims go with them) and older than the same cutoff.
+Delivered alert events older than the cutoff go too.
 What stays: rollups (they are the long-term history), counters, pending
-reservations (an outbox payload may still be waiting in one), wallets, overages.
+reservations (an outbox payload may still be waiting in one), undelivered alerts,
+wallets, overages.
 
 The cutoff never reaches into a period that is still running, and cleanup records
 it (``pruned_before``) so ``reconcile`` checks exactly the periods whose usage is
@@ -22,6 +24,7 @@ import typing as t
 import sqlalchemy as sa
 
 from ..models import AggregationState
+from ..models import AlertEvent
 from ..models import Counter
 from ..models import Failure
 from ..models import Reservation
@@ -40,6 +43,7 @@ reservations = t.cast(sa.Table, Reservation.__table__)
 counters = t.cast(sa.Table, Counter.__table__)
 state = t.cast(sa.Table, AggregationState.__table__)
 failures = t.cast(sa.Table, Failure.__table__)
+alert_events = t.cast(sa.Table, AlertEvent.__table__)
 
 FINISHED = ("committed", "released", "expired")
 
@@ -138,5 +142,13 @@ def cleanup(
         ),
         "failure rows": _delete_in_batches(
             rt, failures, failures.c.occurred_at < cutoff, dry_run=dry_run, progress=None
+        ),
+        # Only delivered alerts: an undelivered one is still owed to the receiver.
+        "delivered alerts": _delete_in_batches(
+            rt,
+            alert_events,
+            sa.and_(alert_events.c.delivered_at.is_not(None), alert_events.c.delivered_at < cutoff),
+            dry_run=dry_run,
+            progress=None,
         ),
     }
