@@ -494,3 +494,44 @@ def test_verify_accepts_only_a_fresh_signature_of_these_bytes_with_this_secret()
         assert not verify(body, garbage, SECRET, now=now)
     rotated = f"t={now},v1={'0' * 64},{header.split(',')[1]}"  # one of several signatures matches
     assert verify(body, rotated, SECRET, now=now)
+
+
+# -- end to end: crossings of plans and budgets --------------------------------------------
+
+
+@pytest.mark.parametrize("delivery", ["cli", "thread"])
+def test_thresholds_crossed_by_calls_reach_the_webhook_once_each(
+    make_alerting: t.Callable[..., Made], receiver: Receiver, delivery: str
+) -> None:
+    """Calls cross a plan's and a budget's thresholds; each alert is POSTed once, signed, with its data."""
+    from tests.conftest import add_plan
+
+    made = make_alerting(AI_METERING_ALERT_DELIVERY=delivery)
+    meter = made.app.extensions["ai_metering"]
+    with made.app.app_context():
+        add_plan(made.app.extensions["sqlalchemy"], slug="team", token_limit=1000)
+        meter.subscribe(TEAM, "team")
+        budget = meter.add_budget(TEAM, user="member", period="day", token_limit=200)
+        # The budget: 75 %, then 100 %. The plan: 90 %, then 100 %.
+        for user, tokens in (("member", 150), ("member", 50), ("other", 700), ("other", 100)):
+            meter.call(
+                lambda: None,
+                billable=TEAM,
+                user=user,
+                provider="manual",
+                max_tokens=tokens,
+                usage={"output_tokens": tokens},
+            )
+        if delivery == "cli":
+            assert deliver_cli(made.app)[0] == 0
+        receiver.wait_for(4)
+        assert worker.stop(made.app)
+    assert sorted(receiver.counts().values()) == [1, 1, 1, 1]
+    assert sorted(receiver.verified) == sorted(receiver.posts)
+    by_id = {row.event_id: row.payload for row in rows(made.rt).values()}
+    budget_alerts = [p["data"] for p in by_id.values() if p["data"]["budget"] is not None]
+    plan_alerts = [p["data"] for p in by_id.values() if p["data"]["budget"] is None]
+    assert sorted(a["threshold"] for a in budget_alerts) == [80, 100]
+    assert {a["budget"]["id"] for a in budget_alerts} == {budget.id}
+    assert sorted(a["threshold"] for a in plan_alerts) == [80, 100] and {a["plan"] for a in plan_alerts} == {"team"}
+    assert all(row.delivered_at is not None for row in rows(made.rt).values())
