@@ -343,3 +343,21 @@ def test_repricing_adds_the_cost_to_the_budgets_too(make_app, backend):
         [bc] = rows(now_db, BudgetCounter)
         assert bc.used_cost_units == 10**12  # 1,000 input tokens at 1 per 1k
         assert reconcile(meter.runtime()) == []
+
+
+def test_the_budgeted_commit_fits_psycopgs_statement_cache() -> None:
+    """The budgeted commit runs on every budgeted call: psycopg must convert it once, not each time.
+
+    (The budgeted hold embeds the policy query and the budgets' upsert: it is over the limit,
+    and its conversion is part of what ``python -m bench budgets`` measures.)
+    """
+    import re
+
+    from psycopg import _queries
+    from sqlalchemy.dialects.postgresql import psycopg as dialect_module
+
+    from flask_ai_metering.quota import postgres
+
+    text = postgres._commit_budgeted_statement().compile(dialect=dialect_module.dialect()).string
+    assert len(text) <= _queries.MAX_CACHED_STATEMENT_LENGTH
+    assert len(set(re.findall(r"%\((\w+)\)s", text))) <= _queries.MAX_CACHED_STATEMENT_PARAMS

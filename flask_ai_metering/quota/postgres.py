@@ -348,8 +348,8 @@ def _true_up(won: sa.Exists, *conditions: sa.ColumnElement[bool]) -> t.Any:
     )
 
 
-@functools.lru_cache(maxsize=1)
-def _commit_statement() -> t.Any:
+def _commit_parts() -> tuple[sa.Exists, sa.CTE, sa.CTE]:
+    """The commit's settle (whether it won), counter true-up and ledger row, as CTEs."""
     settled = quota.settle_statement(keep_key=True).returning(reservations.c.id).cte("settled")
     won = sa.exists(sa.select(settled.c.id))
     counter = _true_up(won)
@@ -357,6 +357,12 @@ def _commit_statement() -> t.Any:
     # A commit that lost to the sweeper lost its key too (a retry may hold it now).
     values["idempotency_key"] = sa.case((won, values["idempotency_key"]), else_=sa.null())
     ledger = sa.insert(usage_table).values(values).returning(usage_table.c.id).cte("recorded")
+    return won, counter, ledger
+
+
+@functools.lru_cache(maxsize=1)
+def _commit_statement() -> t.Any:
+    _, counter, ledger = _commit_parts()
     # Both CTEs return exactly one row: joining them on TRUE reads both in one result.
     return sa.select(*counter.c, ledger.c.id).select_from(counter.join(ledger, sa.true()))
 
@@ -631,15 +637,12 @@ _DIVISION_BY_ZERO = "22012"
 
 @functools.lru_cache(maxsize=1)
 def _commit_budgeted_statement() -> t.Any:
-    """:func:`_commit_statement` that also trues up the budget counters the hold was on."""
-    settled = quota.settle_statement(keep_key=True).returning(reservations.c.id).cte("settled")
-    won = sa.exists(sa.select(settled.c.id))
-    counter = _true_up(won)
-    values: dict[str, t.Any] = {c.name: _param(c, "u_" + c.name) for c in usage_table.c if c.name != "id"}
-    values["idempotency_key"] = sa.case((won, values["idempotency_key"]), else_=sa.null())
-    ledger = sa.insert(usage_table).values(values).returning(usage_table.c.id).cte("recorded")
-    bc = budgets.budget_counters
-    one = sa.case((won, 1), else_=0)
+    """:func:`_commit_statement` that also trues up the budget counters the hold was on.
+
+    Their rows come back as one JSON array (``json_agg``), beside the plan counter's amounts.
+    """
+    won, counter, ledger = _commit_parts()
+    bc = t.cast(sa.Alias, sa.alias(budgets.budget_counters, "bc"))  # short: under psycopg's 4 KiB cache limit
     counted = (
         sa.update(bc)
         .where(bc.c.id == sa.func.any(sa.bindparam("bids", type_=ARRAY(sa.BigInteger))))
@@ -650,14 +653,12 @@ def _commit_budgeted_statement() -> t.Any:
             reserved_tokens=bc.c.reserved_tokens - sa.case((won, sa.bindparam("rt", type_=sa.BigInteger)), else_=0),
             reserved_cost_units=bc.c.reserved_cost_units
             - sa.case((won, sa.bindparam("rc", type_=sa.BigInteger)), else_=0),
-            reserved_requests=bc.c.reserved_requests - one,
+            reserved_requests=bc.c.reserved_requests - sa.case((won, 1), else_=0),
         )
         .returning(*(bc.c[name] for name in budgets.COUNTER_COLUMNS))
-        .cte("bcounted")
+        .cte("bu")
     )
-    states = sa.select(
-        sa.func.json_agg(sa.func.json_build_array(*(counted.c[name] for name in budgets.COUNTER_COLUMNS)))
-    ).scalar_subquery()
+    states = sa.select(sa.func.json_agg(sa.literal_column("bu"))).select_from(counted).scalar_subquery()
     return sa.select(*counter.c, ledger.c.id, states.label("budget_counters")).select_from(
         counter.join(ledger, sa.true())
     )
@@ -677,5 +678,6 @@ def commit_budgeted(
     }
     row = conn.execute(_commit_budgeted_statement(), params).one()
     terms = dict(held)
-    standings = [budgets.standing_of(state, terms[int(state[0])]) for state in row.budget_counters or []]
+    states = [[state[name] for name in budgets.COUNTER_COLUMNS] for state in row.budget_counters or []]
+    standings = [budgets.standing_of(state, terms[int(state[0])]) for state in states]
     return int(row.id), quota.CounterState.of(row[:5]), standings
