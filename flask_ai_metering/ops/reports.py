@@ -231,7 +231,7 @@ def _csv(report: dict[str, t.Any]) -> str:
     for section, rows in sections:
         for row in rows:
             keys = [_defuse(row.get(k)) for k in _CSV_KEYS]
-            writer.writerow([section, *keys, *(row[m] for m in MEASURES)])
+            writer.writerow([section, *keys, *(row[m] for m in MEASURES), *("" for _ in extra)])
     if "forecast" in report:  # projected month totals: only the total columns are filled
         forecast = report["forecast"]
         for row in [forecast["totals"], *forecast["by_billable"]]:
