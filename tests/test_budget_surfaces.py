@@ -436,3 +436,21 @@ def test_overview_says_when_no_budget_is_near_its_limit(dashboard: tuple[Flask, 
     use(meter, 10)
     html = app.test_client().get("/ai-metering/").get_data(as_text=True)
     assert "Every budget is below the warning threshold." in html
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine bug, quota/budgets.py (not this branch's to change): _STANDINGS selects the counter's"
+    " columns before the budget's, so Terms.of(row).id reads the counter's id: a refusal, a commit's check"
+    " and threshold alerts name the budget by its counter's id",
+)
+def test_a_refusal_names_the_refusing_budget_by_its_own_id(team: tuple[Flask, SQLAlchemy, AiMetering]) -> None:
+    _, _, meter = team
+    burst = meter.add_budget(TEAM, user=("User", "8"), period="minute", request_limit=1).id
+    meter.add_budget(TEAM, user=("User", "9"), period="day", token_limit=10**6)
+    use(meter, 1, user=("User", "9"))  # the first counter is the other budget's
+    use(meter, 1, user=("User", "8"))
+    with pytest.raises(AiLimitExceeded) as refused:
+        use(meter, 1, user=("User", "8"))
+    assert refused.value.check.budget_scope == "Team:1 user 8"
+    assert refused.value.check.budget_id == burst

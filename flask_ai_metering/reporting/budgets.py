@@ -212,15 +212,15 @@ def current_usage(
 
     One query: each budget with the counter of its period containing ``at``; a
     budget no call has touched this period reads as zeros. Ordered by billable, then
-    narrowest scope last within it, as a person reads them (the team's budget above
-    its members'), then by id.
+    by how many of user, feature and model the budget sets (the team's own budgets
+    above its members'), then oldest first.
     """
     when = at or utcnow()
     query = _select_current(when).where(budgets.c.removed_at.is_(None))
     if billable is not None:
         query = query.where(budgets.c.billable_type == billable[0], budgets.c.billable_id == billable[1])
     rows = [_usage(row, when, timezone, warning_threshold) for row in conn.execute(query.order_by(budgets.c.id))]
-    rows.sort(key=lambda u: (u.billable, u.budget.narrowness(), u.id))
+    rows.sort(key=lambda u: (u.billable, len(u.budget.scope_items()), u.id))
     return rows
 
 
