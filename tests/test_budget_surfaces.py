@@ -452,5 +452,6 @@ def test_a_refusal_names_the_refusing_budget_by_its_own_id(team: tuple[Flask, SQ
     use(meter, 1, user=("User", "8"))
     with pytest.raises(AiLimitExceeded) as refused:
         use(meter, 1, user=("User", "8"))
-    assert refused.value.check.budget_scope == "Team:1 user 8"
-    assert refused.value.check.budget_id == burst
+    check = refused.value.check
+    assert check is not None and check.budget_scope == "Team:1 user 8"
+    assert check.budget_id == burst
