@@ -25,6 +25,7 @@ from .extensions import db
 from .extensions import meter
 from .models import Team
 from .models import User
+from .seed import ensure_member_budgets
 from .seed import ensure_plans
 
 bp = Blueprint("auth", __name__)
@@ -86,6 +87,7 @@ def signup() -> t.Any:
     db.session.remove()
     if new_team:
         meter.subscribe(("Team", team_id), "free")  # a new team starts on the Free plan
+    ensure_member_budgets(meter, team_id, [str(user_id)])  # every member gets a daily budget
     member = db.session.get(User, user_id)
     assert member is not None
     login_user(member)

@@ -1,4 +1,4 @@
-"""``flask seed-demo``: plans, demo teams and users, a wallet and ~90 days of realistic usage.
+"""``flask seed-demo``: plans, demo teams and users, members' daily budgets, a wallet and ~90 days of usage.
 
 Idempotent: plans, teams and users are created once, subscriptions are moved onto the
 same plan, the top-up and every usage row carry idempotency keys, so a second run adds
@@ -54,6 +54,13 @@ USERS = [
     ("alice@umbrella.example", "Alice Umbrella", None, False, "umbrella"),
 ]
 BILLABLES = [("Team", team[0]) for team in TEAMS]
+#: Each member's daily budget inside the team's plan (issue 15), by the team's plan. Pro's limits
+#: stay under the plan's own (``flask ai-metering validate`` flags a budget the plan makes pointless);
+#: Free's monthly tokens are few, so a Free member's day is limited in calls instead.
+MEMBER_BUDGETS: dict[str, dict[str, t.Any]] = {
+    "pro": {"token_limit": 100_000, "cost_limit": Decimal("5"), "request_limit": 200},
+    "free": {"request_limit": 50},
+}
 
 
 def plan_fields(free_tokens: int = 5000) -> list[dict[str, t.Any]]:
@@ -105,6 +112,30 @@ def members(db: t.Any) -> dict[str, list[str]]:
     for team_id, user_id in rows:
         out.setdefault(team_id, []).append(str(user_id))
     return out
+
+
+def ensure_member_budgets(meter: t.Any, team_id: str, user_ids: t.Iterable[str]) -> int:
+    """Give each member a daily budget fit for the team's plan; replace one the plan no longer fits.
+
+    A budget's limits never change (remove it and add another), so a plan change swaps the
+    members' budgets. Returns how many budgets were added.
+    """
+    billable = ("Team", team_id)
+    subscription = meter.subscription(billable)
+    slug = subscription.plan.slug if subscription is not None else "free"
+    want = MEMBER_BUDGETS.get(slug, MEMBER_BUDGETS["free"])
+    limits = ("token_limit", "cost_limit", "request_limit")
+    have = {b.user_id: b for b in meter.budgets(billable) if b.user_id is not None and b.period == "day"}
+    added = 0
+    for user_id in user_ids:
+        budget = have.get(str(user_id))
+        if budget is not None and all(getattr(budget, name) == want.get(name) for name in limits):
+            continue
+        if budget is not None:
+            meter.remove_budget(budget.id)
+        meter.add_budget(billable, user=("User", str(user_id)), period="day", **want)
+        added += 1
+    return added
 
 
 def usage_rows(now: dt.datetime, team_members: dict[str, list[str]] | None = None) -> list[dict[str, t.Any]]:
@@ -170,6 +201,9 @@ def seed_demo_command() -> None:
             trial = {"trial_ends_at": started + dt.timedelta(days=DAYS + 8)} if team_id == "hooli" else {}
             meter.subscribe(billable, slug, started_at=started, **trial)
         db.session.remove()
+    # Before the usage: today's seeded calls then count on the members' budgets, as live ones would.
+    budgets = sum(ensure_member_budgets(meter, team_id, team_members.get(team_id, ())) for team_id, *_ in TEAMS)
+    db.session.remove()
     meter.wallet(("Team", "acme")).add_credits(Decimal("250"), reason="top-up", idempotency_key="seed-topup")
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     # Keys are per day and index: a re-run on a later day still finds yesterday's rows.
@@ -180,5 +214,8 @@ def seed_demo_command() -> None:
     recorded = [r.usage_id for r in results if r.usage_id is not None]
     if recorded:
         meter.refund(recorded[-1], reason="demo: the answer was wrong", idempotency_key="seed-refund")
-    click.echo(f"Seeded {added} new usage row(s) ({len(results) - added} already there), a trial and a refund.")
+    click.echo(
+        f"Seeded {added} new usage row(s) ({len(results) - added} already there), {budgets} member budget(s),"
+        " a trial and a refund."
+    )
     click.echo("Log in as admin@example.com / admin-password (admin) or member@example.com / member-password.")

@@ -41,6 +41,8 @@ from . import llm
 from .auth import safe_next
 from .extensions import db
 from .extensions import meter
+from .models import User
+from .seed import ensure_member_budgets
 
 bp = Blueprint("views", __name__)
 
@@ -130,6 +132,9 @@ def change_plan() -> t.Any:
     name, trial_days = plan.name, plan.trial_days
     db.session.remove()  # metering commits on its own: end the app's transaction first
     meter.subscribe(("Team", team_id), slug, **options)
+    members = db.session.execute(sa.select(User.id).where(User.team_id == team_id)).scalars().all()
+    db.session.remove()
+    ensure_member_budgets(meter, team_id, [str(member) for member in members])  # fit for the new plan
     trial = f" Your {trial_days}-day trial has started." if options else ""
     flash(f"You're on the {name} plan now.{trial}", "ok")
     return redirect(safe_next(request.form.get("next")))

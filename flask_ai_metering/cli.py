@@ -36,6 +36,8 @@ from .ops.reports import plans_table
 from .ops.reports import render
 from .ops.reprice import reprice
 from .queueing import flush_outbox
+from .reporting.budgets import budget_usage
+from .reporting.budgets import budgets_table
 from .reporting.rollups import aggregate
 
 cli = AppGroup("ai-metering", help="AI usage metering, quotas and billing.")
@@ -195,10 +197,11 @@ def migrate_plan_command(billable: tuple[str, str], plan_slug: str, from_plan: s
 @click.option("--tenant", help="Only this tenant id.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--forecast", is_flag=True, help="Add the projected month total per billable (weighted run rate).")
+@click.option("--budgets", is_flag=True, help="Add each budget's usage in the month, from its counters (by_budget).")
 def report_command(
-    month: str | None, billable: tuple[str, str] | None, tenant: str | None, fmt: str, forecast: bool
+    month: str | None, billable: tuple[str, str] | None, tenant: str | None, fmt: str, forecast: bool, budgets: bool
 ) -> None:
-    """Tokens, cost and calls for a month, by billable, provider, model and feature."""
+    """Tokens, cost and calls for a month, by billable, provider, model and feature (and budget)."""
     try:
         start = parse_month(month)
     except ValueError as exc:
@@ -208,8 +211,35 @@ def report_command(
             billable = _meter().resolve_billable(billable)
         except InvalidUsage as exc:
             raise click.BadParameter(str(exc), param_hint="--billable") from None
-    report = build_report(_meter().runtime(), start, billable=billable, tenant=tenant, forecast=forecast)
+    rt = _meter().runtime()
+    report = build_report(rt, start, billable=billable, tenant=tenant, forecast=forecast, budgets=budgets)
     click.echo(render(report, fmt))
+
+
+@cli.command("budgets")
+@click.option("--billable", type=BILLABLE, help="Only this billable's budgets (TYPE:ID).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def budgets_command(billable: tuple[str, str] | None, fmt: str) -> None:
+    """List the live budgets with their scope, period, limits, usage this period and reset time."""
+    if billable is not None:  # ``team:42`` lists Team:42's budgets, as add_budget stored them
+        try:
+            billable = _meter().resolve_billable(billable)
+        except InvalidUsage as exc:
+            raise click.BadParameter(str(exc), param_hint="--billable") from None
+    rt = _meter().runtime()
+    rows = budget_usage(rt, billable)
+    if fmt == "json":
+        click.echo(json.dumps([row.as_dict() for row in rows], indent=2))
+    else:
+        click.echo(budgets_table(rows, _local_time(rt.settings.timezone)))
+
+
+def _local_time(timezone: str) -> t.Callable[[dt.datetime], str]:
+    """Times as the dashboard shows them: minutes, in ``AI_METERING_TIMEZONE``, with its name."""
+    from zoneinfo import ZoneInfo
+
+    zone = ZoneInfo(timezone)
+    return lambda at: f"{at.astimezone(zone):%Y-%m-%d %H:%M} {timezone}"
 
 
 @cli.command("validate")

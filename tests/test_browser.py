@@ -176,6 +176,12 @@ def test_billable_page(page: Page, server: str) -> None:
     page.page.screenshot(path=str(SHOTS / "billable.png"), full_page=True)
     page.page.locator("[data-test=limits]").screenshot(path=str(SHOTS / "billable-forecast.png"))
     page.page.locator("[data-test=by-user]").screenshot(path=str(SHOTS / "by-user.png"))
+    # Issue 15: each member's daily budget as burn-down bars, with its reset.
+    budgets = page.page.locator("[data-test=budgets]")
+    assert budgets.locator("[data-test=budget]").count() == 2  # the demo's two Acme members
+    assert budgets.locator("[role=meter]").count() == 6  # tokens, cost and requests of each
+    assert budgets.inner_text().count("resets at") == 2
+    budgets.screenshot(path=str(SHOTS / "billable-budgets.png"))
 
 
 def test_plans_page(page: Page, server: str) -> None:

@@ -309,3 +309,49 @@ def test_seed_demo_leaves_a_team_in_its_trial_and_a_refund(tmp_path: t.Any, sqli
         with meter.runtime().store.engine.connect() as conn:
             kinds = list(conn.execute(sa.select(Usage.__table__.c.kind).where(Usage.__table__.c.kind == "refund")))
         assert len(kinds) == 1
+
+
+def test_every_member_has_a_daily_budget_fit_for_the_team_plan(demo: Flask) -> None:
+    """Seeded members, a sign-up and an upgrade (issue 15); budgets the plan makes pointless: none."""
+    from example_app.seed import TEAMS
+    from flask_ai_metering.ops.health import validate
+    from flask_ai_metering.ops.reconcile import reconcile
+
+    runner = demo.test_cli_runner()
+    assert runner.invoke(args=["seed-demo"]).exit_code == 0
+    again = runner.invoke(args=["seed-demo"])
+    assert "0 member budget(s)" in again.output  # a re-run adds none
+
+    def daily(team: str) -> dict[str | None, t.Any]:
+        with demo.app_context():
+            return {b.user_id: b for b in demo.extensions["ai_metering"].budgets(("Team", team)) if b.period == "day"}
+
+    with demo.app_context():
+        users = demo.extensions["sqlalchemy"].session.execute(sa.select(User.id, User.team_id)).all()
+    for user_id, team_id in users:
+        budget = daily(team_id)[str(user_id)]
+        assert budget.scope == f"Team:{team_id} user {user_id}"
+        free_team = team_id in {team[0] for team in TEAMS if team[2] == "free"}
+        assert (budget.token_limit, budget.request_limit) == ((None, 50) if free_team else (100_000, 200))
+    listed = json.loads(
+        runner.invoke(args=["ai-metering", "budgets", "--billable", "Team:acme", "--format", "json"]).output
+    )
+    assert len(listed) == 2 and all(b["used"]["requests"] >= 0 for b in listed)
+
+    client = demo.test_client()
+    signup(client)
+    team = team_of(demo, "vera@example.org")
+    [free] = daily(team).values()
+    assert (free.token_limit, free.request_limit) == (None, 50)
+    client.post("/billing/plan", data={"plan": "pro", "next": "/chat", "csrf_token": csrf(client)})
+    [pro] = daily(team).values()
+    assert (pro.token_limit, pro.request_limit) == (100_000, 200) and pro.id != free.id
+    response, _ = chat(client, "Does my budget count this?")
+    assert response.status_code == 200
+    [counted] = json.loads(
+        runner.invoke(args=["ai-metering", "budgets", "--billable", f"Team:{team}", "--format", "json"]).output
+    )
+    assert counted["used"]["requests"] == 1
+    with demo.app_context():
+        assert [line for line in validate(demo) if line.startswith("budgets:")] == []
+        assert reconcile(demo.extensions["ai_metering"].runtime()) == []

@@ -25,6 +25,7 @@ from ..models import UsageLimitOverride
 from ..models import utcnow
 from ..money import from_units
 from ..quota.standing import current_check
+from ..reporting import budgets as budget_usage
 from ..reporting import queries
 from ..reporting.filters import Filters
 from ..reporting.queries import Totals
@@ -204,6 +205,8 @@ class Overview:
     by_tenant: Ranking = dataclasses.field(default_factory=Ranking)
     #: Only with a billable or tenant filter (the ledger's own indexes narrow it; no rollup has users).
     by_user: Ranking | None = None
+    #: Budgets at or past the warning threshold this period, fullest first (one query for all).
+    near_budgets: list[budget_usage.BudgetUsage] = dataclasses.field(default_factory=list)
 
 
 def overview(rt: Runtime, f: Filters, group: str = "model") -> Overview:
@@ -226,6 +229,9 @@ def overview(rt: Runtime, f: Filters, group: str = "model") -> Overview:
         for entry in top:
             entry["check"] = current_check(rt, entry["billable"])
         near = near_limits(rt, candidates)
+        near_budgets = budget_usage.near_limit(
+            conn, timezone=rt.settings.timezone, warning_threshold=rt.settings.warning_threshold
+        )
         forecasts = outlook.billable_forecasts(
             conn, [*((e["billable"], e["check"]) for e in top), *near], zone=f.zone, use_rollups=use_rollups
         )
@@ -243,6 +249,7 @@ def overview(rt: Runtime, f: Filters, group: str = "model") -> Overview:
         savings=savings,
         by_tenant=by_tenant,
         by_user=by_user,
+        near_budgets=near_budgets,
     )
 
 
@@ -325,10 +332,12 @@ class BillablePage:
     recent: list[t.Any]
     forecast: outlook.Forecast | None = None
     by_user: Ranking | None = None
+    #: The live budgets in their current periods, the billable's own first (one query for all).
+    budgets: list[budget_usage.BudgetUsage] = dataclasses.field(default_factory=list)
 
 
 def billable_page(rt: Runtime, billable: tuple[str, str], f: Filters) -> BillablePage:
-    """One billable: plan, limits, wallet, overages, calls in flight, and its usage in ``f``."""
+    """One billable: plan, limits, budgets, wallet, overages, calls in flight, and its usage in ``f``."""
     subs, plans_t = Subscription.__table__, Plan.__table__
     wallets, txns = CreditWallet.__table__, CreditTransaction.__table__
     overages, res = Overage.__table__, Reservation.__table__
@@ -381,6 +390,9 @@ def billable_page(rt: Runtime, billable: tuple[str, str], f: Filters) -> Billabl
             conn, billable, check, zone=f.zone, use_rollups=rt.settings.aggregation_tables
         )
         by_user = by_user_ranking(conn, mine, summary.totals)
+        live_budgets = budget_usage.current_usage(
+            conn, billable, timezone=rt.settings.timezone, warning_threshold=rt.settings.warning_threshold, at=now
+        )
     return BillablePage(
         billable=billable,
         subscription=None if sub is None else dict(sub._mapping),
@@ -393,4 +405,5 @@ def billable_page(rt: Runtime, billable: tuple[str, str], f: Filters) -> Billabl
         recent=recent,
         forecast=forecast,
         by_user=by_user,
+        budgets=live_budgets,
     )

@@ -4,8 +4,8 @@ Checks run from the outside in, and each stage runs only when the previous one
 passed, so a missing database gives one clear line rather than a cascade:
 configuration (unknown keys, bad values, the billing driver), the database
 (connectivity, schema version), then the data (orphaned subscriptions, counters
-and wallets that disagree with their ledgers, unpriced models, stuck
-reservations and queued rows) and, with queued recording, the broker.
+and wallets that disagree with their ledgers, budgets their plan makes pointless
+or useless, unpriced models, stuck reservations and queued rows) and, with queued recording, the broker.
 """
 
 from __future__ import annotations
@@ -27,7 +27,11 @@ from ..models import Reservation
 from ..models import Subscription
 from ..models import Usage
 from ..models import utcnow
+from ..money import from_units
+from ..money import to_units
 from ..queueing import celery_for
+from ..quota.budgets import PERIODS
+from ..quota.budgets import budgets
 from . import schema as migrations
 from .privacy import secret_key_problem
 from .reconcile import reconcile
@@ -128,6 +132,7 @@ def _data(rt: Runtime) -> list[str]:
     with rt.store.engine.connect() as conn:
         problems += _default_plan(conn, rt.settings)
         problems += _orphans(conn)
+        problems += _budgets(conn, rt.settings)
         problems += _unpriced(conn)
         problems += _stuck(conn, rt, now)
     return problems
@@ -161,6 +166,72 @@ def _orphans(conn: sa.Connection) -> list[str]:
         " move it with flask ai-metering migrate-plan"
         for row in rows
     ]
+
+
+#: A plan's period type as the budget period of the same length (``rolling`` is a month).
+_PLAN_PERIODS = {"daily": "day", "weekly": "week", "monthly": "month", "yearly": "year", "rolling": "month"}
+
+
+def _budgets(conn: sa.Connection, settings: Settings) -> list[str]:
+    """Live budgets that can never bind, or never be used, under their billable's plan.
+
+    A budget whose limit exceeds the plan's for a period at least as long as its own
+    is never reached before the plan refuses (a month budget of 2M tokens on a plan of
+    1M a month). A budget on a feature the plan no longer lists never sees a call: the
+    plan refuses them all. A billable without a subscription is judged against
+    ``AI_METERING_DEFAULT_PLAN`` when set (else it is unlimited and no budget is pointless).
+    """
+    terms = [plans.c.slug, plans.c.token_limit, sa.type_coerce(plans.c.cost_limit, sa.BigInteger), plans.c.period]
+    terms.append(plans.c.features)
+    default = None
+    if settings.default_plan is not None:
+        default = conn.execute(sa.select(*terms).where(plans.c.slug == settings.default_plan)).first()
+    subscribed = sa.and_(subs.c.billable_type == budgets.c.billable_type, subs.c.billable_id == budgets.c.billable_id)
+    rows = conn.execute(
+        sa.select(budgets, subs.c.id.label("subscription_id"), *(c.label(f"plan_{i}") for i, c in enumerate(terms)))
+        .select_from(budgets.outerjoin(subs, subscribed).outerjoin(plans, plans.c.id == subs.c.plan_id))
+        .where(budgets.c.removed_at.is_(None))
+        .order_by(budgets.c.id)
+    )
+    problems = []
+    for row in rows:
+        plan = tuple(row[-len(terms) :]) if row.subscription_id is not None else default
+        if plan is None or plan[0] is None:
+            continue
+        slug, token_limit, cost_units, period, features = plan
+        scope = " ".join([f"{row.billable_type}:{row.billable_id}", *_scope(row)])
+        what = f"budgets: budget {row.id} ({scope}, per {row.period})"
+        if row.feature is not None and features and row.feature not in features:
+            problems.append(
+                f"{what} is on feature {row.feature!r}, which plan {slug!r} no longer allows: no call can use it;"
+                " remove it with meter.remove_budget"
+            )
+        plan_period = _PLAN_PERIODS.get(period or settings.period_type, "month")
+        if PERIODS.index(plan_period) < PERIODS.index(row.period):
+            continue  # the plan's period is shorter: a budget above one plan period still binds
+        limits = (("token", row.token_limit, token_limit), ("cost", _units(row.cost_limit), cost_units))
+        for name, mine, theirs in limits:
+            if mine is not None and theirs is not None and mine > theirs:
+                problems.append(
+                    f"{what} has a {name} limit of {_shown(name, mine)}, above plan {slug!r}'s"
+                    f" {_shown(name, theirs)} per"
+                    f" {plan_period}: the plan refuses first, so it never binds; lower it or remove it"
+                )
+    return problems
+
+
+def _shown(name: str, value: int) -> str:
+    """A token count with its unit, or pico-units as a plain amount."""
+    return f"{value:,} tokens" if name == "token" else format(from_units(value).normalize(), "f")
+
+
+def _units(amount: t.Any) -> int | None:
+    return None if amount is None else to_units(amount)
+
+
+def _scope(row: t.Any) -> list[str]:
+    fields = (("user", row.user_id), ("feature", row.feature), ("model", row.model))
+    return [f"{name} {value}" for name, value in fields if value is not None]
 
 
 def _unpriced(conn: sa.Connection) -> list[str]:

@@ -3,8 +3,9 @@
 Counters are checked for the periods whose usage is fully retained (``cleanup``
 never prunes inside them): used tokens, cost and calls against the usage rows
 that counted on them, and reserved amounts against the pending reservations.
-Wallets are checked against the sum of their transactions and the holds of
-pending calls. ``--fix`` sets each drifting value from its ledger (an absolute
+Budget counters are checked the same way, against the calls that counted on them
+(:mod:`.budget_drift`). Wallets are checked against the sum of their transactions
+and the holds of pending calls. ``--fix`` sets each drifting value from its ledger (an absolute
 SET, so running it twice changes nothing more).
 """
 
@@ -25,6 +26,7 @@ from ..models import CreditWallet
 from ..models import Reservation
 from ..models import Usage
 from ..models import table
+from . import budget_drift
 
 if t.TYPE_CHECKING:
     from ..runtime import Runtime
@@ -141,7 +143,8 @@ def reconcile(rt: Runtime, *, fix: bool = False, now: dt.datetime | None = None)
 
     def work(conn: sa.Connection) -> list[str]:
         problems = []
-        for row, diff in counter_drift(conn, retained_since(conn)):
+        since = retained_since(conn)
+        for row, diff in counter_drift(conn, since):
             parts = ", ".join(f"{c} {have} != ledger {want}" for c, (have, want) in diff.items())
             problems.append(
                 f"counter {row.id} ({row.billable_type}:{row.billable_id}, period {row.period_start:%Y-%m-%d}): {parts}"
@@ -152,6 +155,10 @@ def reconcile(rt: Runtime, *, fix: bool = False, now: dt.datetime | None = None)
                     .where(counters.c.id == row.id)
                     .values({c: want for c, (_, want) in diff.items()})
                 )
+        for row, diff in budget_drift.budget_counter_drift(conn, since):
+            problems.append(budget_drift.describe(row, diff))
+            if fix:
+                budget_drift.fix(conn, row, diff)
         for row, diff in wallet_drift(conn):
             parts = ", ".join(f"{c} {have} != ledger {want} (pico-units)" for c, (have, want) in diff.items())
             problems.append(f"wallet {row.id} ({row.billable_type}:{row.billable_id}): {parts}")

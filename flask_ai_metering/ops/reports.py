@@ -25,6 +25,7 @@ from ..models import Plan
 from ..models import Subscription
 from ..models import utcnow
 from ..money import from_units
+from ..reporting import budgets as budget_report
 from ..reporting.filters import Filters
 from ..reporting.forecast import daily_by_billable
 from ..reporting.forecast import project
@@ -87,6 +88,7 @@ def build_report(
     tenant: str | None = None,
     *,
     forecast: bool = False,
+    budgets: bool = False,
     now: dt.datetime | None = None,
 ) -> dict[str, t.Any]:
     """Tokens, cost and calls of the month opening at ``start``, by billable, provider, model and feature.
@@ -94,7 +96,9 @@ def build_report(
     Money is a decimal string with 12 places; ``billable`` and ``tenant`` narrow
     every section and the totals alike. With ``forecast`` a ``forecast`` section
     projects the month's total per billable and overall, as of ``now``
-    (:mod:`~flask_ai_metering.reporting.forecast`).
+    (:mod:`~flask_ai_metering.reporting.forecast`). With ``budgets`` a ``by_budget``
+    section gives each budget's usage over its periods in the month, from its counters
+    (:func:`~flask_ai_metering.reporting.budgets.report_section`).
     """
     begin, end = month_window(start, rt.settings.timezone)
     following = (start.replace(day=28) + dt.timedelta(days=4)).replace(day=1)
@@ -119,6 +123,8 @@ def build_report(
             report[section] = _grouped(conn, by_billable if "billable_id" in keys else overall, keys)
         if forecast:
             report["forecast"] = _forecast(conn, month, begin, end, now or utcnow(), use)
+        if budgets:
+            report["by_budget"] = budget_report.report_section(conn, begin, end, billable)
         return report
 
     return rt.store.run(work, write=False)
@@ -219,18 +225,23 @@ def render(report: dict[str, t.Any], fmt: str) -> str:
 def _csv(report: dict[str, t.Any]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["section", *_CSV_KEYS, *MEASURES])
+    extra = budget_report.CSV_COLUMNS if "by_budget" in report else ()
+    writer.writerow(["section", *_CSV_KEYS, *MEASURES, *extra])
     sections = [("totals", [report["totals"]])] + [(s, report[s]) for s in GROUPS]
     for section, rows in sections:
         for row in rows:
             keys = [_defuse(row.get(k)) for k in _CSV_KEYS]
-            writer.writerow([section, *keys, *(row[m] for m in MEASURES)])
+            writer.writerow([section, *keys, *(row[m] for m in MEASURES), *("" for _ in extra)])
     if "forecast" in report:  # projected month totals: only the total columns are filled
         forecast = report["forecast"]
         for row in [forecast["totals"], *forecast["by_billable"]]:
             keys = [_defuse(row.get(k)) for k in _CSV_KEYS]
             projected = [row["projected_total_tokens"], row["projected_total_cost"]]
-            writer.writerow(["forecast", *keys, "", "", "", *projected])
+            writer.writerow(["forecast", *keys, "", "", "", *projected, *("" for _ in extra)])
+    for row in report.get("by_budget", ()):  # requests fill ``calls``; the budget's own columns follow
+        keys = [_defuse(row.get(k)) for k in _CSV_KEYS]
+        sums = [row["requests"], "", "", row["total_tokens"], row["total_cost"], ""]
+        writer.writerow(["by_budget", *keys, *sums, *(_defuse(row[k]) for k in extra)])
     return out.getvalue().rstrip("\n")
 
 
@@ -251,6 +262,8 @@ def _table(report: dict[str, t.Any]) -> str:
         lines += _aligned([label, *_HEADERS], body) if body else ["  (no usage)"]
     if "forecast" in report:
         lines += _forecast_table(report["forecast"])
+    if "by_budget" in report:
+        lines += budget_report.table_lines(report["by_budget"])
     return "\n".join(lines)
 
 
