@@ -13,8 +13,9 @@ budget counter is not, so what counted on it is found the way the engine counted
   is matched by scope, by that period, and by being written (``Usage.created_at``)
   while the budget was live.
 
-Only calls count (``kind = 'usage'``): a refund or a reprice adjusts the plan's
-counter but no budget's, so neither is in a budget's ledger. Reserved amounts are
+A refund or a repricing (an adjustment row naming its call in ``adjusts_id``) counts
+on the budget counters its call counted on whose period had not ended when it was
+made, as the engine applies it. Reserved amounts are
 checked against the pending reservations that hold on the counter, like a plan's.
 Each query groups in the database; the reservation lists are few distinct values,
 spread over their counters here.
@@ -34,6 +35,7 @@ from ..models import Usage
 from ..models import table
 from ..quota.budgets import budget_counters
 from ..quota.budgets import budgets
+from ..quota.budgets import counters_of_call
 
 usage = table(Usage)
 reservations = table(Reservation)
@@ -122,7 +124,32 @@ def ledger_amounts(conn: sa.Connection, since: dt.datetime | None) -> dict[int, 
         amounts["used_tokens"] += int(tokens or 0)
         amounts["used_cost_units"] += int(cost or 0)
         amounts["used_requests"] += int(calls or 0)
+    _add_adjustments(conn, since, out)
     return out
+
+
+def _add_adjustments(conn: sa.Connection, since: dt.datetime | None, out: dict[int, collections.Counter[str]]) -> None:
+    """Refunds and repricings, on the counters their calls counted on that still ran when they were made.
+
+    Adjustments are few (one per refund or repriced call), so each is matched on its own,
+    by the engine's own rule (:func:`~flask_ai_metering.quota.budgets.counters_of_call`).
+    """
+    call = usage.alias("call")
+    query = (
+        sa.select(
+            usage.c.total_tokens.label("adj_tokens"), _cost.label("adj_cost"), usage.c.occurred_at.label("adj_at"), call
+        )
+        .join_from(usage, call, call.c.id == usage.c.adjusts_id)
+        .where(
+            ~_calls, *([] if since is None else [usage.c.occurred_at >= sa.literal(since, usage.c.occurred_at.type)])
+        )
+    )
+    ends = dict(conn.execute(sa.select(budget_counters.c.id, budget_counters.c.period_end)).all())
+    for row in conn.execute(query):
+        for counter_id in counters_of_call(conn, row):
+            if ends[counter_id] > row.adj_at:
+                out[counter_id]["used_tokens"] += int(row.adj_tokens or 0)
+                out[counter_id]["used_cost_units"] += int(row.adj_cost or 0)
 
 
 def budget_counter_drift(conn: sa.Connection, since: dt.datetime | None) -> Drift:

@@ -431,17 +431,17 @@ def counters_of_call(conn: sa.Connection, call: t.Any) -> list[int]:
     """The budget counters a ledger row's call counted on.
 
     A metered call's reservation lists them. Recorded usage (no reservation) counted
-    on the budgets live when it happened, in the period containing it.
+    on the budgets live when it was written, in the period containing its ``occurred_at``.
     """
     if call.reservation_id is not None:
         held = conn.execute(
             sa.select(reservations.c.budget_counter_ids).where(reservations.c.id == call.reservation_id)
         ).scalar()
         return [int(counter_id) for counter_id in held or []]
-    at = call.occurred_at
+    written, at = call.created_at, call.occurred_at
     live = sa.and_(
-        budgets.c.created_at <= at,
-        sa.or_(budgets.c.removed_at.is_(None), budgets.c.removed_at > at),
+        budgets.c.created_at <= written,
+        sa.or_(budgets.c.removed_at.is_(None), budgets.c.removed_at > written),
         budget_counters.c.period_start <= at,
         budget_counters.c.period_end > at,
     )
