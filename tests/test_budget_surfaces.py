@@ -186,7 +186,7 @@ def test_reconcile_finds_budget_counters_equal_to_the_ledger_then_fixes_drift(
             )
         [problem] = reconcile(meter.runtime())
         assert problem.startswith(f"budget counter {by_budget[whole.id].id} (budget {whole.id}, Team:1, per day")
-        assert "used_tokens 1435 != ledger 1430" in problem and "reserved_requests 2 != ledger 0" in problem
+        assert "used_tokens 1135 != ledger 1130" in problem and "reserved_requests 2 != ledger 0" in problem
         runner = app.test_cli_runner()
         assert runner.invoke(args=["ai-metering", "reconcile"]).exit_code == 1
         fixed = runner.invoke(args=["ai-metering", "reconcile", "--fix"])
