@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from ..models import Usage
 from ..models import table
 from .filters import Filters
+from .queries import billables_in
 from .queries import bucket_seconds
 from .queries import epoch_bucket
 from .queries import sources
@@ -112,16 +113,6 @@ def project(
     return Projection(used, rate, projected, reaches)
 
 
-def _billables_in(kind: t.Any, ident: t.Any, only: t.Collection[Billable]) -> sa.ColumnElement[bool]:
-    """``(kind, ident) IN only`` as ``kind = … AND ident IN (…)`` per type: a row-value ``IN`` is
-    not an index condition, so it read every row of the range; this one walks the
-    ``(billable_type, billable_id, …)`` index."""
-    ids: dict[str, list[str]] = {}
-    for billable_type, billable_id in only:
-        ids.setdefault(billable_type, []).append(billable_id)
-    return sa.or_(*(sa.and_(kind == name, ident.in_(sorted(values))) for name, values in sorted(ids.items())))
-
-
 def daily_by_billable(
     conn: sa.Connection, f: Filters, *, use_rollups: bool, only: t.Collection[Billable] | None = None
 ) -> dict[Billable, Daily]:
@@ -131,7 +122,7 @@ def daily_by_billable(
     for source, where in sources(conn, f, use_rollups=use_rollups, by_billable=True):
         kind, ident = source.c.billable_type, source.c.billable_id
         if only:
-            where = [*where, _billables_in(kind, ident, only)]
+            where = [*where, billables_in(kind, ident, only)]
         sums = (
             sa.func.sum(source.c.total_tokens).label("tokens"),
             sa.func.sum(sa.type_coerce(source.c.total_cost, sa.BigInteger)).label("cost_units"),

@@ -346,22 +346,53 @@ def cached_pairs(
     return [((row.provider, row.model), int(row.cached or 0)) for row in rows]
 
 
+def billables_in(kind: t.Any, ident: t.Any, only: t.Collection[tuple[str, str]]) -> sa.ColumnElement[bool]:
+    """``(kind, ident) IN only`` as ``kind = … AND ident IN (…)`` per type.
+
+    A row-value ``IN`` is no index condition, so it read every row of the range; this
+    walks the ``(billable_type, billable_id, …)`` indexes of the ledger and the rollups.
+    """
+    ids: dict[str, list[str]] = {}
+    for billable_type, billable_id in only:
+        ids.setdefault(billable_type, []).append(billable_id)
+    return sa.or_(*(sa.and_(kind == name, ident.in_(sorted(values))) for name, values in sorted(ids.items())))
+
+
 def top_billables(conn: sa.Connection, f: Filters, *, use_rollups: bool, limit: int = 10) -> list[dict[str, t.Any]]:
-    """The billables that cost the most in ``f``'s range, ranked in SQL over every source."""
+    """The billables that cost the most in ``f``'s range, ranked in SQL over every source.
+
+    Ranked on their cost alone, then summed in full for the ``limit`` found: every
+    billable's eleven sums were most of the time of this query (60 ms over a month of
+    the billables rollup at 1M calls).
+    """
+    found = sources(conn, f, use_rollups=use_rollups, by_billable=True)
     parts = []
-    for source, where in sources(conn, f, use_rollups=use_rollups, by_billable=True):
+    for source, where in found:
         kind, ident = source.c.billable_type, source.c.billable_id
         present = kind.is_not(None) if source is usage else kind != ""
-        parts.append(sa.select(kind, ident, *measures(source)).where(*where, present).group_by(kind, ident))
-    both = _union(parts)
-    sums = _sums(both)
-    rows = conn.execute(
-        sa.select(both.c.billable_type, both.c.billable_id, *sums)
-        .group_by(both.c.billable_type, both.c.billable_id)
-        .order_by(sums[_COST].desc(), both.c.billable_type, both.c.billable_id)
-        .limit(limit)
-    )
-    return [{"billable": (row.billable_type, row.billable_id), "totals": _totals(row)} for row in rows]
+        units = sa.func.sum(sa.type_coerce(source.c.total_cost, sa.BigInteger)).label("cost_units")
+        parts.append(sa.select(kind, ident, units).where(*where, present).group_by(kind, ident))
+    both = _union(t.cast(list[sa.Select[t.Any]], parts))
+    cost = sa.func.sum(both.c.cost_units)
+    top = [
+        (row.billable_type, row.billable_id)
+        for row in conn.execute(
+            sa.select(both.c.billable_type, both.c.billable_id)
+            .group_by(both.c.billable_type, both.c.billable_id)
+            .order_by(cost.desc(), both.c.billable_type, both.c.billable_id)
+            .limit(limit)
+        )
+    ]
+    if not top:
+        return []
+    totals = {billable: Totals() for billable in top}
+    for source, where in found:
+        kind, ident = source.c.billable_type, source.c.billable_id
+        present = kind.is_not(None) if source is usage else kind != ""
+        query = sa.select(kind, ident, *measures(source)).where(*where, present, billables_in(kind, ident, top))
+        for row in conn.execute(query.group_by(kind, ident)):
+            totals[(row.billable_type, row.billable_id)].add(_totals(row))
+    return [{"billable": billable, "totals": totals[billable]} for billable in top]
 
 
 LEDGER_COLUMNS = (

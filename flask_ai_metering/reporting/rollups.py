@@ -359,7 +359,22 @@ def aggregate(
             sa.update(state).where(state.c.name == name).values(last_usage_id=high, updated_at=now)
         )
     )
+    if len(days) > TRAILING_DAYS[period]:
+        store.run(_analyze)
     return written
+
+
+def _analyze(conn: sa.Connection) -> None:
+    """On PostgreSQL, refresh the planner's statistics of the rollup tables after a large rebuild.
+
+    Until autovacuum gets to them (never, where it is off) the planner takes a
+    freshly filled rollup for a few rows, and picked plans that read a month of the
+    billables rollup to find ten billables (60 ms instead of 2 on the overview at 1M
+    calls). A run that only re-did its trailing days changed too little to matter.
+    """
+    if conn.dialect.name == "postgresql":
+        names = ", ".join(spec.table.name for spec in (DETAILED, *DERIVED))
+        conn.exec_driver_sql(f"ANALYZE {names}, {LATENCY.name}")
 
 
 def last_run(conn: sa.Connection, timezone: str) -> dt.datetime | None:
