@@ -271,7 +271,7 @@ def test_latency_per_model_comes_from_the_metered_durations(backend: str, make_a
 
 def _timed_calls(meter: t.Any, db: t.Any, *, days_ago: int, offset: int = 0) -> None:
     """Calls of three models on a day ``days_ago`` back, with durations across the buckets (and some without)."""
-    usage = Usage.__table__
+    usage = t.cast(sa.Table, Usage.__table__)
     when = dt.datetime.now(UTC) - dt.timedelta(days=days_ago)
     with db.engine.connect() as conn:
         before = conn.execute(sa.select(sa.func.max(usage.c.id))).scalar() or 0
