@@ -694,6 +694,33 @@ class UsageBillableRollup(_RollupMetrics, Base):
     tenant_id: Mapped[str] = mapped_column(sa.String(_ID), default="")
 
 
+class UsageLatencyRollup(Base):
+    """Ledger rows per day × provider × model × feature × latency bucket.
+
+    The overview's latency percentiles and daily call counts per model read this instead of
+    scanning a week of the ledger. ``bucket`` is an index into
+    :data:`~flask_ai_metering.reporting.rollups.LATENCY_BOUNDS_MS` (-1: a row without a
+    duration). There is no tenant or billable here: with those filters the overview reads
+    the ledger, whose indexes narrow it.
+    """
+
+    __tablename__ = PREFIX + "usage_daily_latency"
+    __table_args__ = (
+        sa.UniqueConstraint("day", "provider", "model", "feature", "bucket"),
+        sa.Index(None, "model", "day"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    day: Mapped[dt.date] = mapped_column(sa.Date)
+    provider: Mapped[str] = mapped_column(sa.String(50))
+    model: Mapped[str] = mapped_column(sa.String(150), default="")
+    feature: Mapped[str] = mapped_column(sa.String(100), default="")
+    bucket: Mapped[int] = mapped_column(sa.SmallInteger)
+    #: Ledger rows (calls and their adjustments alike, as the health panel counts them).
+    entries: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
 class AggregationState(Base):
     """Markers of background work: where aggregation stopped, what cleanup pruned."""
 

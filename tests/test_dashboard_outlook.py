@@ -264,3 +264,120 @@ def test_latency_per_model_comes_from_the_metered_durations(backend: str, make_a
         assert sum(data.health.latency_by_day[(today, "m")].values()) == 20
         page = app.test_client().get("/ai-metering/").get_data(as_text=True)
         assert 'data-test="p95"' in page and 'data-chart="latency"' in page
+
+
+# -- the latency rollup: the health panel without a scan of the ledger ----------------------
+
+
+def _timed_calls(meter: t.Any, db: t.Any, *, days_ago: int, offset: int = 0) -> None:
+    """Calls of three models on a day ``days_ago`` back, with durations across the buckets (and some without)."""
+    usage = t.cast(sa.Table, Usage.__table__)
+    when = dt.datetime.now(UTC) - dt.timedelta(days=days_ago)
+    with db.engine.connect() as conn:
+        before = conn.execute(sa.select(sa.func.max(usage.c.id))).scalar() or 0
+    meter.record_batch(
+        [
+            {
+                "billable": ("Team", str(i % 3)),
+                "tenant": ("Org", f"t{i % 2}"),
+                "provider": "openai",
+                "model": ("fast", "slow", "mixed")[i % 3],
+                "feature": "chat" if i % 4 else None,
+                "usage": {"input_tokens": 10 + i, "output_tokens": 1},
+                "occurred_at": when - dt.timedelta(minutes=i),
+            }
+            for i in range(24)
+        ]
+    )
+    with db.engine.begin() as conn:
+        rows = list(conn.execute(sa.select(usage.c.id, usage.c.model).where(usage.c.id > before)))
+        for index, (usage_id, model) in enumerate(sorted(rows)):
+            if index % 5 == 4:
+                continue  # no duration, as ``record`` leaves it
+            duration = {"fast": 20 + index % 4, "slow": 2400 + 13 * index, "mixed": 130 + 97 * index}[model]
+            conn.execute(sa.update(usage).where(usage.c.id == usage_id).values(duration_ms=duration + offset))
+
+
+def _health(meter: t.Any, query: dict[str, str]) -> outlook.Health:
+    return pages.overview(meter.runtime(), parse_filters(query, "Europe/Berlin")).health
+
+
+def test_the_latency_rollup_gives_the_ledger_s_percentiles_and_calls(backend: str, make_app: AppFactory) -> None:
+    """Rollup days plus the ledger's fresh days show exactly what the ledger alone shows."""
+    from flask_ai_metering.reporting import queries
+    from flask_ai_metering.reporting.rollups import LATENCY
+    from flask_ai_metering.reporting.rollups import aggregate
+
+    ledger_app, db, meter = make_app(AI_METERING_VALIDATE_FEATURES=False, AI_METERING_TIMEZONE="Europe/Berlin")
+    rollup_app, _, rollup_meter = make_app(
+        AI_METERING_VALIDATE_FEATURES=False, AI_METERING_AGGREGATION_TABLES=True, AI_METERING_TIMEZONE="Europe/Berlin"
+    )
+    variants = [{}, {"model": "mixed"}, {"feature": "chat"}, {"tenant": "t1"}, {"billable": "Team:2"}]
+    with ledger_app.app_context():
+        for days_ago in (0, 2, 6, 9):  # 9: outside the panel's last 7 days
+            _timed_calls(meter, db, days_ago=days_ago)
+        [call] = ledger(db)[:1]
+        meter.refund(call.id, reason="test")  # an adjustment is a ledger row the panel counts too
+    with rollup_app.app_context():
+        assert aggregate(rollup_meter.runtime()) > 0
+
+    def compare() -> None:
+        for query in variants:
+            with ledger_app.app_context():
+                expected = _health(meter, query)
+            with rollup_app.app_context():
+                assert _health(rollup_meter, query) == expected, query
+            if not query:
+                assert {r.model for r in expected.by_model if r.latency} == {"fast", "slow", "mixed"}
+
+    compare()
+    with ledger_app.app_context():
+        whole = _health(meter, {})
+        by_model = {row.model: row for row in whole.by_model}
+        assert by_model["fast"].p50_ms is not None and by_model["fast"].p50_ms <= 50
+        assert t.cast(float, by_model["slow"].p95_ms) > 2000
+        assert sum(whole.recorded_by_day.values()) == 3 * 24 + 1  # the days shown, the refund included
+        # Written after the last aggregate run, today and on a back-filled day: read from the ledger.
+        _timed_calls(meter, db, days_ago=0, offset=700)
+        _timed_calls(meter, db, days_ago=4, offset=3)
+    with rollup_app.app_context(), rollup_meter.runtime().store.engine.connect() as conn:
+        found = queries.sources(conn, parse_filters({}, "Europe/Berlin"), use_rollups=True, rollup=LATENCY)
+        assert [source.name for source, _ in found] == [LATENCY.name, "ai_metering_usage"]
+    compare()
+    with rollup_app.app_context():
+        aggregate(rollup_meter.runtime(), period="week")
+    compare()
+
+
+def test_a_page_with_and_without_the_one_pass_shows_the_same(
+    backend: str, make_app: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tenants and cache savings from PostgreSQL's one pass equal their own queries (refunds included)."""
+    from flask_ai_metering.reporting import queries
+
+    app, db, meter = make_app(AI_METERING_PROVIDERS=PRICES)
+    with app.app_context():
+        meter.record_batch(
+            [
+                {
+                    "billable": ("Team", str(i % 4)),
+                    "tenant": ("Org", f"t{i % 3}") if i % 5 else None,
+                    "provider": "openai",
+                    "model": ("gpt-4o-mini", "other")[i % 2],
+                    "usage": {"input_tokens": 1000 + i, "cached_input_tokens": 30 * i, "output_tokens": i},
+                }
+                for i in range(30)
+            ]
+        )
+        [call] = [row for row in ledger(db) if row.cached_input_tokens > 0][:1]
+        meter.refund(call.id, reason="test")
+        rt = meter.runtime()
+        f = parse_filters({}, "UTC")
+        one = pages.overview(rt, f)
+        monkeypatch.setattr(queries, "one_pass", lambda *args, **kwargs: False)
+        apart = pages.overview(rt, f)
+    assert one.savings == apart.savings and one.savings.cached_tokens > 0
+    assert pages.ranked(one.by_tenant) == pages.ranked(apart.by_tenant)
+    assert one.current.top_billables == apart.current.top_billables
+    assert one.forecast == apart.forecast
+    assert one.health == apart.health

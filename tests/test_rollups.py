@@ -165,3 +165,37 @@ def test_aggregate_command(make_app: AppFactory) -> None:
     assert result.exit_code == 2
     with app.app_context(), pytest.raises(ValueError):
         aggregate(meter.runtime(), period="year")
+
+
+def test_the_latency_rollup_counts_the_ledger(make_app: AppFactory, backend: str) -> None:
+    """Ledger rows per UTC day, provider, model, feature and latency bucket, incremental runs included."""
+    from flask_ai_metering.reporting.rollups import LATENCY
+    from flask_ai_metering.reporting.rollups import LATENCY_KEYS
+    from flask_ai_metering.reporting.rollups import latency_bucket
+
+    app, _, meter = make_app()
+    with app.app_context():
+        rt = meter.runtime()
+        record(meter, 12)
+        record(meter, 5, days_ago=3, billable="2", model="gpt-4o")
+        with rt.store.engine.begin() as conn:
+            for n, usage_id in enumerate(conn.execute(sa.select(usage.c.id)).scalars().all()):
+                if n % 4:  # every fourth row keeps no duration
+                    conn.execute(sa.update(usage).where(usage.c.id == usage_id).values(duration_ms=37 * n * n))
+        aggregate(rt)
+        record(meter, 3, days_ago=20, billable="9")  # backfilled
+        aggregate(rt)
+        day = utc_date(usage.c.occurred_at, rt.store.dialect)
+        keys = [day, *(ledger_key(k) for k in LATENCY_KEYS), latency_bucket(usage.c.duration_ms)]
+        with rt.store.engine.connect() as conn:
+            ledger = {
+                (as_date(r[0]), *r[1:-1]): int(r[-1])
+                for r in conn.execute(sa.select(*keys, sa.func.count()).group_by(*keys))
+            }
+            rolled_keys = [LATENCY.c.day, *(LATENCY.c[k] for k in LATENCY_KEYS), LATENCY.c.bucket]
+            rolled = {
+                (as_date(r[0]), *r[1:-1]): int(r[-1])
+                for r in conn.execute(sa.select(*rolled_keys, sa.func.sum(LATENCY.c.entries)).group_by(*rolled_keys))
+            }
+        assert rolled == ledger
+        assert len({key[-1] for key in ledger}) > 3 and sum(ledger.values()) == 20

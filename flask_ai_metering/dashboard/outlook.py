@@ -28,6 +28,10 @@ from ..reporting.filters import Filters
 from ..reporting.forecast import Projection
 from ..reporting.forecast import daily_by_billable
 from ..reporting.forecast import project
+from ..reporting.rollups import LATENCY
+from ..reporting.rollups import LATENCY_BOUNDS_MS
+from ..reporting.rollups import as_date
+from ..reporting.rollups import latency_bucket
 from ..reporting.rollups import local_day
 
 if t.TYPE_CHECKING:
@@ -119,14 +123,38 @@ def month_window(zone: ZoneInfo, now: dt.datetime) -> tuple[dt.datetime, dt.date
     )
 
 
-def overall_forecast(conn: sa.Connection, f: Filters, *, use_rollups: bool, now: dt.datetime | None = None) -> Forecast:
-    """The current calendar month of ``f``'s slice (its provider, model, … filters; not its dates)."""
+def overall_forecast(
+    conn: sa.Connection,
+    f: Filters,
+    *,
+    use_rollups: bool,
+    now: dt.datetime | None = None,
+    known: t.Mapping[dt.date, queries.Totals] | None = None,
+) -> Forecast:
+    """The current calendar month of ``f``'s slice (its provider, model, … filters; not its dates).
+
+    :param known: ``f``'s own usage per day, when the caller has it (the overview does):
+        the month's days inside ``f``'s range are taken from it and only the others are
+        read, so the default range (the last 30 days) reads nothing again.
+    """
     now = now or utcnow()
     start, end = month_window(f.zone, now)
     month = dataclasses.replace(
         f, start=local_day(start, f.zone), end=local_day(end - dt.timedelta(microseconds=1), f.zone), page=1
     )
-    days = {day: totals for (day, _), totals in queries.daily(conn, month, use_rollups=use_rollups).items()}
+    days: dict[dt.date, queries.Totals] = {}
+    first, last = max(month.start, f.start), min(month.end, f.end)
+    if known is None or first > last:
+        parts = [month]
+    else:
+        days = {day: totals for day, totals in known.items() if first <= day <= last}
+        parts = [
+            dataclasses.replace(month, start=a, end=b)
+            for a, b in ((month.start, first - dt.timedelta(days=1)), (last + dt.timedelta(days=1), month.end))
+            if a <= b
+        ]
+    for part in parts:
+        days.update({day: totals for (day, _), totals in queries.daily(conn, part, use_rollups=use_rollups).items()})
     tokens = {day: totals.total_tokens for day, totals in days.items()}
     cost = {day: totals.cost_units for day, totals in days.items()}
     return Forecast(
@@ -148,12 +176,9 @@ def _failure_conditions(f: Filters) -> list[sa.ColumnElement[bool]]:
     ]
 
 
-#: Days, at the end of the range, whose latency and daily error rate are read: the ledger has
-#: no rollup of durations, so this bounds the scan (and the page time) however long the range.
+#: Days, at the end of the range, whose latency and daily error rate are read: this bounds the
+#: histograms kept per (day, model), however long the range.
 LATENCY_DAYS = 7
-#: Upper bounds (ms) of the latency histogram's buckets; the last is open-ended. Percentiles are
-#: read off it, interpolated inside their bucket: exact to the bucket, bounded in memory.
-LATENCY_BOUNDS_MS = (50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 7500, 10000, 15000, 30000, 60000)
 
 
 def percentile(histogram: t.Mapping[int, int], q: float) -> float | None:
@@ -218,12 +243,13 @@ class Health:
         return None if ran == 0 else round(100 * failed / ran, 2)
 
 
-def health(conn: sa.Connection, f: Filters, ranking: list[tuple[str, t.Any]]) -> Health:
+def health(conn: sa.Connection, f: Filters, ranking: list[tuple[str, t.Any]], *, use_rollups: bool = False) -> Health:
     """Failures in ``f``'s range: their count, and per model for the models that failed most
     and those ``ranking`` lists (recorded calls from it), with their failures per day.
 
-    Reads the failures table only (its own index on ``occurred_at``); the recorded calls
-    come from the ranking the page already has, so the ledger is not read again.
+    Failures come from the failures table only (its own index on ``occurred_at``); the
+    recorded calls per model from the ranking the page already has, and those per day, with
+    the latency, from the latency rollup when ``use_rollups`` (:func:`_add_latency`).
     """
     where = _failure_conditions(f)
     model = sa.func.coalesce(failures.c.model, sa.literal_column("''")).label("model")
@@ -243,49 +269,70 @@ def health(conn: sa.Connection, f: Filters, ranking: list[tuple[str, t.Any]]) ->
     failed = {row.model: int(row.n) for row in worst}
     missing = [n for n in names if n not in failed]
     if missing:
-        query = sa.select(model, sa.func.count().label("n")).where(*where, model.in_(missing)).group_by(model)
+        query = (
+            sa.select(model, sa.func.count().label("n"))
+            .where(*where, queries.name_in(failures, "model", missing))
+            .group_by(model)
+        )
         for row in conn.execute(query):
             failed[row.model] = int(row.n)
     out.by_model = [ModelHealth(n, recorded.get(n, 0), failed.get(n, 0)) for n in names]
     seconds = queries.bucket_seconds(f)
     slot = queries.epoch_bucket(failures.c.occurred_at, seconds, conn.dialect.name).label("slot")
     for row in conn.execute(
-        sa.select(slot, model, sa.func.count().label("n")).where(*where, model.in_(names)).group_by(slot, model)
+        sa.select(slot, model, sa.func.count().label("n"))
+        .where(*where, queries.name_in(failures, "model", names))
+        .group_by(slot, model)
     ):
         day = local_day(dt.datetime.fromtimestamp(int(row.slot) * seconds, dt.timezone.utc), f.zone)
         key = (day, row.model)
         out.failed_by_day[key] = out.failed_by_day.get(key, 0) + int(row.n)
-    _add_latency(conn, f, out, names, seconds)
+    _add_latency(conn, f, out, names, seconds, use_rollups=use_rollups)
     return out
 
 
-def _add_latency(conn: sa.Connection, f: Filters, out: Health, names: list[str], seconds: int) -> None:
+def _add_latency(
+    conn: sa.Connection, f: Filters, out: Health, names: list[str], seconds: int, *, use_rollups: bool
+) -> None:
     """Calls and latency histograms per (day, model) of the listed models over the range's last
-    :data:`LATENCY_DAYS` days, counted in SQL in one grouped scan (bucket -1: a row without a
-    duration, e.g. one ``record`` wrote)."""
+    :data:`LATENCY_DAYS` local days (bucket -1: a row without a duration, e.g. one ``record`` wrote).
+
+    From the latency rollup and the ledger's days since the last ``aggregate`` (as every
+    other figure), or from the ledger alone when a tenant or billable filter narrows it:
+    the rollup has neither.
+    """
     usage = queries.usage
-    duration = usage.c.duration_ms
-    bucket = sa.case(
-        (duration.is_(None), -1),
-        *((duration < bound, index) for index, bound in enumerate(LATENCY_BOUNDS_MS)),
-        else_=len(LATENCY_BOUNDS_MS),
-    ).label("bucket")
-    model = sa.func.coalesce(usage.c.model, sa.literal_column("''")).label("model")
-    slot = queries.epoch_bucket(usage.c.occurred_at, seconds, conn.dialect.name).label("slot")
-    recent = max(f.since, f.until - dt.timedelta(days=LATENCY_DAYS))
-    where = [*queries.ledger_conditions(f), usage.c.occurred_at >= recent, model.in_(names)]
+    first_day = max(f.start, f.end - dt.timedelta(days=LATENCY_DAYS - 1))
+    recent = dataclasses.replace(f, start=first_day)
+    rolled = use_rollups and f.tenant is None and f.billable is None
     by_model = {row.model: row for row in out.by_model}
-    for row in conn.execute(
-        sa.select(slot, model, bucket, sa.func.count().label("n")).where(*where).group_by(slot, model, bucket)
-    ):
-        day = local_day(dt.datetime.fromtimestamp(int(row.slot) * seconds, dt.timezone.utc), f.zone)
-        out.recorded_by_day[(day, row.model)] = out.recorded_by_day.get((day, row.model), 0) + int(row.n)
-        if int(row.bucket) < 0:
-            continue
-        daily = out.latency_by_day.setdefault((day, row.model), {})
-        daily[int(row.bucket)] = daily.get(int(row.bucket), 0) + int(row.n)
-        whole = by_model[row.model].latency
-        whole[int(row.bucket)] = whole.get(int(row.bucket), 0) + int(row.n)
+    for source, where in queries.sources(conn, recent, use_rollups=rolled, rollup=LATENCY):
+        model = queries.name_of(source, "model").label("model")
+        where = [*where, queries.name_in(source, "model", names)]
+        if source is usage:
+            slot = queries.epoch_bucket(usage.c.occurred_at, seconds, conn.dialect.name).label("slot")
+            bucket = latency_bucket(usage.c.duration_ms).label("bucket")
+            query = (
+                sa.select(slot, model, bucket, sa.func.count().label("n")).where(*where).group_by(slot, model, bucket)
+            )
+        else:
+            query = (
+                sa.select(source.c.day.label("slot"), model, source.c.bucket, sa.func.sum(source.c.entries).label("n"))
+                .where(*where)
+                .group_by(source.c.day, model, source.c.bucket)
+            )
+        for row in conn.execute(query):
+            if source is usage:
+                day = local_day(dt.datetime.fromtimestamp(int(row.slot) * seconds, dt.timezone.utc), f.zone)
+            else:
+                day = as_date(row.slot)
+            out.recorded_by_day[(day, row.model)] = out.recorded_by_day.get((day, row.model), 0) + int(row.n)
+            if int(row.bucket) < 0:
+                continue
+            daily = out.latency_by_day.setdefault((day, row.model), {})
+            daily[int(row.bucket)] = daily.get(int(row.bucket), 0) + int(row.n)
+            whole = by_model[row.model].latency
+            whole[int(row.bucket)] = whole.get(int(row.bucket), 0) + int(row.n)
 
 
 # -- cache savings ----------------------------------------------------------------------------
@@ -301,36 +348,31 @@ class Savings:
     priced_tokens: int = 0
 
 
-def cache_savings(rt: Runtime, conn: sa.Connection, f: Filters, *, use_rollups: bool) -> Savings:
-    """Cache savings in ``f``'s range, from the :data:`SAVINGS_MODELS` models with the most cached tokens."""
+def cache_savings(
+    rt: Runtime,
+    conn: sa.Connection,
+    f: Filters,
+    *,
+    use_rollups: bool,
+    cached_tokens: int | None = None,
+    pairs: t.Sequence[tuple[tuple[str, str], int]] | None = None,
+) -> Savings:
+    """Cache savings in ``f``'s range, from the :data:`SAVINGS_MODELS` models with the most cached tokens.
+
+    :param cached_tokens: the range's cached input tokens, when the caller has its totals.
+    :param pairs: :func:`~flask_ai_metering.reporting.queries.cached_pairs` of the range, when
+        the caller read them already (the overview's one pass does); else they are read here.
+    """
     out = Savings()
-    for source, where in queries.sources(conn, f, use_rollups=use_rollups):
-        out.cached_tokens += int(
-            conn.execute(sa.select(sa.func.sum(source.c.cached_input_tokens)).where(*where)).scalar() or 0
-        )
+    if cached_tokens is None:
+        cached_tokens = queries.totals(conn, f, use_rollups=use_rollups).cached_input_tokens
+    out.cached_tokens = cached_tokens
     if out.cached_tokens == 0:
         return out
-    parts = []
-    for source, where in queries.sources(conn, f, use_rollups=use_rollups):
-        provider, model = queries.name_of(source, "provider"), queries.name_of(source, "model")
-        parts.append(
-            sa.select(
-                provider.label("provider"), model.label("model"), sa.func.sum(source.c.cached_input_tokens).label("c")
-            )
-            .where(*where, source.c.cached_input_tokens > 0)
-            .group_by(provider, model)
-        )
-    both = (parts[0] if len(parts) == 1 else sa.union_all(*parts)).subquery()
-    cached = sa.func.sum(both.c.c)
-    rows = conn.execute(
-        sa.select(both.c.provider, both.c.model, cached.label("cached"))
-        .group_by(both.c.provider, both.c.model)
-        .order_by(cached.desc(), both.c.provider, both.c.model)
-        .limit(SAVINGS_MODELS)
-    )
-    for row in rows:
-        tokens = int(row.cached or 0)
-        saved = rt.prices.cache_savings(row.provider, row.model or None, tokens)
+    if pairs is None:
+        pairs = queries.cached_pairs(conn, f, use_rollups=use_rollups, limit=SAVINGS_MODELS)
+    for (provider, model), tokens in pairs:
+        saved = rt.prices.cache_savings(provider, model or None, tokens)
         out.priced_tokens += tokens
         if saved is not None:
             out.amount += saved

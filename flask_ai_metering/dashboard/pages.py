@@ -48,6 +48,8 @@ MAX_LIMIT_CANDIDATES = 50
 TOP_BILLABLES = 10
 #: The groupings a summary can rank.
 GROUPS = ("provider", "model", "feature")
+#: What the overview ranks: the groupings and the tenants.
+OVERVIEW_BREAKDOWNS = (*GROUPS, "tenant_id")
 
 
 @dataclasses.dataclass
@@ -84,6 +86,8 @@ class Summary:
     by_provider: Ranking = dataclasses.field(default_factory=Ranking)
     by_model: Ranking = dataclasses.field(default_factory=Ranking)
     by_feature: Ranking = dataclasses.field(default_factory=Ranking)
+    #: Filled when ``breakdowns`` lists ``tenant_id`` (the overview's "By tenant").
+    by_tenant_id: Ranking = dataclasses.field(default_factory=Ranking)
     #: Cost units per day of each group the cost chart names (``Ranking.shown(CHART_SERIES)``).
     by_day_group: dict[tuple[dt.date, str], int] = dataclasses.field(default_factory=dict)
     #: The most-called unpriced (provider, model) pairs, and how many pairs there are in all.
@@ -91,6 +95,9 @@ class Summary:
     unpriced_pairs: int = 0
     #: The costliest billables (``summarize(billables=N)``): ``{"billable": (type, id), "totals": Totals}``.
     top_billables: list[dict[str, t.Any]] = dataclasses.field(default_factory=list)
+    #: The pairs with the most cached tokens (``summarize(cached=N)``), when the one pass read
+    #: them; None: not read (:func:`~flask_ai_metering.dashboard.outlook.cache_savings` reads them).
+    cached_pairs: list[tuple[tuple[str, str], int]] | None = None
 
     @property
     def cost(self) -> Decimal:
@@ -114,6 +121,7 @@ def summarize(
     breakdowns: t.Sequence[str] = GROUPS,
     with_unpriced: bool = True,
     billables: int = 0,
+    cached: int = 0,
 ) -> Summary:
     """``f``'s range aggregated in SQL: totals, days, the top groups of each breakdown,
     the daily cost of the top ``group`` series, the unpriced models, and (``billables``)
@@ -123,8 +131,9 @@ def summarize(
     days in range and ``TOP_N``, not with the number of models, features or billables.
     The totals are the days' sum (every row falls on exactly one day). On PostgreSQL,
     when the ledger answers, days, rankings, billables and unpriced pairs come from one
-    pass (:func:`~flask_ai_metering.reporting.queries.grouped`); elsewhere each has its
-    own query.
+    pass (:func:`~flask_ai_metering.reporting.queries.grouped`), and so do the ``cached``
+    pairs with the most cached tokens; elsewhere each has its own query (the pairs are
+    left to :func:`~flask_ai_metering.dashboard.outlook.cache_savings`).
     """
     queries.tune_for_aggregates(conn)
     out = Summary()
@@ -137,6 +146,7 @@ def summarize(
             limit=TOP_N + 1,
             billables=billables,
             unpriced_limit=UNPRICED_SHOWN if with_unpriced else 0,
+            cached_limit=cached,
         )
         out.by_day = one.by_day
         out.totals = _sum(out.by_day.values())
@@ -145,6 +155,8 @@ def summarize(
         out.top_billables = one.billables
         if with_unpriced:
             out.unpriced, out.unpriced_pairs = one.unpriced, one.unpriced_pairs
+        if cached:
+            out.cached_pairs = one.cached
     else:
         out.by_day = {day: totals for (day, _), totals in queries.daily(conn, f, use_rollups=use_rollups).items()}
         out.totals = _sum(out.by_day.values())
@@ -213,19 +225,31 @@ def overview(rt: Runtime, f: Filters, group: str = "model") -> Overview:
     """Everything the overview shows, in a few grouped, limited queries plus a few limit checks."""
     use_rollups = rt.settings.aggregation_tables
     with rt.store.engine.connect() as conn:
-        current = summarize(conn, f, use_rollups=use_rollups, group=group, billables=TOP_BILLABLES)
+        current = summarize(
+            conn,
+            f,
+            use_rollups=use_rollups,
+            group=group,
+            breakdowns=OVERVIEW_BREAKDOWNS,
+            billables=TOP_BILLABLES,
+            cached=outlook.SAVINGS_MODELS,
+        )
         # The previous window shows only its totals: one row per source, not a breakdown.
         previous = Summary(totals=queries.totals(conn, f.previous(), use_rollups=use_rollups))
         top = current.top_billables
         as_of = last_run(conn, rt.settings.timezone) if use_rollups else None
         candidates = _limit_candidates(conn)
-        by_tenant = Ranking(
-            queries.ranking(conn, f, "tenant_id", use_rollups=use_rollups, limit=TOP_N + 1), current.totals
-        )
         by_user = by_user_ranking(conn, f, current.totals)
-        health = outlook.health(conn, f, current.by_model.shown(outlook.HEALTH_MODELS))
-        savings = outlook.cache_savings(rt, conn, f, use_rollups=use_rollups)
-        forecast = outlook.overall_forecast(conn, f, use_rollups=use_rollups)
+        health = outlook.health(conn, f, current.by_model.shown(outlook.HEALTH_MODELS), use_rollups=use_rollups)
+        savings = outlook.cache_savings(
+            rt,
+            conn,
+            f,
+            use_rollups=use_rollups,
+            cached_tokens=current.totals.cached_input_tokens,
+            pairs=current.cached_pairs,
+        )
+        forecast = outlook.overall_forecast(conn, f, use_rollups=use_rollups, known=current.by_day)
         for entry in top:
             entry["check"] = current_check(rt, entry["billable"])
         near = near_limits(rt, candidates)
@@ -247,7 +271,7 @@ def overview(rt: Runtime, f: Filters, group: str = "model") -> Overview:
         forecasts=forecasts,
         health=health,
         savings=savings,
-        by_tenant=by_tenant,
+        by_tenant=current.by_tenant_id,
         by_user=by_user,
         near_budgets=near_budgets,
     )

@@ -46,8 +46,11 @@ from ..reporting.rollups import DETAILED
 from ..reporting.rollups import TOTALS
 from ..reporting.rollups import RollupSpec
 from ..reporting.rollups import as_date
+from ..reporting.rollups import day_bounds
 from ..reporting.rollups import lock_watermark
 from ..reporting.rollups import refill
+from ..reporting.rollups import refill_latency
+from .reconcile import retained_since
 
 if t.TYPE_CHECKING:
     from ..quota.policy import Billable
@@ -164,6 +167,7 @@ def forget(rt: Runtime, billable: Billable, dry_run: bool = False) -> dict[str, 
         for _, table in _DELETED:
             conn.execute(sa.delete(table).where(_of(table, billable)))
         _rederive(conn, rt, days, (TOTALS,))
+        _recount_latency(conn, rt, days)
         for _, table in _KEPT:
             _rename(conn, table, billable, alias)
         return counts
@@ -234,6 +238,19 @@ def anonymize(rt: Runtime, before: dt.datetime, dry_run: bool = False) -> int:
     first_kept_day = before.astimezone(ZoneInfo(rt.settings.timezone)).date()
     rt.store.run(lambda conn: _fold_rollup_tenants(conn, rt, first_kept_day))
     return total
+
+
+def _recount_latency(conn: sa.Connection, rt: Runtime, days: t.Iterable[dt.date]) -> None:
+    """Re-group the latency rollup of ``days`` from the ledger, for the days ``cleanup`` left whole.
+
+    It has no billable to delete by; its rows of pruned days keep the forgotten calls'
+    counts, which say nothing about who made them.
+    """
+    zone = ZoneInfo(rt.settings.timezone)
+    kept = retained_since(conn)
+    for day in sorted(days):
+        if kept is None or day_bounds(day, zone)[0] >= kept:
+            refill_latency(conn, day, zone)
 
 
 def _rederive(conn: sa.Connection, rt: Runtime, days: t.Iterable[dt.date], specs: t.Sequence[RollupSpec]) -> None:

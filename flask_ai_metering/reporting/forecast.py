@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from ..models import Usage
 from ..models import table
 from .filters import Filters
+from .queries import billables_in
 from .queries import bucket_seconds
 from .queries import epoch_bucket
 from .queries import sources
@@ -121,7 +122,7 @@ def daily_by_billable(
     for source, where in sources(conn, f, use_rollups=use_rollups, by_billable=True):
         kind, ident = source.c.billable_type, source.c.billable_id
         if only:
-            where = [*where, sa.tuple_(kind, ident).in_(list(only))]
+            where = [*where, billables_in(kind, ident, only)]
         sums = (
             sa.func.sum(source.c.total_tokens).label("tokens"),
             sa.func.sum(sa.type_coerce(source.c.total_cost, sa.BigInteger)).label("cost_units"),

@@ -135,13 +135,19 @@ def _on_days(days: list[dt.date], f: Filters) -> sa.ColumnElement[bool]:
     return sa.or_(*(sa.and_(usage.c.occurred_at >= s, usage.c.occurred_at < e) for s, e in ranges))
 
 
-def sources(conn: sa.Connection, f: Filters, *, use_rollups: bool, by_billable: bool = False) -> list[Source]:
-    """Where ``f``'s aggregates come from, as sources that never cover the same day twice."""
+def sources(
+    conn: sa.Connection, f: Filters, *, use_rollups: bool, by_billable: bool = False, rollup: sa.Table | None = None
+) -> list[Source]:
+    """Where ``f``'s aggregates come from, as sources that never cover the same day twice.
+
+    :param rollup: the rollup table to read instead of :func:`rollup_for`'s choice (the
+        caller checks that its key covers ``f``'s filters).
+    """
     ledger: Source = (usage, _conditions(usage, f))
     fresh = fresh_days(conn, str(f.zone.key)) if use_rollups else None
     if fresh is None:
         return [ledger]
-    rollup = rollup_for(f, by_billable=by_billable)
+    rollup = rollup if rollup is not None else rollup_for(f, by_billable=by_billable)
     tail = sorted(day for day in fresh if f.start <= day <= f.end)
     if not tail:
         return [(rollup, _conditions(rollup, f))]
@@ -204,6 +210,21 @@ def name_of(source: sa.Table, name: str) -> sa.ColumnElement[t.Any]:
     return column
 
 
+def name_in(source: sa.Table, name: str, values: t.Sequence[str]) -> sa.ColumnElement[bool]:
+    """``coalesce(name, '') IN values``, written so an index on ``(name, occurred_at)`` applies.
+
+    ``coalesce(model, '') IN (…)`` hides the column from every index, so a few names
+    read the whole range; the plain column (plus ``IS NULL`` when '' is asked for)
+    matches the same rows. Works on the ledger, the failures and the rollups.
+    """
+    column = source.c[name]
+    if not column.nullable:
+        return column.in_(list(values))
+    if "" in values:
+        return sa.or_(column.in_(list(values)), column.is_(None))
+    return column.in_(list(values))
+
+
 def daily(
     conn: sa.Connection,
     f: Filters,
@@ -227,7 +248,7 @@ def daily(
         if key is not None:
             name = name_of(source, key)
             keys.append(name.label("name"))
-            where = [*where, name.in_(list(names))]
+            where = [*where, name_in(source, key, names)]
         for row in conn.execute(sa.select(*keys, *measures(source)).where(*where).group_by(*keys)):
             if source is usage:
                 day = local_day(dt.datetime.fromtimestamp(int(row.slot) * seconds, _UTC), f.zone)
@@ -296,22 +317,82 @@ def unpriced(
     return [((row.provider, row.model), int(row.calls)) for row in rows], int(rows[0].pairs) if rows else 0
 
 
-def top_billables(conn: sa.Connection, f: Filters, *, use_rollups: bool, limit: int = 10) -> list[dict[str, t.Any]]:
-    """The billables that cost the most in ``f``'s range, ranked in SQL over every source."""
+def cached_pairs(
+    conn: sa.Connection, f: Filters, *, use_rollups: bool, limit: int
+) -> list[tuple[tuple[str, str], int]]:
+    """The ``limit`` (provider, model) pairs with the most cached input tokens (then by name).
+
+    Summed over the rows (or rollup days) that have some: a refund's cached tokens are
+    negative and do not lower its pair's figure.
+    """
     parts = []
-    for source, where in sources(conn, f, use_rollups=use_rollups, by_billable=True):
-        kind, ident = source.c.billable_type, source.c.billable_id
-        present = kind.is_not(None) if source is usage else kind != ""
-        parts.append(sa.select(kind, ident, *measures(source)).where(*where, present).group_by(kind, ident))
+    for source, where in sources(conn, f, use_rollups=use_rollups):
+        provider, model = name_of(source, "provider"), name_of(source, "model")
+        parts.append(
+            sa.select(
+                provider.label("provider"), model.label("model"), sa.func.sum(source.c.cached_input_tokens).label("c")
+            )
+            .where(*where, source.c.cached_input_tokens > 0)
+            .group_by(provider, model)
+        )
     both = _union(parts)
-    sums = _sums(both)
+    cached = sa.func.sum(both.c.c)
     rows = conn.execute(
-        sa.select(both.c.billable_type, both.c.billable_id, *sums)
-        .group_by(both.c.billable_type, both.c.billable_id)
-        .order_by(sums[_COST].desc(), both.c.billable_type, both.c.billable_id)
+        sa.select(both.c.provider, both.c.model, cached.label("cached"))
+        .group_by(both.c.provider, both.c.model)
+        .order_by(cached.desc(), both.c.provider, both.c.model)
         .limit(limit)
     )
-    return [{"billable": (row.billable_type, row.billable_id), "totals": _totals(row)} for row in rows]
+    return [((row.provider, row.model), int(row.cached or 0)) for row in rows]
+
+
+def billables_in(kind: t.Any, ident: t.Any, only: t.Collection[tuple[str, str]]) -> sa.ColumnElement[bool]:
+    """``(kind, ident) IN only`` as ``kind = … AND ident IN (…)`` per type.
+
+    A row-value ``IN`` is no index condition, so it read every row of the range; this
+    walks the ``(billable_type, billable_id, …)`` indexes of the ledger and the rollups.
+    """
+    ids: dict[str, list[str]] = {}
+    for billable_type, billable_id in only:
+        ids.setdefault(billable_type, []).append(billable_id)
+    return sa.or_(*(sa.and_(kind == name, ident.in_(sorted(values))) for name, values in sorted(ids.items())))
+
+
+def top_billables(conn: sa.Connection, f: Filters, *, use_rollups: bool, limit: int = 10) -> list[dict[str, t.Any]]:
+    """The billables that cost the most in ``f``'s range, ranked in SQL over every source.
+
+    Ranked on their cost alone, then summed in full for the ``limit`` found: every
+    billable's eleven sums were most of the time of this query (60 ms over a month of
+    the billables rollup at 1M calls).
+    """
+    found = sources(conn, f, use_rollups=use_rollups, by_billable=True)
+    parts = []
+    for source, where in found:
+        kind, ident = source.c.billable_type, source.c.billable_id
+        present = kind.is_not(None) if source is usage else kind != ""
+        units = sa.func.sum(sa.type_coerce(source.c.total_cost, sa.BigInteger)).label("cost_units")
+        parts.append(sa.select(kind, ident, units).where(*where, present).group_by(kind, ident))
+    both = _union(t.cast(list[sa.Select[t.Any]], parts))
+    cost = sa.func.sum(both.c.cost_units)
+    top = [
+        (row.billable_type, row.billable_id)
+        for row in conn.execute(
+            sa.select(both.c.billable_type, both.c.billable_id)
+            .group_by(both.c.billable_type, both.c.billable_id)
+            .order_by(cost.desc(), both.c.billable_type, both.c.billable_id)
+            .limit(limit)
+        )
+    ]
+    if not top:
+        return []
+    totals = {billable: Totals() for billable in top}
+    for source, where in found:
+        kind, ident = source.c.billable_type, source.c.billable_id
+        present = kind.is_not(None) if source is usage else kind != ""
+        query = sa.select(kind, ident, *measures(source)).where(*where, present, billables_in(kind, ident, top))
+        for row in conn.execute(query.group_by(kind, ident)):
+            totals[(row.billable_type, row.billable_id)].add(_totals(row))
+    return [{"billable": billable, "totals": totals[billable]} for billable in top]
 
 
 LEDGER_COLUMNS = (
@@ -369,14 +450,20 @@ class Grouped:
     billables: list[dict[str, t.Any]] = dataclasses.field(default_factory=list)
     unpriced: list[tuple[tuple[str, str], int]] = dataclasses.field(default_factory=list)
     unpriced_pairs: int = 0
+    #: The (provider, model) pairs with the most cached input tokens, as :func:`cached_pairs` lists them.
+    cached: list[tuple[tuple[str, str], int]] = dataclasses.field(default_factory=list)
 
 
 #: The columns :func:`grouped` groups by, in ``GROUPING()`` order.
-_GROUPED_KEYS = ("slot", "provider", "model", "feature", "billable_type", "billable_id")
+_GROUPED_KEYS = ("slot", "provider", "model", "feature", "tenant_id", "billable_type", "billable_id")
+#: The names a ranking is summed from at :func:`grouped`'s second level (other keys are grouped directly).
+_FINE = ("provider", "model", "feature")
+#: :data:`_SUMMED` and the cache reads alone (cached tokens of rows that have some: refunds' are negative).
+_GROUPED_SUMS = (*_SUMMED, "cached_read")
 
 
 def _measure_columns(source: t.Any) -> list[t.Any]:
-    return [source.c[name] for name in _SUMMED]
+    return [source.c[name] for name in _GROUPED_SUMS]
 
 
 def _keys_or_null(col: dict[str, t.Any], sets: list[tuple[str, ...]]) -> list[t.Any]:
@@ -434,6 +521,13 @@ def one_pass(conn: sa.Connection, f: Filters, *, use_rollups: bool) -> bool:
     return len(found) == 1 and found[0][0] is usage
 
 
+def _int_sum(column: t.Any) -> sa.ColumnElement[t.Any]:
+    """``SUM`` of a token column as a ``BIGINT``: PostgreSQL sums a ``BIGINT`` into a ``NUMERIC``,
+    and summing, ranking and sorting those again at the second level took most of its time.
+    Tokens cannot reach 2^63; money is left a ``NUMERIC`` (pico-units could)."""
+    return sa.cast(sa.func.sum(column), sa.BigInteger)
+
+
 def grouped(
     conn: sa.Connection,
     f: Filters,
@@ -442,21 +536,24 @@ def grouped(
     limit: int,
     billables: int = 0,
     unpriced_limit: int = 0,
+    cached_limit: int = 0,
 ) -> Grouped:
     """``f``'s days, the ``limit`` costliest of each of ``keys``, the ``billables`` costliest
-    billables and the ``unpriced_limit`` most-called unpriced pairs: one scan of the ledger.
+    billables, the ``unpriced_limit`` most-called unpriced pairs and the ``cached_limit``
+    pairs with the most cached tokens: one scan of the ledger.
 
     PostgreSQL only (:func:`one_pass`): one ``GROUP BY GROUPING SETS`` over the filtered
     rows, each grouping ranked with ``row_number()`` and cut in the database, so the rows
     read are days + ``limit`` × groupings, whatever the ledger holds. The order and the
-    figures are exactly those of :func:`daily`, :func:`ranking`, :func:`top_billables`
-    and :func:`unpriced`.
+    figures are exactly those of :func:`daily`, :func:`ranking`, :func:`top_billables`,
+    :func:`unpriced` and :func:`cached_pairs`; each of them would scan the range again
+    (a third of a second each over 600,000 rows).
     """
     seconds = bucket_seconds(f)
     rows = (
         sa.select(
             epoch_bucket(usage.c.occurred_at, seconds, conn.dialect.name).label("slot"),
-            *(name_of(usage, name).label(name) for name in ("provider", "model", "feature")),
+            *(name_of(usage, name).label(name) for name in (*_FINE, "tenant_id")),
             usage.c.billable_type,
             usage.c.billable_id,
             *(usage.c[name] for name in TOKEN_COLUMNS),
@@ -468,28 +565,32 @@ def grouped(
             sa.case((usage.c.kind == "refund", -sa.type_coerce(usage.c.total_cost, sa.BigInteger)), else_=0).label(
                 "refunded"
             ),
+            sa.case((usage.c.cached_input_tokens > 0, usage.c.cached_input_tokens), else_=0).label("cached_read"),
         )
         .where(*_conditions(usage, f))
         .subquery("rows")
     )
     col = {name: rows.c[name] for name in _GROUPED_KEYS}
-    names_sets: list[tuple[str, ...]] = [(k,) for k in dict.fromkeys(keys)]
-    if unpriced_limit:
+    keys = list(dict.fromkeys(keys))
+    names_sets: list[tuple[str, ...]] = [(k,) for k in keys if k in _FINE]
+    if unpriced_limit or cached_limit:
         names_sets.append(("provider", "model"))
-    # First level, over the rows: days, billables, and the (provider, model, feature) cells
-    # every name grouping is summed from at the second level. Each row is aggregated three
-    # times at most, however many groupings the page shows.
-    fine = ("provider", "model", "feature")
+    # First level, over the rows: days, billables, other keys (tenants), and the (provider,
+    # model, feature) cells every name grouping is summed from at the second level. Each row
+    # is aggregated once per first-level set, however many name groupings the page shows.
+    fine = _FINE
     first_sets: list[tuple[str, ...]] = [("slot",), *([fine] if names_sets else [])]
     if billables:
         first_sets.append(("billable_type", "billable_id"))
+    first_sets.extend((k,) for k in keys if k not in _FINE)
     sums = [
         sa.func.sum(rows.c.call).label("calls"),
-        *(sa.func.sum(rows.c[name]).label(name) for name in TOKEN_COLUMNS),
+        *(_int_sum(rows.c[name]).label(name) for name in TOKEN_COLUMNS),
         sa.func.sum(rows.c.cost).label("cost_units"),
         sa.func.sum(rows.c.unpriced).label("unpriced_calls"),
         sa.func.sum(rows.c.refund).label("refunds"),
         sa.func.sum(rows.c.refunded).label("refunded_units"),
+        _int_sum(rows.c.cached_read).label("cached_read"),
     ]
     first_gid, first_ids = _grouping(col, first_sets, offset=0)
     cells = (
@@ -515,7 +616,8 @@ def grouped(
             .group_by(sa.func.grouping_sets(*(sa.tuple_(*(upper[n] for n in names)) for names in names_sets)))
         )
     merged = _union(parts)
-    unpriced_id = ids.get(("provider", "model"), -1)
+    pairs_id = ids.get(("provider", "model"), -1)
+    unpriced_id = pairs_id if unpriced_limit else -1
     billables_id = ids.get(("billable_type", "billable_id"), -1)
     # Rows that may be listed: an unpriced pair needs unpriced calls, a billable a type.
     eligible = sa.case(
@@ -526,34 +628,41 @@ def grouped(
     first = sa.case((merged.c.gid == unpriced_id, merged.c.unpriced_calls), else_=merged.c.cost_units)
     second = sa.case((merged.c.gid == billables_id, 0), (merged.c.gid == unpriced_id, 0), else_=merged.c.calls)
     partition = [merged.c.gid, eligible]
-    ranked = sa.select(
-        merged,
-        eligible.label("eligible"),
+    windows = [
         sa.func.row_number()
         .over(
             partition_by=partition,
-            order_by=[
-                first.desc(),
-                second.desc(),
-                *(merged.c[n].asc() for n in ("provider", "model", "feature", "billable_type", "billable_id")),
-            ],
+            order_by=[first.desc(), second.desc(), *(merged.c[n].asc() for n in _GROUPED_KEYS[1:])],
         )
         .label("rn"),
         sa.func.count().over(partition_by=partition).label("peers"),
-    ).subquery("ranked")
+    ]
+    if cached_limit:
+        # The pairs' second ranking: by cached tokens, among those with some.
+        windows.append(
+            sa.func.row_number()
+            .over(
+                partition_by=[merged.c.gid, merged.c.cached_read > 0],
+                order_by=[merged.c.cached_read.desc(), merged.c.provider, merged.c.model],
+            )
+            .label("rn_cached")
+        )
+    ranked = sa.select(merged, eligible.label("eligible"), *windows).subquery("ranked")
     slot_id = ids[("slot",)]
     cut = {
-        slot_id: None,
         **{ids[(k,)]: limit for k in keys},
         billables_id: billables,
         unpriced_id: unpriced_limit,
     }
-    keep = sa.or_(
+    keep = [
         ranked.c.gid == slot_id,
-        *(sa.and_(ranked.c.gid == g, ranked.c.rn <= n) for g, n in cut.items() if n is not None and g >= 0),
-    )
-    query = sa.select(ranked).where(keep, ranked.c.eligible).order_by(ranked.c.gid, ranked.c.rn)
+        *(sa.and_(ranked.c.gid == g, ranked.c.eligible, ranked.c.rn <= n) for g, n in cut.items() if n and g >= 0),
+    ]
+    if cached_limit:
+        keep.append(sa.and_(ranked.c.gid == pairs_id, ranked.c.cached_read > 0, ranked.c.rn_cached <= cached_limit))
+    query = sa.select(ranked).where(sa.or_(*keep)).order_by(ranked.c.gid, ranked.c.rn)
     out = Grouped(rankings={k: [] for k in keys})
+    cached: list[tuple[int, tuple[str, str], int]] = []
     by_id = {ids[(k,)]: k for k in keys}
     for row in conn.execute(query):
         g = int(row.gid)
@@ -565,7 +674,11 @@ def grouped(
             out.rankings[key].append((getattr(row, key), _totals(row)))
         elif g == billables_id:
             out.billables.append({"billable": (row.billable_type, row.billable_id), "totals": _totals(row)})
-        elif g == unpriced_id:
-            out.unpriced.append(((row.provider, row.model), int(row.unpriced_calls)))
-            out.unpriced_pairs = int(row.peers)
+        elif g == pairs_id:
+            if unpriced_limit and row.eligible and row.rn <= unpriced_limit:
+                out.unpriced.append(((row.provider, row.model), int(row.unpriced_calls)))
+                out.unpriced_pairs = int(row.peers)
+            if cached_limit and row.cached_read > 0 and row.rn_cached <= cached_limit:
+                cached.append((int(row.rn_cached), (row.provider, row.model), int(row.cached_read)))
+    out.cached = [(pair, tokens) for _, pair, tokens in sorted(cached)]
     return out
