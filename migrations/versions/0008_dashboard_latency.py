@@ -1,7 +1,7 @@
 """latency rollup: ledger rows per day, model and latency bucket, for the overview's health panel
 
-Revision ID: 0007_dashboard
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-11-30 14:00:00
 
 The overview's p50/p95 latency and daily call counts per model were a scan of the
@@ -18,8 +18,8 @@ from alembic import op
 
 import flask_ai_metering.models
 
-revision = "0007_dashboard"
-down_revision = "0006"
+revision = "0008"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
