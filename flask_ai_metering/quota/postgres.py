@@ -506,12 +506,12 @@ def _budgeted_statement(enforce: bool, zero_tokens: bool, mode_from_plan: bool, 
     """:func:`_pinned_statement` that also holds on every budget matching the call, all or none.
 
     Each matching budget's counter of its period is created or updated by one
-    ``INSERT … ON CONFLICT DO UPDATE … WHERE <it admits the hold>``. The plan's counter is
-    updated first (its row lock orders the calls of one billable), then the budgets in id
-    order. A statement cannot undo part of itself, so when the plan's counter took the hold
-    and a budget refused it (or the reverse) the last column divides by zero: PostgreSQL
-    aborts the whole statement and nothing is written. The caller then takes the portable
-    path, which names the budget that refused.
+    ``INSERT … ON CONFLICT DO UPDATE … WHERE <it admits the hold>``, once the plan's counter
+    took the hold (the upsert reads the plan's ``UPDATE``, so the plan's row is locked first,
+    then the budgets' in id order, as on the portable path). A statement cannot undo part of
+    itself, so when the plan's counter took the hold and a budget refused it the last column
+    divides by zero: PostgreSQL aborts the whole statement and nothing is written. The caller
+    then takes the portable path, which names the budget that refused.
     """
     pol, c = _policy_and_counter()
     conditions = _pinned_conditions(pol, c, mode_from_plan, feature)
@@ -544,7 +544,9 @@ def _budgeted_statement(enforce: bool, zero_tokens: bool, mode_from_plan: bool, 
             sa.bindparam("now", type_=bc.c.created_at.type),
             *(sa.literal_column("0") for _ in _ZEROED),
         )
-        .where(_fresh_admits(bud, zero_tokens))
+        # Only once the plan's counter took the hold: that orders the locks (the plan's row first,
+        # as everywhere), and a refusal by the plan writes nothing at all.
+        .where(_fresh_admits(bud, zero_tokens), sa.exists(sa.select(claim.c.id)))
         .order_by(bud.c.budget_id)
     )
     upsert = pg_insert(bc).from_select(
@@ -625,14 +627,16 @@ def reserve_budgeted(
     statement = _budgeted_statement(enforce, request.tokens == 0, mode_from_plan, feature is not None)
     try:  # in autocommit: a statement that fails leaves nothing behind
         row = conn.execute(statement, params).first()
-    except sa_exc.DataError as error:
-        if getattr(error.orig, "sqlstate", None) != _DIVISION_BY_ZERO:
+    except sa_exc.DBAPIError as error:
+        if getattr(error.orig, "sqlstate", None) not in _NOTHING_WRITTEN:
             raise
-        return None  # a budget or the plan refused: nothing was written
+        return None  # a budget refused (or a deadlock was broken): nothing was written
     return None if row is None or row.reservation_id is None else row
 
 
-_DIVISION_BY_ZERO = "22012"
+#: A budget refused the hold the plan's counter took (the guard's division by zero), or
+#: PostgreSQL broke a deadlock: the statement wrote nothing, and the portable path decides.
+_NOTHING_WRITTEN = {"22012", "40P01"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -645,7 +649,11 @@ def _commit_budgeted_statement() -> t.Any:
     bc = t.cast(sa.Alias, sa.alias(budgets.budget_counters, "bc"))  # short: under psycopg's 4 KiB cache limit
     counted = (
         sa.update(bc)
-        .where(bc.c.id == sa.func.any(sa.bindparam("bids", type_=ARRAY(sa.BigInteger))))
+        # After the plan's counter (it reads ``counter``): the locks are taken in the holds' order.
+        .where(
+            bc.c.id == sa.func.any(sa.bindparam("bids", type_=ARRAY(sa.BigInteger))),
+            sa.exists(sa.select(counter.c.used_tokens)),
+        )
         .values(
             used_tokens=bc.c.used_tokens + sa.bindparam("ut", type_=sa.BigInteger),
             used_cost_units=bc.c.used_cost_units + sa.bindparam("uc", type_=sa.BigInteger),
