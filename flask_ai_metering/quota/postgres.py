@@ -479,9 +479,16 @@ def commit_queued(conn: sa.Connection, true_up: TrueUp, payload: dict[str, t.Any
 
 
 def _period_bound(b: sa.FromClause, which: int) -> sa.ColumnElement[t.Any]:
-    """The start (0) or end (1) of the budget's period, chosen by its ``period`` among the bound ones."""
-    kind = budgets.budget_counters.c.period_start.type
-    return sa.case({name: sa.bindparam(f"p_{name}_{which}", type_=kind) for name in budgets.PERIODS}, value=b.c.period)
+    """The start (0) or end (1) of the budget's period: its item of the bound array of all six.
+
+    Arrays and a constant list keep the statement short (psycopg converts it on every call).
+    """
+    names: sa.ColumnElement[t.Any] = sa.literal_column(
+        "ARRAY[" + ",".join(f"'{name}'" for name in budgets.PERIODS) + "]"
+    )
+    kind = ARRAY(budgets.budget_counters.c.period_start.type)
+    bounds: sa.ColumnElement[t.Any] = sa.Grouping(sa.bindparam(f"p_bounds_{which}", type_=kind))
+    return bounds[sa.func.array_position(names, b.c.period)]
 
 
 def _fresh_admits(bud: sa.CTE, zero_tokens: bool) -> sa.ColumnElement[bool]:
@@ -620,7 +627,7 @@ def reserve_budgeted(
         **_pinned_params(recent, request.created_at, feature),
         **_reservation_params(recent.billable, request),
         **budgets.matching_params(recent.billable, user_id, feature, model),
-        **{f"p_{name}_{i}": bound[i] for name, bound in bounds.items() for i in (0, 1)},
+        **{f"p_bounds_{i}": [bounds[name][i] for name in budgets.PERIODS] for i in (0, 1)},
         "n": request.tokens,
         "c": request.cost_units,
     }
