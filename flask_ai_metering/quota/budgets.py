@@ -35,6 +35,7 @@ from ..money import from_units
 from ..money import parse_money
 from ..money import to_units
 from .engine import LimitCheck
+from .engine import percent
 from .periods import Period
 from .periods import period_for
 from .policy import resolve_policy
@@ -499,7 +500,7 @@ class Standing:
             (self.used_cost_units + self.reserved_cost_units, b.cost_limit_units),
             (self.used_requests + self.reserved_requests, b.request_limit),
         )
-        return [_percent(used, limit) for used, limit in pairs if limit is not None]
+        return [percent(used, limit) for used, limit in pairs if limit is not None]
 
     def used_percentage(self) -> float:
         """The fuller dimension of the usage committed (what alerts judge)."""
@@ -509,7 +510,7 @@ class Standing:
             (self.used_cost_units, b.cost_limit_units),
             (self.used_requests, b.request_limit),
         )
-        return max([_percent(used, limit) for used, limit in pairs if limit is not None] or [0.0])
+        return max([percent(used, limit) for used, limit in pairs if limit is not None] or [0.0])
 
     def check(
         self, *, warning_threshold: int, tokens: int = 0, cost_units: int = 0, reason: str | None = None
@@ -558,12 +559,6 @@ def _fits(b: Terms, tokens: int, cost_units: int) -> bool:
     return (b.token_limit is None or tokens <= b.token_limit) and (
         b.cost_limit_units is None or cost_units <= b.cost_limit_units
     )
-
-
-def _percent(part: int, whole: int) -> float:
-    if whole <= 0:
-        return 100.0
-    return round(min(100.0, part * 100 / whole), 2)
 
 
 COUNTER_COLUMNS = (

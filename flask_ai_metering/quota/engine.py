@@ -155,11 +155,11 @@ def limit_check(
     allowed = not policy.expired
     if policy.token_limit is not None:
         remaining_tokens = max(0, policy.token_limit - held_tokens)
-        percentages.append(_percent(held_tokens, policy.token_limit))
+        percentages.append(percent(held_tokens, policy.token_limit))
         allowed &= remaining_tokens >= max(want_tokens, 1)
     if policy.cost_limit_units is not None:
         remaining_cost_units = max(0, policy.cost_limit_units - held_cost)
-        percentages.append(_percent(held_cost, policy.cost_limit_units))
+        percentages.append(percent(held_cost, policy.cost_limit_units))
         allowed &= remaining_cost_units > 0
     percentage = max(percentages)
     if policy.expired and reason is None:
@@ -185,7 +185,8 @@ def limit_check(
     )
 
 
-def _percent(part: int, whole: int) -> float:
+def percent(part: int, whole: int) -> float:
+    """``part`` of ``whole`` in percent, capped at 100 and rounded to 2 places (100 for a zero limit)."""
     if whole <= 0:
         return 100.0
     return round(min(100.0, part * 100 / whole), 2)

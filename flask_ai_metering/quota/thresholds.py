@@ -21,6 +21,7 @@ from ..models import BudgetCounter
 from ..models import Counter
 from ..models import table
 from .engine import LimitCheck
+from .engine import percent
 
 if t.TYPE_CHECKING:
     from ..config import Settings
@@ -70,14 +71,10 @@ def plan_usage(policy: Policy, state: CounterState) -> float:
     """The plan counter's committed usage in percent of its fuller limit (0 when unlimited)."""
     percentages = [0.0]
     if policy.token_limit is not None:
-        percentages.append(_percent(state.used_tokens, policy.token_limit))
+        percentages.append(percent(state.used_tokens, policy.token_limit))
     if policy.cost_limit_units is not None:
-        percentages.append(_percent(state.used_cost_units, policy.cost_limit_units))
+        percentages.append(percent(state.used_cost_units, policy.cost_limit_units))
     return max(percentages)
-
-
-def _percent(part: int, whole: int) -> float:
-    return 100.0 if whole <= 0 else round(min(100.0, part * 100 / whole), 2)
 
 
 _TABLES = {"plan": table(Counter), "budget": table(BudgetCounter)}

@@ -27,6 +27,7 @@ from ..quota.budgets import budget_counters
 from ..quota.budgets import budgets
 from ..quota.budgets import period_of
 from ..quota.budgets import standing_of
+from ..quota.engine import percent
 
 if t.TYPE_CHECKING:
     from ..quota.engine import LimitCheck
@@ -59,17 +60,17 @@ class Dimension:
     @property
     def used_percentage(self) -> float:
         """The committed share of the limit (capped at 100): the solid part of a burn-down bar."""
-        return _percent(self.used, self.limit)
+        return percent(self.used, self.limit)
 
     @property
     def reserved_percentage(self) -> float:
         """The share held by calls in flight, on top of :attr:`used_percentage` (the two stay within 100)."""
-        return round(min(100.0, _percent(self.used + self.reserved, self.limit)) - self.used_percentage, 2)
+        return round(min(100.0, percent(self.used + self.reserved, self.limit)) - self.used_percentage, 2)
 
     @property
     def percentage(self) -> float:
         """Used plus reserved, as a share of the limit (what a limit check counts as spent)."""
-        return _percent(self.used + self.reserved, self.limit)
+        return percent(self.used + self.reserved, self.limit)
 
     def amount(self, units: int) -> int | Decimal:
         """``units`` as shown: pico-units as a ``Decimal`` amount for cost, the count otherwise."""
@@ -156,12 +157,6 @@ class BudgetUsage:
 
 def _money(units: int) -> str:
     return format(from_units(units), "f")
-
-
-def _percent(part: int, whole: int) -> float:
-    if whole <= 0:
-        return 100.0
-    return round(min(100.0, part * 100 / whole), 2)
 
 
 def _counter_column(name: str) -> sa.ColumnElement[t.Any]:
@@ -380,7 +375,7 @@ def report_section(
             (int(row.counter_cost), row.counter_cost_limit),
             (int(row.counter_requests), row.counter_request_limit),
         )
-        shares = [_percent(part, int(whole)) for part, whole in used if whole is not None]
+        shares = [percent(part, int(whole)) for part, whole in used if whole is not None]
         entry["periods"] += 1
         entry["periods_at_limit"] += any(share >= 100 for share in shares)
         entry["total_tokens"] += used[0][0]
