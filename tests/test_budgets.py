@@ -276,7 +276,9 @@ def test_headers_report_the_tightest_limit(make_app):
 
 
 @pytest.mark.parametrize("backend", ["postgresql"])
-def test_on_postgresql_a_budgeted_hold_is_one_statement(team, db, backend):
+def test_on_postgresql_a_budgeted_hold_is_one_statement(team, db, backend, monkeypatch):
+    import psycopg
+
     team.add_budget(TEAM, user="7", period="day", token_limit=10_000)
     team.add_budget(TEAM, period="month", request_limit=100)
     spend(team, user="7", tokens=1)  # creates the counters (the portable path)
@@ -286,6 +288,14 @@ def test_on_postgresql_a_budgeted_hold_is_one_statement(team, db, backend):
     def note(*args: t.Any) -> None:
         statements.append(args[2])
 
+    # The hold is sent through psycopg's RawCursor (its text is precompiled): spy on both ways.
+    raw_execute = psycopg.RawCursor.execute
+
+    def raw(cursor: t.Any, query: t.Any, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        statements.append(str(query))
+        return raw_execute(cursor, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.RawCursor, "execute", raw)
     sa.event.listen(db.engine, "before_cursor_execute", note)
     spend(team, user="7", tokens=1)
     sa.event.remove(db.engine, "before_cursor_execute", note)
@@ -364,3 +374,31 @@ def test_the_budgeted_commit_fits_psycopgs_statement_cache() -> None:
     text = postgres._commit_budgeted_statement().compile(dialect=dialect_module.dialect()).string
     assert len(text) <= _queries.MAX_CACHED_STATEMENT_LENGTH
     assert len(set(re.findall(r"%\((\w+)\)s", text))) <= _queries.MAX_CACHED_STATEMENT_PARAMS
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_a_precompiled_statement_converts_like_sqlalchemy_and_raises_its_errors(db, backend):
+    """The budgeted hold's raw path: SQLAlchemy's bind and result conversions, SQLAlchemy's exceptions."""
+    from sqlalchemy import exc as sa_exc
+
+    from flask_ai_metering.models import UTCDateTime
+    from flask_ai_metering.money import MoneyType
+    from flask_ai_metering.quota.postgres import DollarStatement
+
+    when = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    statement = sa.select(
+        sa.literal_column("1500000000000", MoneyType()).label("amount"),
+        sa.bindparam("when", type_=UTCDateTime()).label("at"),
+        sa.bindparam("name", type_=sa.String).label("name"),
+    )
+    with db.engine.connect() as conn:
+        [row] = DollarStatement(statement).execute(conn, {"when": when, "name": "x"})
+        assert (row.amount, row.name) == (Decimal("1.5"), "x")
+        # Bound as naive UTC (as UTCDateTime stores it) and read back as an aware UTC time.
+        assert row.at == dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.timezone.utc) == when
+        conn.rollback()
+        with pytest.raises(sa_exc.DBAPIError) as failed:
+            DollarStatement(sa.select(sa.literal(1) / sa.bindparam("zero", type_=sa.Integer))).execute(
+                conn, {"zero": 0}
+            )
+        assert failed.value.orig.sqlstate == "22012"
