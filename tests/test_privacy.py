@@ -13,6 +13,8 @@ from flask_ai_metering.metering import holds
 from flask_ai_metering.metering.spec import CallSpec
 from flask_ai_metering.metering.spec import Hold
 from flask_ai_metering.models import Base
+from flask_ai_metering.models import Budget
+from flask_ai_metering.models import BudgetCounter
 from flask_ai_metering.models import Counter
 from flask_ai_metering.models import CreditTransaction
 from flask_ai_metering.models import CreditWallet
@@ -70,6 +72,7 @@ def test_forget_erases_usage_and_keeps_financial_records_under_a_pseudonym(make_
         add_plan(db, slug="pro", token_limit=150, overage_price_per_1k_tokens=Decimal("0.5"))
         meter.subscribe(ALICE, "pro", stripe_customer_id="cus_1")
         meter.wallet(ALICE).add_credits(Decimal("10"), reason="top-up")
+        meter.add_budget(ALICE, user=ALICE, period="day", token_limit=10**6)  # a budget names a user
         use(meter, ALICE, 3, user=ALICE, meta={"ticket": 1})
         use(meter, BOB, 2)
         rt = meter.runtime()
@@ -90,9 +93,12 @@ def test_forget_erases_usage_and_keeps_financial_records_under_a_pseudonym(make_
             "rollup rows": 1,
             "billable rollup rows": 1,
             "counters": 1,
+            "alert events": 0,
             "subscriptions (pseudonymized)": 1,
             "credit wallets (pseudonymized)": 1,
             "overages (pseudonymized)": 2,
+            "budget counters": 1,
+            "budgets": 1,
         }
         assert privacy.forget(rt, ALICE) == planned
 
@@ -107,8 +113,10 @@ def test_forget_erases_usage_and_keeps_financial_records_under_a_pseudonym(make_
             Subscription,
             CreditWallet,
             Overage,
+            Budget,
         ):
             assert rows(meter, model, billable_id="alice") == []
+        assert rows(meter, BudgetCounter) == []
         # The totals across billables lost Alice's share too: every rollup equals the ledger.
         assert_rollups_match_ledger(rt.store.engine)
         [sub] = rows(meter, Subscription, billable_id=alias)

@@ -31,6 +31,7 @@ import sqlalchemy as sa
 from ..errors import ConfigurationError
 from ..metering.holds import release_reservation
 from ..models import TOKEN_COLUMNS
+from ..models import AlertEvent
 from ..models import Counter
 from ..models import CreditWallet
 from ..models import Failure
@@ -39,6 +40,8 @@ from ..models import Reservation
 from ..models import Subscription
 from ..models import Usage
 from ..models import utcnow
+from ..quota.budgets import budget_counters
+from ..quota.budgets import budgets
 from ..quota.periods import period_for
 from ..reporting.rollups import BILLABLES
 from ..reporting.rollups import DERIVED
@@ -68,6 +71,7 @@ _DELETED = (
     ("rollup rows", rollups),
     ("billable rollup rows", BILLABLES.table),
     ("counters", counters),
+    ("alert events", t.cast(sa.Table, AlertEvent.__table__)),
 )
 _KEPT = (
     ("subscriptions (pseudonymized)", t.cast(sa.Table, Subscription.__table__)),
@@ -155,6 +159,12 @@ def forget(rt: Runtime, billable: Billable, dry_run: bool = False) -> dict[str, 
             )
             for label, table in _DELETED + _KEPT
         }
+        # Budgets name users; their counters hang off them (no billable columns of their own).
+        of_budgets = sa.select(budgets.c.id).where(_of(budgets, billable))
+        counts["budget counters"] = int(
+            conn.execute(sa.select(sa.func.count()).where(budget_counters.c.budget_id.in_(of_budgets))).scalar_one()
+        )
+        counts["budgets"] = int(conn.execute(sa.select(sa.func.count()).where(_of(budgets, billable))).scalar_one())
         if dry_run:
             return counts
         lock_watermark(conn, rt.settings.timezone)
@@ -166,6 +176,8 @@ def forget(rt: Runtime, billable: Billable, dry_run: bool = False) -> dict[str, 
         }
         for _, table in _DELETED:
             conn.execute(sa.delete(table).where(_of(table, billable)))
+        conn.execute(sa.delete(budget_counters).where(budget_counters.c.budget_id.in_(of_budgets)))
+        conn.execute(sa.delete(budgets).where(_of(budgets, billable)))
         _rederive(conn, rt, days, (TOTALS,))
         _recount_latency(conn, rt, days)
         for _, table in _KEPT:
