@@ -38,7 +38,7 @@ def run(backends: list[str], calls: int = 1500, rounds: int = 5) -> list[dict[st
                     for options in BUDGETS[:k]:
                         meter.add_budget(billable, **options)
 
-                def metered(billable: tuple[str, str]) -> t.Callable[[], t.Any]:
+                def metered(billable: tuple[str, str], meter: t.Any = meter) -> t.Callable[[], t.Any]:
                     return lambda: meter.call(
                         lambda: response,
                         billable=billable,
@@ -50,7 +50,7 @@ def run(backends: list[str], calls: int = 1500, rounds: int = 5) -> list[dict[st
                     )
 
                 samples: dict[int, list[float]] = {k: [] for k in range(len(billables))}
-                for k, billable in enumerate(billables):
+                for billable in billables:
                     _time(metered(billable), 50)  # warm: counters created, statements prepared
                 for _ in range(rounds):
                     for k, billable in enumerate(billables):

@@ -361,7 +361,7 @@ def cache_savings(
 
     :param cached_tokens: the range's cached input tokens, when the caller has its totals.
     :param pairs: :func:`~flask_ai_metering.reporting.queries.cached_pairs` of the range, when
-        the caller read them already (the overview's one pass does); else they are read here.
+        the caller read them already (the overview's PostgreSQL pass does); else they are read here.
     """
     out = Savings()
     if cached_tokens is None:
