@@ -98,6 +98,9 @@ class Summary:
     #: The pairs with the most cached tokens (``summarize(cached=N)``), when the PostgreSQL pass read
     #: them; None: not read (:func:`~flask_ai_metering.dashboard.outlook.cache_savings` reads them).
     cached_pairs: list[tuple[tuple[str, str], int]] | None = None
+    #: The top billables' sums per local day, when the PostgreSQL pass read them (their
+    #: forecasts reuse them); empty otherwise.
+    billable_days: dict[tuple[str, str], dict[dt.date, Totals]] = dataclasses.field(default_factory=dict)
 
     @property
     def cost(self) -> Decimal:
@@ -160,6 +163,7 @@ def summarize(
         if cached:
             out.cached_pairs = one.cached
         by_day_group = one.by_day_group
+        out.billable_days = one.billable_days
     else:
         out.by_day = {day: totals for (day, _), totals in queries.daily(conn, f, use_rollups=use_rollups).items()}
         out.totals = _sum(out.by_day.values())
@@ -262,8 +266,15 @@ def overview(rt: Runtime, f: Filters, group: str = "model") -> Overview:
         near_budgets = budget_usage.near_limit(
             conn, timezone=rt.settings.timezone, warning_threshold=rt.settings.warning_threshold
         )
+        # The top billables' days are their whole usage unless a filter narrows the range's rows.
+        whole = not any((f.provider, f.model, f.feature, f.tenant, f.billable))
         forecasts = outlook.billable_forecasts(
-            conn, [*((e["billable"], e["check"]) for e in top), *near], zone=f.zone, use_rollups=use_rollups
+            conn,
+            [*((e["billable"], e["check"]) for e in top), *near],
+            zone=f.zone,
+            use_rollups=use_rollups,
+            known=current.billable_days if whole else None,
+            known_days=(f.start, f.end),
         )
     return Overview(
         filters=f,

@@ -226,6 +226,19 @@ def name_in(source: sa.Table, name: str, values: t.Sequence[str]) -> sa.ColumnEl
     return column.in_(list(values))
 
 
+def _slots(f: Filters, seconds: int) -> sa.TableValuedAlias:
+    """The SQL buckets of ``f``'s range, as a ``generate_series`` to join the ledger's rows to.
+
+    PostgreSQL estimates an expression over ``occurred_at`` to have as many values as
+    the column, so it sorted every row to group them by day; grouped by a column of this
+    series (a few dozen values), the rows are hashed, in parallel.
+    """
+    first = math.floor(f.since.timestamp()) // seconds
+    last = (math.ceil(f.until.timestamp()) - 1) // seconds
+    series = sa.func.generate_series(sa.literal(first, sa.BigInteger), sa.literal(last, sa.BigInteger))
+    return series.table_valued(sa.column("n", sa.BigInteger), name="slots").render_derived()
+
+
 def daily(
     conn: sa.Connection,
     f: Filters,
@@ -242,15 +255,22 @@ def daily(
     out: dict[tuple[dt.date, str], Totals] = {}
     seconds = bucket_seconds(f)
     for source, where in sources(conn, f, use_rollups=use_rollups):
-        when = (
-            epoch_bucket(usage.c.occurred_at, seconds, conn.dialect.name) if source is usage else source.c.day
-        ).label("slot")
-        keys: list[sa.ColumnElement[t.Any]] = [when]
+        found: sa.FromClause = source
+        if source is not usage:
+            when: sa.ColumnElement[t.Any] = source.c.day
+        elif conn.dialect.name == "postgresql":
+            slots = _slots(f, seconds)
+            when = slots.c.n
+            found = usage.join(slots, when == epoch_bucket(usage.c.occurred_at, seconds, conn.dialect.name))
+        else:
+            when = epoch_bucket(usage.c.occurred_at, seconds, conn.dialect.name)
+        keys: list[sa.ColumnElement[t.Any]] = [when.label("slot")]
         if key is not None:
             name = name_of(source, key)
             keys.append(name.label("name"))
             where = [*where, name_in(source, key, names)]
-        for row in conn.execute(sa.select(*keys, *measures(source)).where(*where).group_by(*keys)):
+        query = sa.select(*keys, *measures(source)).select_from(found).where(*where).group_by(*keys)
+        for row in conn.execute(query):
             if source is usage:
                 day = local_day(dt.datetime.fromtimestamp(int(row.slot) * seconds, _UTC), f.zone)
             else:
@@ -362,20 +382,34 @@ def billables_in(kind: t.Any, ident: t.Any, only: t.Collection[tuple[str, str]])
 def top_billables(conn: sa.Connection, f: Filters, *, use_rollups: bool, limit: int = 10) -> list[dict[str, t.Any]]:
     """The billables that cost the most in ``f``'s range, ranked in SQL over every source.
 
-    Ranked on their cost alone, then summed in full for the ``limit`` found: every
-    billable's eleven sums were most of the time of this query (60 ms over a month of
-    the billables rollup at 1M calls).
+    Ranked on their cost alone (:func:`billable_ranking`), then summed in full for the
+    ``limit`` found: every billable's eleven sums were most of the time of this query
+    (60 ms over a month of the billables rollup at 1M calls).
     """
-    found = sources(conn, f, use_rollups=use_rollups, by_billable=True)
+    top = billable_ranking(conn, f, use_rollups=use_rollups, limit=limit)
+    if not top:
+        return []
+    totals = {billable: Totals() for billable in top}
+    for source, where in sources(conn, f, use_rollups=use_rollups, by_billable=True):
+        kind, ident = source.c.billable_type, source.c.billable_id
+        present = kind.is_not(None) if source is usage else kind != ""
+        query = sa.select(kind, ident, *measures(source)).where(*where, present, billables_in(kind, ident, top))
+        for row in conn.execute(query.group_by(kind, ident)):
+            totals[(row.billable_type, row.billable_id)].add(_totals(row))
+    return [{"billable": billable, "totals": totals[billable]} for billable in top]
+
+
+def billable_ranking(conn: sa.Connection, f: Filters, *, use_rollups: bool, limit: int) -> list[tuple[str, str]]:
+    """The ``limit`` billables that cost the most in ``f``'s range (then by type, id)."""
     parts = []
-    for source, where in found:
+    for source, where in sources(conn, f, use_rollups=use_rollups, by_billable=True):
         kind, ident = source.c.billable_type, source.c.billable_id
         present = kind.is_not(None) if source is usage else kind != ""
         units = sa.func.sum(sa.type_coerce(source.c.total_cost, sa.BigInteger)).label("cost_units")
         parts.append(sa.select(kind, ident, units).where(*where, present).group_by(kind, ident))
     both = _union(t.cast(list[sa.Select[t.Any]], parts))
     cost = sa.func.sum(both.c.cost_units)
-    top = [
+    return [
         (row.billable_type, row.billable_id)
         for row in conn.execute(
             sa.select(both.c.billable_type, both.c.billable_id)
@@ -384,16 +418,6 @@ def top_billables(conn: sa.Connection, f: Filters, *, use_rollups: bool, limit: 
             .limit(limit)
         )
     ]
-    if not top:
-        return []
-    totals = {billable: Totals() for billable in top}
-    for source, where in found:
-        kind, ident = source.c.billable_type, source.c.billable_id
-        present = kind.is_not(None) if source is usage else kind != ""
-        query = sa.select(kind, ident, *measures(source)).where(*where, present, billables_in(kind, ident, top))
-        for row in conn.execute(query.group_by(kind, ident)):
-            totals[(row.billable_type, row.billable_id)].add(_totals(row))
-    return [{"billable": billable, "totals": totals[billable]} for billable in top]
 
 
 LEDGER_COLUMNS = (
@@ -455,6 +479,8 @@ class Grouped:
     cached: list[tuple[tuple[str, str], int]] = dataclasses.field(default_factory=list)
     #: Cost units per local day of the ``group`` names ranked (the caller keeps those it charts).
     by_day_group: dict[tuple[dt.date, str], int] = dataclasses.field(default_factory=dict)
+    #: The top billables' sums per local day (their quota forecasts reuse them).
+    billable_days: dict[tuple[str, str], dict[dt.date, Totals]] = dataclasses.field(default_factory=dict)
 
 
 #: The names :func:`_read_cells` groups by: few distinct values each, so their combinations per
@@ -528,7 +554,8 @@ def grouped(
     * the models, unpriced and cached pairs from one aggregate per (provider, model) of
       the few sums they rank on (:func:`_read_pairs`), then the ranked models' full sums
       per day through the model index (:func:`daily`);
-    * the billables ranked on their cost, then summed through their index (:func:`top_billables`).
+    * the billables ranked on their cost (:func:`billable_ranking`), then summed per day
+      through their index (:func:`_billable_days`).
     """
     keys = list(dict.fromkeys(keys))
     out = Grouped(rankings={k: [] for k in keys})
@@ -550,21 +577,43 @@ def grouped(
                     out.by_day_group[(day, name)] = totals.cost_units
             out.rankings["model"] = [(name, sums[name]) for name in models]
     if billables:
-        out.billables = top_billables(conn, f, use_rollups=False, limit=billables)
+        top = billable_ranking(conn, f, use_rollups=False, limit=billables)
+        out.billable_days = _billable_days(conn, f, top)
+        out.billables = [{"billable": b, "totals": _sum(out.billable_days[b].values())} for b in top]
     return out
 
 
-def _slots(f: Filters, seconds: int) -> sa.TableValuedAlias:
-    """The SQL buckets of ``f``'s range, as a ``generate_series`` to join the ledger's rows to.
+def _sum(parts: t.Iterable[Totals]) -> Totals:
+    out = Totals()
+    for part in parts:
+        out.add(part)
+    return out
 
-    PostgreSQL estimates an expression over ``occurred_at`` to have as many values as
-    the column, so it sorted every row to group them by day; grouped by a column of this
-    series (a few dozen values), the rows are hashed, in parallel.
+
+def _billable_days(
+    conn: sa.Connection, f: Filters, billables: list[tuple[str, str]]
+) -> dict[tuple[str, str], dict[dt.date, Totals]]:
+    """Each of ``billables``' sums per local day of ``f``'s range, through the billable index.
+
+    Their totals are the days' sum, and their quota forecasts reuse the days (they read
+    the billables' rows of the current period, most of them these).
     """
-    first = math.floor(f.since.timestamp()) // seconds
-    last = (math.ceil(f.until.timestamp()) - 1) // seconds
-    series = sa.func.generate_series(sa.literal(first, sa.BigInteger), sa.literal(last, sa.BigInteger))
-    return series.table_valued(sa.column("n", sa.BigInteger), name="slots").render_derived()
+    out: dict[tuple[str, str], dict[dt.date, Totals]] = {billable: {} for billable in billables}
+    if not billables:
+        return out
+    seconds = bucket_seconds(f)
+    slots = _slots(f, seconds)
+    kind, ident = usage.c.billable_type, usage.c.billable_id
+    query = (
+        sa.select(kind, ident, slots.c.n.label("slot"), *measures(usage))
+        .select_from(usage.join(slots, slots.c.n == epoch_bucket(usage.c.occurred_at, seconds, conn.dialect.name)))
+        .where(*_conditions(usage, f), billables_in(kind, ident, billables))
+        .group_by(kind, ident, slots.c.n)
+    )
+    for row in conn.execute(query):
+        day = local_day(dt.datetime.fromtimestamp(int(row.slot) * seconds, _UTC), f.zone)
+        out[(row.billable_type, row.billable_id)].setdefault(day, Totals()).add(_totals(row))
+    return out
 
 
 def _read_cells(
