@@ -485,6 +485,7 @@ class Grouped:
 
 #: The names :func:`_read_cells` groups by: few distinct values each, so their combinations per
 #: day stay few. Models (and billables) can number in the tens of thousands: ranked apart.
+#: Thousands of tenants would make the cells many (still exact; nearer a row each).
 _CELL_NAMES = ("provider", "feature", "tenant_id")
 
 
@@ -498,9 +499,10 @@ def tune_for_aggregates(conn: sa.Connection) -> None:
     * ``jit = off``: over a large ledger the aggregates cost enough for PostgreSQL to
       JIT-compile them, and compiling took longer than running them (1.7 s of 3.3 s
       for the overview over 600,000 rows).
-    * ``work_mem`` :data:`AGGREGATE_WORK_MEM`: with the default 4MB the grouped pass
-      sorts the rows once per grouping and spills to disk; with it, it hashes them
-      (4.4 s → 1.9 s for the same overview). It is the server's memory, per query.
+    * ``work_mem`` :data:`AGGREGATE_WORK_MEM`: with the default 4MB the aggregates'
+      hash tables (20,000 models: about 25MB) spill to disk, or PostgreSQL sorts the
+      rows instead (4.4 s → 1.9 s for the same overview, when it was one grouped pass).
+      It is the server's memory, per query and worker.
 
     ``SET LOCAL`` ends with the transaction, so a pooled connection keeps its settings.
     """
@@ -512,8 +514,9 @@ def tune_for_aggregates(conn: sa.Connection) -> None:
 def one_pass(conn: sa.Connection, f: Filters, *, use_rollups: bool) -> bool:
     """True when :func:`grouped` can answer ``f``: PostgreSQL, and every figure from the ledger.
 
-    The rollups are small already; elsewhere (SQLite, MariaDB: no ``GROUPING SETS`` with
-    ``GROUPING()`` on every version we support) each figure keeps its own query.
+    The rollups are small already; elsewhere (SQLite, MariaDB: no ``generate_series``, nor
+    ``GROUPING SETS`` with ``GROUPING()`` on every version we support) each figure keeps
+    its own query.
     """
     if conn.dialect.name != "postgresql":
         return False
