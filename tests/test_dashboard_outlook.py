@@ -381,3 +381,68 @@ def test_a_page_with_and_without_the_one_pass_shows_the_same(
     assert one.current.top_billables == apart.current.top_billables
     assert one.forecast == apart.forecast
     assert one.health == apart.health
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Berlin"])
+def test_the_postgresql_passes_show_what_each_figures_own_query_shows(
+    backend: str, make_app: AppFactory, monkeypatch: pytest.MonkeyPatch, zone: str
+) -> None:
+    """Every overview figure from PostgreSQL's passes equals the per-figure queries: days,
+    each ranking (ties broken by name), the chart's daily series by model and by provider,
+    unpriced and cached pairs, top billables and their forecasts, on a few days and zones."""
+    from flask_ai_metering.reporting import queries
+
+    # The openai models are priced (two alike), the others' calls are unpriced: equal costs, equal calls.
+    prices = {"input_price_per_1k": "0.001", "output_price_per_1k": "0.002", "cached_input_price_per_1k": "0.0005"}
+    priced = {f"m-{k:02d}": {**prices, "input_price_per_1k": f"0.00{k // 4 + 1}"} for k in range(0, 15, 3)}
+    app, db, meter = make_app(AI_METERING_PROVIDERS={"openai": {"models": priced}})
+    now = dt.datetime.now(UTC)
+    # The forecasts project from the clock: the same instant for both reads.
+    monkeypatch.setattr(outlook, "utcnow", lambda: now)
+    with app.app_context():
+        add_plan(db, slug="small", token_limit=10**7, cost_limit=None)
+        for i in range(6):
+            meter.subscribe(("Team", str(i)), "small")
+        meter.record_batch(
+            [
+                {
+                    "billable": ("Team", str(i % 6)),
+                    "tenant": ("Org", f"t{i % 4}") if i % 7 else None,
+                    "provider": ("openai", "anthropic", "manual")[i % 3],
+                    # Models past TOP_N, and pairs of them used alike: equal cost and calls, ranked by name.
+                    "model": (f"m-{i % 15:02d}", None)[i % 29 == 0],
+                    "feature": ("chat", "summary", None)[i % 3] if i % 5 else "import",
+                    "usage": {
+                        "input_tokens": 100 * (i % 15 // 2 + 1),
+                        "cached_input_tokens": 10 * (i % 4),
+                        "output_tokens": 7,
+                    },
+                    "occurred_at": now - dt.timedelta(hours=5 * i),
+                }
+                for i in range(120)
+            ]
+        )
+        calls = [row for row in ledger(db) if row.cached_input_tokens > 0]
+        meter.refund(calls[0].id, reason="test")
+        rt = meter.runtime()
+
+        def shown(group: str) -> list[t.Any]:
+            data = pages.overview(rt, parse_filters({"group": group}, zone), group=group)
+            current = data.current
+            return [
+                current.totals,
+                current.by_day,
+                *(pages.ranked(current.ranking(name)) for name in pages.OVERVIEW_BREAKDOWNS),
+                current.by_day_group,
+                current.unpriced,
+                current.unpriced_pairs,
+                data.top,
+                data.forecasts,
+                data.savings,
+            ]
+
+        one = [shown(group) for group in ("model", "provider")]
+        monkeypatch.setattr(queries, "one_pass", lambda *args, **kwargs: False)
+        apart = [shown(group) for group in ("model", "provider")]
+    assert one == apart
+    assert one[0][3][-1][0] == "Other" and one[0][9] and one[0][10]  # models cut; top billables, forecasts

@@ -25,6 +25,7 @@ from ..money import UNITS_PER_UNIT
 from ..money import from_units
 from ..reporting import queries
 from ..reporting.filters import Filters
+from ..reporting.forecast import Daily
 from ..reporting.forecast import Projection
 from ..reporting.forecast import daily_by_billable
 from ..reporting.forecast import project
@@ -85,8 +86,15 @@ def billable_forecasts(
     zone: ZoneInfo,
     use_rollups: bool,
     now: dt.datetime | None = None,
+    known: t.Mapping[tuple[str, str], t.Mapping[dt.date, queries.Totals]] | None = None,
+    known_days: tuple[dt.date, dt.date] | None = None,
 ) -> dict[tuple[str, str], Forecast]:
-    """Each billable's current quota period projected to its end: one read per distinct period."""
+    """Each billable's current quota period projected to its end: one read per distinct period.
+
+    :param known: some billables' whole usage per local day of ``known_days`` (first, last),
+        when the caller has it (the overview does for its top billables): their period's
+        days inside it are taken from it, and only the others are read.
+    """
     now = now or utcnow()
     windows: dict[tuple[dt.datetime, dt.datetime], list[tuple[tuple[str, str], LimitCheck]]] = {}
     for billable, check in checks:
@@ -96,7 +104,7 @@ def billable_forecasts(
         period = Filters(
             start=local_day(start, zone), end=local_day(end - dt.timedelta(microseconds=1), zone), zone=zone
         )
-        daily = daily_by_billable(conn, period, use_rollups=use_rollups, only={b for b, _ in group})
+        daily = _period_days(conn, period, {b for b, _ in group}, use_rollups, known or {}, known_days)
         for billable, check in group:
             mine = daily.get(billable)
             cost_limit = None if check.cost_limit is None else check.cost_limit * UNITS_PER_UNIT
@@ -110,6 +118,42 @@ def billable_forecasts(
                     mine.cost_units if mine else {}, start=start, end=end, now=now, zone=zone, limit=cost_limit
                 ),
             )
+    return out
+
+
+def _period_days(
+    conn: sa.Connection,
+    period: Filters,
+    billables: set[tuple[str, str]],
+    use_rollups: bool,
+    known: t.Mapping[tuple[str, str], t.Mapping[dt.date, queries.Totals]],
+    known_days: tuple[dt.date, dt.date] | None,
+) -> dict[tuple[str, str], Daily]:
+    """``billables``' usage per day of ``period``: from ``known`` where it covers it, else read."""
+    reused = {b for b in billables if b in known}
+    if known_days is None or not reused:
+        return daily_by_billable(conn, period, use_rollups=use_rollups, only=billables)
+    first, last = max(period.start, known_days[0]), min(period.end, known_days[1])
+    if first > last:
+        return daily_by_billable(conn, period, use_rollups=use_rollups, only=billables)
+    out: dict[tuple[str, str], Daily] = {}
+    for billable in reused:
+        days = {day: totals for day, totals in known[billable].items() if first <= day <= last}
+        out[billable] = Daily(
+            tokens={day: totals.total_tokens for day, totals in days.items()},
+            cost_units={day: totals.cost_units for day, totals in days.items()},
+        )
+    outside = [
+        dataclasses.replace(period, start=a, end=b)
+        for a, b in ((period.start, first - dt.timedelta(days=1)), (last + dt.timedelta(days=1), period.end))
+        if a <= b
+    ]
+    for part in outside:
+        for billable, read in daily_by_billable(conn, part, use_rollups=use_rollups, only=reused).items():
+            out[billable].tokens.update(read.tokens)
+            out[billable].cost_units.update(read.cost_units)
+    if billables - reused:
+        out.update(daily_by_billable(conn, period, use_rollups=use_rollups, only=billables - reused))
     return out
 
 
@@ -361,7 +405,7 @@ def cache_savings(
 
     :param cached_tokens: the range's cached input tokens, when the caller has its totals.
     :param pairs: :func:`~flask_ai_metering.reporting.queries.cached_pairs` of the range, when
-        the caller read them already (the overview's one pass does); else they are read here.
+        the caller read them already (the overview's PostgreSQL pass does); else they are read here.
     """
     out = Savings()
     if cached_tokens is None:

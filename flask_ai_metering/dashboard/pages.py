@@ -95,9 +95,12 @@ class Summary:
     unpriced_pairs: int = 0
     #: The costliest billables (``summarize(billables=N)``): ``{"billable": (type, id), "totals": Totals}``.
     top_billables: list[dict[str, t.Any]] = dataclasses.field(default_factory=list)
-    #: The pairs with the most cached tokens (``summarize(cached=N)``), when the one pass read
+    #: The pairs with the most cached tokens (``summarize(cached=N)``), when the PostgreSQL pass read
     #: them; None: not read (:func:`~flask_ai_metering.dashboard.outlook.cache_savings` reads them).
     cached_pairs: list[tuple[tuple[str, str], int]] | None = None
+    #: The top billables' sums per local day, when the PostgreSQL pass read them (their
+    #: forecasts reuse them); empty otherwise.
+    billable_days: dict[tuple[str, str], dict[dt.date, Totals]] = dataclasses.field(default_factory=dict)
 
     @property
     def cost(self) -> Decimal:
@@ -130,20 +133,22 @@ def summarize(
     Every query is grouped and limited in the database; the rows read grow with the
     days in range and ``TOP_N``, not with the number of models, features or billables.
     The totals are the days' sum (every row falls on exactly one day). On PostgreSQL,
-    when the ledger answers, days, rankings, billables and unpriced pairs come from one
-    pass (:func:`~flask_ai_metering.reporting.queries.grouped`), and so do the ``cached``
-    pairs with the most cached tokens; elsewhere each has its own query (the pairs are
-    left to :func:`~flask_ai_metering.dashboard.outlook.cache_savings`).
+    when the ledger answers, days, rankings, ``group``'s daily cost, billables and unpriced
+    pairs come from a few parallel scans (:func:`~flask_ai_metering.reporting.queries.grouped`),
+    and so do the ``cached`` pairs with the most cached tokens; elsewhere each has its own
+    query (the pairs are left to :func:`~flask_ai_metering.dashboard.outlook.cache_savings`).
     """
     queries.tune_for_aggregates(conn)
     out = Summary()
     keys = list(dict.fromkeys((*breakdowns, group)))
+    by_day_group: dict[tuple[dt.date, str], int] | None = None
     if queries.one_pass(conn, f, use_rollups=use_rollups):
         one = queries.grouped(
             conn,
             f,
             keys=keys,
             limit=TOP_N + 1,
+            group=group,
             billables=billables,
             unpriced_limit=UNPRICED_SHOWN if with_unpriced else 0,
             cached_limit=cached,
@@ -157,6 +162,8 @@ def summarize(
             out.unpriced, out.unpriced_pairs = one.unpriced, one.unpriced_pairs
         if cached:
             out.cached_pairs = one.cached
+        by_day_group = one.by_day_group
+        out.billable_days = one.billable_days
     else:
         out.by_day = {day: totals for (day, _), totals in queries.daily(conn, f, use_rollups=use_rollups).items()}
         out.totals = _sum(out.by_day.values())
@@ -168,7 +175,10 @@ def summarize(
         if with_unpriced:
             out.unpriced, out.unpriced_pairs = queries.unpriced(conn, f, use_rollups=use_rollups, limit=UNPRICED_SHOWN)
     names = [name for name, _ in out.ranking(group).shown(CHART_SERIES)]
-    if names:
+    if by_day_group is not None:
+        charted = set(names)
+        out.by_day_group = {key: units for key, units in by_day_group.items() if key[1] in charted}
+    elif names:
         cells = queries.daily(conn, f, use_rollups=use_rollups, key=group, names=names)
         out.by_day_group = {key: totals.cost_units for key, totals in cells.items()}
     return out
@@ -256,8 +266,15 @@ def overview(rt: Runtime, f: Filters, group: str = "model") -> Overview:
         near_budgets = budget_usage.near_limit(
             conn, timezone=rt.settings.timezone, warning_threshold=rt.settings.warning_threshold
         )
+        # The top billables' days are their whole usage unless a filter narrows the range's rows.
+        whole = not any((f.provider, f.model, f.feature, f.tenant, f.billable))
         forecasts = outlook.billable_forecasts(
-            conn, [*((e["billable"], e["check"]) for e in top), *near], zone=f.zone, use_rollups=use_rollups
+            conn,
+            [*((e["billable"], e["check"]) for e in top), *near],
+            zone=f.zone,
+            use_rollups=use_rollups,
+            known=current.billable_days if whole else None,
+            known_days=(f.start, f.end),
         )
     return Overview(
         filters=f,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
 import typing as t
 
 import sqlalchemy as sa
@@ -225,6 +226,19 @@ def name_in(source: sa.Table, name: str, values: t.Sequence[str]) -> sa.ColumnEl
     return column.in_(list(values))
 
 
+def _slots(f: Filters, seconds: int) -> sa.TableValuedAlias:
+    """The SQL buckets of ``f``'s range, as a ``generate_series`` to join the ledger's rows to.
+
+    PostgreSQL estimates an expression over ``occurred_at`` to have as many values as
+    the column, so it sorted every row to group them by day; grouped by a column of this
+    series (a few dozen values), the rows are hashed, in parallel.
+    """
+    first = math.floor(f.since.timestamp()) // seconds
+    last = (math.ceil(f.until.timestamp()) - 1) // seconds
+    series = sa.func.generate_series(sa.literal(first, sa.BigInteger), sa.literal(last, sa.BigInteger))
+    return series.table_valued(sa.column("n", sa.BigInteger), name="slots").render_derived()
+
+
 def daily(
     conn: sa.Connection,
     f: Filters,
@@ -241,15 +255,22 @@ def daily(
     out: dict[tuple[dt.date, str], Totals] = {}
     seconds = bucket_seconds(f)
     for source, where in sources(conn, f, use_rollups=use_rollups):
-        when = (
-            epoch_bucket(usage.c.occurred_at, seconds, conn.dialect.name) if source is usage else source.c.day
-        ).label("slot")
-        keys: list[sa.ColumnElement[t.Any]] = [when]
+        found: sa.FromClause = source
+        if source is not usage:
+            when: sa.ColumnElement[t.Any] = source.c.day
+        elif conn.dialect.name == "postgresql":
+            slots = _slots(f, seconds)
+            when = slots.c.n
+            found = usage.join(slots, when == epoch_bucket(usage.c.occurred_at, seconds, conn.dialect.name))
+        else:
+            when = epoch_bucket(usage.c.occurred_at, seconds, conn.dialect.name)
+        keys: list[sa.ColumnElement[t.Any]] = [when.label("slot")]
         if key is not None:
             name = name_of(source, key)
             keys.append(name.label("name"))
             where = [*where, name_in(source, key, names)]
-        for row in conn.execute(sa.select(*keys, *measures(source)).where(*where).group_by(*keys)):
+        query = sa.select(*keys, *measures(source)).select_from(found).where(*where).group_by(*keys)
+        for row in conn.execute(query):
             if source is usage:
                 day = local_day(dt.datetime.fromtimestamp(int(row.slot) * seconds, _UTC), f.zone)
             else:
@@ -361,20 +382,34 @@ def billables_in(kind: t.Any, ident: t.Any, only: t.Collection[tuple[str, str]])
 def top_billables(conn: sa.Connection, f: Filters, *, use_rollups: bool, limit: int = 10) -> list[dict[str, t.Any]]:
     """The billables that cost the most in ``f``'s range, ranked in SQL over every source.
 
-    Ranked on their cost alone, then summed in full for the ``limit`` found: every
-    billable's eleven sums were most of the time of this query (60 ms over a month of
-    the billables rollup at 1M calls).
+    Ranked on their cost alone (:func:`billable_ranking`), then summed in full for the
+    ``limit`` found: every billable's eleven sums were most of the time of this query
+    (60 ms over a month of the billables rollup at 1M calls).
     """
-    found = sources(conn, f, use_rollups=use_rollups, by_billable=True)
+    top = billable_ranking(conn, f, use_rollups=use_rollups, limit=limit)
+    if not top:
+        return []
+    totals = {billable: Totals() for billable in top}
+    for source, where in sources(conn, f, use_rollups=use_rollups, by_billable=True):
+        kind, ident = source.c.billable_type, source.c.billable_id
+        present = kind.is_not(None) if source is usage else kind != ""
+        query = sa.select(kind, ident, *measures(source)).where(*where, present, billables_in(kind, ident, top))
+        for row in conn.execute(query.group_by(kind, ident)):
+            totals[(row.billable_type, row.billable_id)].add(_totals(row))
+    return [{"billable": billable, "totals": totals[billable]} for billable in top]
+
+
+def billable_ranking(conn: sa.Connection, f: Filters, *, use_rollups: bool, limit: int) -> list[tuple[str, str]]:
+    """The ``limit`` billables that cost the most in ``f``'s range (then by type, id)."""
     parts = []
-    for source, where in found:
+    for source, where in sources(conn, f, use_rollups=use_rollups, by_billable=True):
         kind, ident = source.c.billable_type, source.c.billable_id
         present = kind.is_not(None) if source is usage else kind != ""
         units = sa.func.sum(sa.type_coerce(source.c.total_cost, sa.BigInteger)).label("cost_units")
         parts.append(sa.select(kind, ident, units).where(*where, present).group_by(kind, ident))
     both = _union(t.cast(list[sa.Select[t.Any]], parts))
     cost = sa.func.sum(both.c.cost_units)
-    top = [
+    return [
         (row.billable_type, row.billable_id)
         for row in conn.execute(
             sa.select(both.c.billable_type, both.c.billable_id)
@@ -383,16 +418,6 @@ def top_billables(conn: sa.Connection, f: Filters, *, use_rollups: bool, limit: 
             .limit(limit)
         )
     ]
-    if not top:
-        return []
-    totals = {billable: Totals() for billable in top}
-    for source, where in found:
-        kind, ident = source.c.billable_type, source.c.billable_id
-        present = kind.is_not(None) if source is usage else kind != ""
-        query = sa.select(kind, ident, *measures(source)).where(*where, present, billables_in(kind, ident, top))
-        for row in conn.execute(query.group_by(kind, ident)):
-            totals[(row.billable_type, row.billable_id)].add(_totals(row))
-    return [{"billable": billable, "totals": totals[billable]} for billable in top]
 
 
 LEDGER_COLUMNS = (
@@ -438,12 +463,12 @@ def ledger_page(conn: sa.Connection, f: Filters, per_page: int) -> tuple[list[t.
     return rows[:per_page], len(rows) > per_page
 
 
-# -- the overview in one pass (PostgreSQL) ------------------------------------------------------
+# -- the overview in a few passes (PostgreSQL) -------------------------------------------------
 
 
 @dataclasses.dataclass
 class Grouped:
-    """What :func:`grouped` reads in one pass: days, rankings, top billables and unpriced pairs."""
+    """What :func:`grouped` reads: days, rankings, top billables, unpriced and cached pairs."""
 
     by_day: dict[dt.date, Totals] = dataclasses.field(default_factory=dict)
     rankings: dict[str, list[tuple[str, Totals]]] = dataclasses.field(default_factory=dict)
@@ -452,40 +477,16 @@ class Grouped:
     unpriced_pairs: int = 0
     #: The (provider, model) pairs with the most cached input tokens, as :func:`cached_pairs` lists them.
     cached: list[tuple[tuple[str, str], int]] = dataclasses.field(default_factory=list)
+    #: Cost units per local day of the ``group`` names ranked (the caller keeps those it charts).
+    by_day_group: dict[tuple[dt.date, str], int] = dataclasses.field(default_factory=dict)
+    #: The top billables' sums per local day (their quota forecasts reuse them).
+    billable_days: dict[tuple[str, str], dict[dt.date, Totals]] = dataclasses.field(default_factory=dict)
 
 
-#: The columns :func:`grouped` groups by, in ``GROUPING()`` order.
-_GROUPED_KEYS = ("slot", "provider", "model", "feature", "tenant_id", "billable_type", "billable_id")
-#: The names a ranking is summed from at :func:`grouped`'s second level (other keys are grouped directly).
-_FINE = ("provider", "model", "feature")
-#: :data:`_SUMMED` and the cache reads alone (cached tokens of rows that have some: refunds' are negative).
-_GROUPED_SUMS = (*_SUMMED, "cached_read")
-
-
-def _measure_columns(source: t.Any) -> list[t.Any]:
-    return [source.c[name] for name in _GROUPED_SUMS]
-
-
-def _keys_or_null(col: dict[str, t.Any], sets: list[tuple[str, ...]]) -> list[t.Any]:
-    """The grouped-by columns, a typed NULL for those no set groups by (they cannot be selected)."""
-    used = {name for names in sets for name in names}
-    return [col[n] if n in used else sa.cast(sa.null(), col[n].type).label(n) for n in _GROUPED_KEYS]
-
-
-def _grouping(
-    col: dict[str, t.Any], sets: list[tuple[str, ...]], *, offset: int
-) -> tuple[sa.ColumnElement[t.Any], dict[tuple[str, ...], int]]:
-    """``offset + GROUPING(…)`` over the columns some set groups by, and each set's value.
-
-    ``GROUPING(a, b, …)`` sets a bit (the first column the highest) for each column a
-    row is *not* grouped by.
-    """
-    used = [name for name in _GROUPED_KEYS if any(name in names for names in sets)]
-    width = len(used)
-    ids = {
-        names: offset + sum(1 << (width - 1 - i) for i, name in enumerate(used) if name not in names) for names in sets
-    }
-    return sa.func.grouping(*(col[name] for name in used)) + offset, ids
+#: The names :func:`_read_cells` groups by: few distinct values each, so their combinations per
+#: day stay few. Models (and billables) can number in the tens of thousands: ranked apart.
+#: Thousands of tenants would make the cells many (still exact; nearer a row each).
+_CELL_NAMES = ("provider", "feature", "tenant_id")
 
 
 #: ``work_mem`` for the dashboard's aggregates on PostgreSQL (:func:`tune_for_aggregates`).
@@ -498,9 +499,10 @@ def tune_for_aggregates(conn: sa.Connection) -> None:
     * ``jit = off``: over a large ledger the aggregates cost enough for PostgreSQL to
       JIT-compile them, and compiling took longer than running them (1.7 s of 3.3 s
       for the overview over 600,000 rows).
-    * ``work_mem`` :data:`AGGREGATE_WORK_MEM`: with the default 4MB the grouped pass
-      sorts the rows once per grouping and spills to disk; with it, it hashes them
-      (4.4 s → 1.9 s for the same overview). It is the server's memory, per query.
+    * ``work_mem`` :data:`AGGREGATE_WORK_MEM`: with the default 4MB the aggregates'
+      hash tables (20,000 models: about 25MB) spill to disk, or PostgreSQL sorts the
+      rows instead (4.4 s → 1.9 s for the same overview, when it was one grouped pass).
+      It is the server's memory, per query and worker.
 
     ``SET LOCAL`` ends with the transaction, so a pooled connection keeps its settings.
     """
@@ -512,8 +514,9 @@ def tune_for_aggregates(conn: sa.Connection) -> None:
 def one_pass(conn: sa.Connection, f: Filters, *, use_rollups: bool) -> bool:
     """True when :func:`grouped` can answer ``f``: PostgreSQL, and every figure from the ledger.
 
-    The rollups are small already; elsewhere (SQLite, MariaDB: no ``GROUPING SETS`` with
-    ``GROUPING()`` on every version we support) each figure keeps its own query.
+    The rollups are small already; elsewhere (SQLite, MariaDB: no ``generate_series``, nor
+    ``GROUPING SETS`` with ``GROUPING()`` on every version we support) each figure keeps
+    its own query.
     """
     if conn.dialect.name != "postgresql":
         return False
@@ -534,151 +537,210 @@ def grouped(
     *,
     keys: t.Sequence[str],
     limit: int,
+    group: str | None = None,
     billables: int = 0,
     unpriced_limit: int = 0,
     cached_limit: int = 0,
 ) -> Grouped:
-    """``f``'s days, the ``limit`` costliest of each of ``keys``, the ``billables`` costliest
-    billables, the ``unpriced_limit`` most-called unpriced pairs and the ``cached_limit``
-    pairs with the most cached tokens: one scan of the ledger.
+    """``f``'s days, the ``limit`` costliest of each of ``keys`` (and ``group``'s cost per day),
+    the ``billables`` costliest billables, the ``unpriced_limit`` most-called unpriced pairs and
+    the ``cached_limit`` pairs with the most cached tokens, from the ledger (PostgreSQL only,
+    :func:`one_pass`).
 
-    PostgreSQL only (:func:`one_pass`): one ``GROUP BY GROUPING SETS`` over the filtered
-    rows, each grouping ranked with ``row_number()`` and cut in the database, so the rows
-    read are days + ``limit`` × groupings, whatever the ledger holds. The order and the
-    figures are exactly those of :func:`daily`, :func:`ranking`, :func:`top_billables`,
-    :func:`unpriced` and :func:`cached_pairs`; each of them would scan the range again
-    (a third of a second each over 600,000 rows).
+    The figures and their order are exactly those of :func:`daily`, :func:`ranking`,
+    :func:`top_billables`, :func:`unpriced` and :func:`cached_pairs`, in fewer scans, each
+    one a plain ``GROUP BY`` PostgreSQL hashes in parallel (``GROUPING SETS`` run in one
+    process, and sorted every row by day):
+
+    * the days and the few-valued names (:data:`_CELL_NAMES`) from one aggregate per day ×
+      provider × feature × tenant (:func:`_read_cells`), ranked in SQL from those cells;
+    * the models, unpriced and cached pairs from one aggregate per (provider, model) of
+      the few sums they rank on (:func:`_read_pairs`), then the ranked models' full sums
+      per day through the model index (:func:`daily`);
+    * the billables ranked on their cost (:func:`billable_ranking`), then summed per day
+      through their index (:func:`_billable_days`).
     """
-    seconds = bucket_seconds(f)
-    rows = (
-        sa.select(
-            epoch_bucket(usage.c.occurred_at, seconds, conn.dialect.name).label("slot"),
-            *(name_of(usage, name).label(name) for name in (*_FINE, "tenant_id")),
-            usage.c.billable_type,
-            usage.c.billable_id,
-            *(usage.c[name] for name in TOKEN_COLUMNS),
-            sa.type_coerce(usage.c.total_cost, sa.BigInteger).label("cost"),
-            # Refunds are ledger rows too: summed into the tokens and cost, never counted as calls.
-            sa.case((usage.c.kind == "usage", 1), else_=0).label("call"),
-            sa.case((sa.and_(usage.c.kind == "usage", usage.c.unpriced), 1), else_=0).label("unpriced"),
-            sa.case((usage.c.kind == "refund", 1), else_=0).label("refund"),
-            sa.case((usage.c.kind == "refund", -sa.type_coerce(usage.c.total_cost, sa.BigInteger)), else_=0).label(
-                "refunded"
-            ),
-            sa.case((usage.c.cached_input_tokens > 0, usage.c.cached_input_tokens), else_=0).label("cached_read"),
-        )
-        .where(*_conditions(usage, f))
-        .subquery("rows")
-    )
-    col = {name: rows.c[name] for name in _GROUPED_KEYS}
     keys = list(dict.fromkeys(keys))
-    names_sets: list[tuple[str, ...]] = [(k,) for k in keys if k in _FINE]
-    if unpriced_limit or cached_limit:
-        names_sets.append(("provider", "model"))
-    # First level, over the rows: days, billables, other keys (tenants), and the (provider,
-    # model, feature) cells every name grouping is summed from at the second level. Each row
-    # is aggregated once per first-level set, however many name groupings the page shows.
-    fine = _FINE
-    first_sets: list[tuple[str, ...]] = [("slot",), *([fine] if names_sets else [])]
+    out = Grouped(rankings={k: [] for k in keys})
+    _read_cells(conn, f, out, keys=[k for k in keys if k != "model"], limit=limit, group=group)
+    if "model" in keys or unpriced_limit or cached_limit:
+        models = _read_pairs(
+            conn,
+            f,
+            out,
+            limit=limit if "model" in keys else 0,
+            unpriced_limit=unpriced_limit,
+            cached_limit=cached_limit,
+        )
+        if models:
+            sums = {name: Totals() for name in models}
+            for (day, name), totals in daily(conn, f, use_rollups=False, key="model", names=models).items():
+                sums[name].add(totals)
+                if group == "model":
+                    out.by_day_group[(day, name)] = totals.cost_units
+            out.rankings["model"] = [(name, sums[name]) for name in models]
     if billables:
-        first_sets.append(("billable_type", "billable_id"))
-    first_sets.extend((k,) for k in keys if k not in _FINE)
-    sums = [
-        sa.func.sum(rows.c.call).label("calls"),
-        *(_int_sum(rows.c[name]).label(name) for name in TOKEN_COLUMNS),
-        sa.func.sum(rows.c.cost).label("cost_units"),
-        sa.func.sum(rows.c.unpriced).label("unpriced_calls"),
-        sa.func.sum(rows.c.refund).label("refunds"),
-        sa.func.sum(rows.c.refunded).label("refunded_units"),
-        _int_sum(rows.c.cached_read).label("cached_read"),
+        top = billable_ranking(conn, f, use_rollups=False, limit=billables)
+        out.billable_days = _billable_days(conn, f, top)
+        out.billables = [{"billable": b, "totals": _sum(out.billable_days[b].values())} for b in top]
+    return out
+
+
+def _sum(parts: t.Iterable[Totals]) -> Totals:
+    out = Totals()
+    for part in parts:
+        out.add(part)
+    return out
+
+
+def _billable_days(
+    conn: sa.Connection, f: Filters, billables: list[tuple[str, str]]
+) -> dict[tuple[str, str], dict[dt.date, Totals]]:
+    """Each of ``billables``' sums per local day of ``f``'s range, through the billable index.
+
+    Their totals are the days' sum, and their quota forecasts reuse the days (they read
+    the billables' rows of the current period, most of them these).
+    """
+    out: dict[tuple[str, str], dict[dt.date, Totals]] = {billable: {} for billable in billables}
+    if not billables:
+        return out
+    seconds = bucket_seconds(f)
+    slots = _slots(f, seconds)
+    kind, ident = usage.c.billable_type, usage.c.billable_id
+    query = (
+        sa.select(kind, ident, slots.c.n.label("slot"), *measures(usage))
+        .select_from(usage.join(slots, slots.c.n == epoch_bucket(usage.c.occurred_at, seconds, conn.dialect.name)))
+        .where(*_conditions(usage, f), billables_in(kind, ident, billables))
+        .group_by(kind, ident, slots.c.n)
+    )
+    for row in conn.execute(query):
+        day = local_day(dt.datetime.fromtimestamp(int(row.slot) * seconds, _UTC), f.zone)
+        out[(row.billable_type, row.billable_id)].setdefault(day, Totals()).add(_totals(row))
+    return out
+
+
+def _read_cells(
+    conn: sa.Connection, f: Filters, out: Grouped, *, keys: list[str], limit: int, group: str | None
+) -> None:
+    """``out.by_day`` and the rankings of ``keys`` (some of :data:`_CELL_NAMES`), and ``group``'s
+    cost per day when it is one of them: one aggregate of the ledger per day × name, then
+    grouped again and ranked in SQL (the names sort in the database's collation)."""
+    seconds = bucket_seconds(f)
+    slots = _slots(f, seconds)
+    names = [name for name in _CELL_NAMES if name in keys or name == group]
+    columns = [slots.c.n.label("slot"), *(name_of(usage, name).label(name) for name in names)]
+    measured = [
+        sa.func.count().filter(usage.c.kind == "usage").label("calls"),
+        *(_int_sum(usage.c[name]).label(name) for name in TOKEN_COLUMNS),
+        sa.func.sum(sa.type_coerce(usage.c.total_cost, sa.BigInteger)).label("cost_units"),
+        sa.func.count().filter(sa.and_(usage.c.kind == "usage", usage.c.unpriced)).label("unpriced_calls"),
+        # Refunds are ledger rows too: summed into the tokens and cost, never counted as calls.
+        sa.func.count().filter(usage.c.kind == "refund").label("refunds"),
+        sa.func.sum(-sa.type_coerce(usage.c.total_cost, sa.BigInteger))
+        .filter(usage.c.kind == "refund")
+        .label("refunded_units"),
     ]
-    first_gid, first_ids = _grouping(col, first_sets, offset=0)
     cells = (
-        sa.select(*_keys_or_null(col, first_sets), first_gid.label("gid"), *sums)
-        .group_by(sa.func.grouping_sets(*(sa.tuple_(*(col[n] for n in names)) for names in first_sets)))
+        sa.select(*columns, *measured)
+        .select_from(usage.join(slots, slots.c.n == epoch_bucket(usage.c.occurred_at, seconds, conn.dialect.name)))
+        .where(*_conditions(usage, f))
+        .group_by(*columns)
         .cte("cells")
     )
-    ids = dict(first_ids)
-    parts = [sa.select(*(cells.c[n] for n in _GROUPED_KEYS), cells.c.gid, *_measure_columns(cells))]
-    if names_sets:
-        fine_id = first_ids[fine]
-        parts[0] = parts[0].where(cells.c.gid != fine_id)
-        upper = {name: cells.c[name] for name in _GROUPED_KEYS}
-        second_gid, second_ids = _grouping(upper, names_sets, offset=1 << len(_GROUPED_KEYS))
-        ids.update(second_ids)
-        parts.append(
-            sa.select(
-                *_keys_or_null(upper, names_sets),
-                second_gid.label("gid"),
-                *(sa.func.sum(c).label(c.name) for c in _measure_columns(cells)),
-            )
-            .where(cells.c.gid == fine_id)
-            .group_by(sa.func.grouping_sets(*(sa.tuple_(*(upper[n] for n in names)) for names in names_sets)))
-        )
-    merged = _union(parts)
-    pairs_id = ids.get(("provider", "model"), -1)
-    unpriced_id = pairs_id if unpriced_limit else -1
-    billables_id = ids.get(("billable_type", "billable_id"), -1)
-    # Rows that may be listed: an unpriced pair needs unpriced calls, a billable a type.
-    eligible = sa.case(
-        (merged.c.gid == unpriced_id, merged.c.unpriced_calls > 0),
-        (merged.c.gid == billables_id, merged.c.billable_type.is_not(None)),
-        else_=sa.true(),
+    sets: list[tuple[str, ...]] = [("slot",), *((k,) for k in keys)]
+    if group is not None and group in names:
+        sets.append(("slot", group))
+    col = {name: cells.c[name] for name in ("slot", *names)}
+    used = list(col)
+    ids = {names_: sum(1 << (len(used) - 1 - i) for i, n in enumerate(used) if n not in names_) for names_ in sets}
+    gid = sa.func.grouping(*col.values()).label("gid")
+    sums = [sa.func.sum(cells.c[name]).label(name) for name in _SUMMED]
+    level = (
+        sa.select(*col.values(), gid, *sums)
+        .group_by(sa.func.grouping_sets(*(sa.tuple_(*(col[n] for n in names_)) for names_ in sets)))
+        .subquery("level")
     )
-    first = sa.case((merged.c.gid == unpriced_id, merged.c.unpriced_calls), else_=merged.c.cost_units)
-    second = sa.case((merged.c.gid == billables_id, 0), (merged.c.gid == unpriced_id, 0), else_=merged.c.calls)
-    partition = [merged.c.gid, eligible]
-    windows = [
+    rn = (
         sa.func.row_number()
         .over(
-            partition_by=partition,
-            order_by=[first.desc(), second.desc(), *(merged.c[n].asc() for n in _GROUPED_KEYS[1:])],
+            partition_by=level.c.gid,
+            order_by=[level.c.cost_units.desc(), level.c.calls.desc(), *(level.c[n].asc() for n in names)],
         )
-        .label("rn"),
-        sa.func.count().over(partition_by=partition).label("peers"),
-    ]
-    if cached_limit:
-        # The pairs' second ranking: by cached tokens, among those with some.
-        windows.append(
-            sa.func.row_number()
-            .over(
-                partition_by=[merged.c.gid, merged.c.cached_read > 0],
-                order_by=[merged.c.cached_read.desc(), merged.c.provider, merged.c.model],
-            )
-            .label("rn_cached")
-        )
-    ranked = sa.select(merged, eligible.label("eligible"), *windows).subquery("ranked")
-    slot_id = ids[("slot",)]
-    cut = {
-        **{ids[(k,)]: limit for k in keys},
-        billables_id: billables,
-        unpriced_id: unpriced_limit,
-    }
-    keep = [
-        ranked.c.gid == slot_id,
-        *(sa.and_(ranked.c.gid == g, ranked.c.eligible, ranked.c.rn <= n) for g, n in cut.items() if n and g >= 0),
-    ]
-    if cached_limit:
-        keep.append(sa.and_(ranked.c.gid == pairs_id, ranked.c.cached_read > 0, ranked.c.rn_cached <= cached_limit))
-    query = sa.select(ranked).where(sa.or_(*keep)).order_by(ranked.c.gid, ranked.c.rn)
-    out = Grouped(rankings={k: [] for k in keys})
-    cached: list[tuple[int, tuple[str, str], int]] = []
+        .label("rn")
+    )
+    ranked = sa.select(level, rn).subquery("ranked")
     by_id = {ids[(k,)]: k for k in keys}
+    keep = [ranked.c.gid == ids[("slot",)], *(sa.and_(ranked.c.gid == g, ranked.c.rn <= limit) for g in by_id)]
+    day_group = ids.get(("slot", group)) if group in names else None
+    if day_group is not None:
+        keep.append(ranked.c.gid == day_group)
+    query = sa.select(ranked).where(sa.or_(*keep)).order_by(ranked.c.gid, ranked.c.rn)
     for row in conn.execute(query):
         g = int(row.gid)
-        if g == slot_id:
-            day = local_day(dt.datetime.fromtimestamp(int(row.slot) * seconds, _UTC), f.zone)
-            out.by_day.setdefault(day, Totals()).add(_totals(row))
-        elif g in by_id:
+        if g in by_id:
             key = by_id[g]
             out.rankings[key].append((getattr(row, key), _totals(row)))
-        elif g == billables_id:
-            out.billables.append({"billable": (row.billable_type, row.billable_id), "totals": _totals(row)})
-        elif g == pairs_id:
-            if unpriced_limit and row.eligible and row.rn <= unpriced_limit:
-                out.unpriced.append(((row.provider, row.model), int(row.unpriced_calls)))
-                out.unpriced_pairs = int(row.peers)
-            if cached_limit and row.cached_read > 0 and row.rn_cached <= cached_limit:
-                cached.append((int(row.rn_cached), (row.provider, row.model), int(row.cached_read)))
-    out.cached = [(pair, tokens) for _, pair, tokens in sorted(cached)]
-    return out
+            continue
+        day = local_day(dt.datetime.fromtimestamp(int(row.slot) * seconds, _UTC), f.zone)
+        if g == day_group:
+            cell = (day, getattr(row, t.cast(str, group)))
+            out.by_day_group[cell] = out.by_day_group.get(cell, 0) + int(row.cost_units or 0)
+        else:
+            out.by_day.setdefault(day, Totals()).add(_totals(row))
+
+
+def _read_pairs(
+    conn: sa.Connection, f: Filters, out: Grouped, *, limit: int, unpriced_limit: int, cached_limit: int
+) -> list[str]:
+    """The ``limit`` costliest models (then by calls, name), in order, and ``out``'s unpriced and
+    cached pairs: one aggregate of the ledger per (provider, model) of the sums they rank on."""
+    provider, model = name_of(usage, "provider").label("provider"), name_of(usage, "model").label("model")
+    pairs = (
+        sa.select(
+            provider,
+            model,
+            sa.func.count().filter(usage.c.kind == "usage").label("calls"),
+            sa.func.sum(sa.type_coerce(usage.c.total_cost, sa.BigInteger)).label("cost_units"),
+            sa.func.count().filter(sa.and_(usage.c.kind == "usage", usage.c.unpriced)).label("unpriced_calls"),
+            # Cached tokens of the rows that have some: a refund's are negative.
+            sa.func.sum(usage.c.cached_input_tokens).filter(usage.c.cached_input_tokens > 0).label("cached_read"),
+        )
+        .where(*_conditions(usage, f))
+        .group_by(provider, model)
+        .cte("pairs")
+    )
+    parts: list[sa.Select[t.Any]] = []
+
+    def part(name: str, query: sa.Select[t.Any], value: t.Any, peers: t.Any, order: list[t.Any], n: int) -> None:
+        rn = sa.func.row_number().over(order_by=order)
+        inner = query.add_columns(
+            sa.literal(name).label("part"),
+            sa.cast(value, sa.Numeric).label("value"),
+            sa.cast(peers, sa.BigInteger).label("peers"),
+            rn.label("rn"),
+        )
+        parts.append(sa.select(inner.order_by(*order).limit(n).subquery()))
+
+    if limit:
+        cost, calls = sa.func.sum(pairs.c.cost_units), sa.func.sum(pairs.c.calls)
+        query = sa.select(sa.literal("").label("provider"), pairs.c.model).group_by(pairs.c.model)
+        part("model", query, 0, 0, [cost.desc(), calls.desc(), pairs.c.model], limit)
+    if unpriced_limit:
+        query = sa.select(pairs.c.provider, pairs.c.model).where(pairs.c.unpriced_calls > 0)
+        order = [pairs.c.unpriced_calls.desc(), pairs.c.provider, pairs.c.model]
+        part("unpriced", query, pairs.c.unpriced_calls, sa.func.count().over(), order, unpriced_limit)
+    if cached_limit:
+        query = sa.select(pairs.c.provider, pairs.c.model).where(pairs.c.cached_read > 0)
+        order = [pairs.c.cached_read.desc(), pairs.c.provider, pairs.c.model]
+        part("cached", query, pairs.c.cached_read, 0, order, cached_limit)
+    both = _union(parts)
+    models: list[str] = []
+    for row in conn.execute(sa.select(both).order_by(both.c.part, both.c.rn)):
+        if row.part == "model":
+            models.append(row.model)
+        elif row.part == "unpriced":
+            out.unpriced.append(((row.provider, row.model), int(row.value)))
+            out.unpriced_pairs = int(row.peers)
+        else:
+            out.cached.append(((row.provider, row.model), int(row.value)))
+    return models
