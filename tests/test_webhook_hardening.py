@@ -215,3 +215,31 @@ def test_the_route_is_exempt_from_csrf_protection_set_up_after_us(make_app: AppF
     assert response.status_code == 204
     with app.app_context():
         assert not meter.check(TEAM).allowed
+
+
+@pytest.mark.parametrize("deleted_first", [True, False], ids=["deleted-first", "updated-first"])
+def test_an_update_of_the_same_second_as_the_deletion_does_not_revive_it(
+    make_app: AppFactory, deleted_first: bool
+) -> None:
+    """Stripe's ``created`` counts seconds: two events of one second arrive in either order, and the end wins."""
+    app, meter = hook_app(make_app)
+    now = int(time.time())
+    with app.app_context():
+        meter.subscribe(TEAM, "tiny", stripe_customer_id="cus_tie", stripe_subscription_id="sub_tie")
+        updated = event(
+            "customer.subscription.updated",
+            {"id": "sub_tie", "customer": "cus_tie", "status": "active", "current_period_end": now + 86400 * 20},
+            created=now - 60,
+            eid="evt_U",
+        )
+        deleted = event(
+            "customer.subscription.deleted",
+            {"id": "sub_tie", "customer": "cus_tie", "status": "canceled", "ended_at": now - 60},
+            created=now - 60,
+            eid="evt_D",
+        )
+        for body in (deleted, updated) if deleted_first else (updated, deleted):
+            handle_stripe_webhook(meter, *signed(body))
+        sub = meter.subscription(TEAM)
+        assert sub is not None and sub.ends_at is not None and not sub.is_active()
+        assert not meter.check(TEAM).allowed

@@ -5,7 +5,8 @@ an absolute SET computed from the event (a redelivery changes nothing more), and
 the ``subscription_expired`` signal fires only for the delivery that changed
 ``ends_at``. Each subscription keeps the ``created`` time of the last event
 applied to it (``stripe_event_at``); an older event delivered later is ignored,
-so a late retry of an ``updated`` cannot revive a subscription a ``deleted`` ended.
+so a late retry of an ``updated`` cannot revive a subscription a ``deleted`` ended
+(nor can one of the same second, in whichever order the two arrive).
 
 A subscription is found by ``stripe_subscription_id``. Only with
 ``AI_METERING_STRIPE_WEBHOOK_MATCH_CUSTOMER`` is one without that id found by its
@@ -212,6 +213,17 @@ def _time(value: t.Any, field: str = "time") -> dt.datetime | None:
     return dt.datetime.fromtimestamp(value, dt.timezone.utc)
 
 
+def _reopens(row: t.Any, values: dict[str, t.Any]) -> bool:
+    """``values`` would clear or postpone the end of a subscription that has one.
+
+    Stripe's ``created`` has one-second resolution, so two events of one second arrive in
+    either order: between them an end wins, as a deletion is final.
+    """
+    if row.ends_at is None or "ends_at" not in values:
+        return False
+    return values["ends_at"] is None or values["ends_at"] > row.ends_at
+
+
 def _apply(
     rt: Runtime,
     subscription_id: str | None,
@@ -247,8 +259,11 @@ def _apply(
                 return None, False  # another Stripe subscription of the customer (an add-on, say)
         if row is None or (once and row.grace_period_ends_at is not None):
             return None, False
-        if created is not None and row.stripe_event_at is not None and created < row.stripe_event_at:
-            return None, False  # a late retry of an older event: what came after it stands
+        if created is not None and row.stripe_event_at is not None:
+            if created < row.stripe_event_at:
+                return None, False  # a late retry of an older event: what came after it stands
+            if created == row.stripe_event_at and _reopens(row, values):
+                return None, False  # the same second as the event that ended it: the end stands
         changes = dict(values, updated_at=utcnow())
         if created is not None:
             changes["stripe_event_at"] = created
