@@ -86,6 +86,13 @@ class Clients:
                 self._clients[provider] = meter.instrument(self._build(provider))
             return self._clients[provider]
 
+    def close(self) -> None:
+        """Close the clients' connection pools (a server process simply exits; tests close them)."""
+        with self._lock:
+            for client in self._clients.values():
+                client.close()
+            self._clients.clear()
+
     def _build(self, provider: str) -> t.Any:
         key = self.app.config.get(f"{provider.upper()}_API_KEY")
         if provider == "openai":

@@ -46,12 +46,18 @@ def make_demo(path: Path, template: Path, server: LocalModelServer | None, **con
     )
 
 
+def close_demo(app: Flask) -> None:
+    """Close what a demo app holds open: its database pool and its SDK clients' sockets."""
+    with app.app_context():
+        app.extensions["sqlalchemy"].engine.dispose()
+    app.extensions["example_llm"].close()
+
+
 @pytest.fixture
 def demo(tmp_path: Path, sqlite_template: Path, model_server: LocalModelServer) -> t.Iterator[Flask]:
     app = make_demo(tmp_path / "demo.sqlite", sqlite_template, model_server, EXAMPLE_FREE_TOKEN_LIMIT=700)
     yield app
-    with app.app_context():
-        app.extensions["sqlalchemy"].engine.dispose()
+    close_demo(app)
 
 
 def ledger(app: Flask, **where: t.Any) -> list[t.Any]:
@@ -242,8 +248,7 @@ def test_the_local_model_server_starts_on_first_use(tmp_path: Path, sqlite_templ
     signup(client)
     response, events = chat(client, "hello", "claude-haiku-4-5")
     assert response.status_code == 200 and events[-1]["done"]
-    with app.app_context():
-        app.extensions["sqlalchemy"].engine.dispose()
+    close_demo(app)
 
 
 class FakeCheckout:
@@ -286,8 +291,7 @@ def test_credits_through_stripe_checkout(
         assert done.status_code == 302
     with demo.app_context():
         assert demo.extensions["ai_metering"].wallet(("Team", team)).balance == Decimal("10")
-    with demo.app_context():
-        demo.extensions["sqlalchemy"].engine.dispose()
+    close_demo(demo)
 
 
 def test_seed_demo_leaves_a_team_in_its_trial_and_a_refund(tmp_path: t.Any, sqlite_template: t.Any) -> None:
