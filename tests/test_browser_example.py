@@ -30,10 +30,18 @@ VISITOR = {"name": "Vera Visitor", "email": "vera@example.org", "password": "cor
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, sqlite_template: Path) -> t.Iterator[str]:
+def models() -> t.Iterator[LocalModelServer]:
+    """The local model server; slow enough that an answer visibly streams in, word by word."""
+    server = LocalModelServer(delay=0.04).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, sqlite_template: Path, models: LocalModelServer
+) -> t.Iterator[str]:
     """The example app, seeded, on 127.0.0.1:<free port>, answered by the local model server."""
-    # Slow enough that the answer visibly streams in, word by word.
-    models = LocalModelServer(delay=0.04).start()
     path = tmp_path_factory.mktemp("browser-example") / "demo.sqlite"
     path.write_bytes(sqlite_template.read_bytes())
     app = create_app(
@@ -54,7 +62,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, sqlite_template: Path) -> t
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_port}"
     httpd.shutdown()
-    models.stop()
     with app.app_context():
         app.extensions["sqlalchemy"].engine.dispose()
 
@@ -68,7 +75,11 @@ def meter_text(page: t.Any) -> str:
     return t.cast(str, page.locator("[data-ai-usage-meter]").inner_text()).strip()
 
 
-def test_a_visitor_signs_up_chats_hits_the_limit_and_upgrades(browser: t.Any, server: str) -> None:  # noqa: F811
+def test_a_visitor_signs_up_chats_hits_the_limit_and_upgrades(
+    browser: t.Any,  # noqa: F811
+    server: str,
+    models: LocalModelServer,
+) -> None:
     visitor = Page(browser)
     p = visitor.page
     visitor.open(server + "/")
@@ -101,7 +112,9 @@ def test_a_visitor_signs_up_chats_hits_the_limit_and_upgrades(browser: t.Any, se
     SHOTS.mkdir(parents=True, exist_ok=True)
     p.screenshot(path=str(SHOTS / "example-chat.png"))
 
-    # Chat on until the Free plan is used up: a friendly page, not a JSON error.
+    # Chat on until the Free plan is used up: a friendly page, not a JSON error. The streaming
+    # was seen above; these answers need not take their time.
+    models.delay = 0
     p.select_option("#model", "claude-haiku-4-5")
     answers = 1
     for i in range(12):

@@ -30,8 +30,8 @@ from tests.test_concurrency import table_rows
 
 PROCESSES = 4
 THREADS = 8
-PLAN_LIMIT = 10_000
-MEMBER_BUDGET = 3_000
+PLAN_LIMIT = 6_000
+MEMBER_BUDGET = 1_500
 RATE = 40
 #: One billable per scenario, so one run of the worker processes covers all three.
 MEMBER, RATED, ALERTED = ("Team", "member"), ("Team", "rated"), ("Team", "alerted")
