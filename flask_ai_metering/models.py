@@ -315,6 +315,18 @@ class Reservation(Base):
     budget_counter_ids: Mapped[list[int] | None] = mapped_column(sa.JSON(none_as_null=True))
 
 
+def budget_scope_items(user_id: str | None, feature: str | None, model: str | None) -> list[tuple[str, str]]:
+    """A budget's set scope fields among user, feature and model, in that order."""
+    fields = (("user", user_id), ("feature", feature), ("model", model))
+    return [(name, value) for name, value in fields if value is not None]
+
+
+def budget_scope(billable: tuple[str, str], user_id: str | None, feature: str | None, model: str | None) -> str:
+    """Who a budget limits, in words: ``Team:1``, ``Team:1 user 7 feature images``."""
+    items = budget_scope_items(user_id, feature, model)
+    return " ".join([f"{billable[0]}:{billable[1]}", *(f"{name} {value}" for name, value in items)])
+
+
 class Budget(Base):
     """An extra limit inside a billable's plan: for one user, feature or model, or all its calls.
 
@@ -352,14 +364,11 @@ class Budget(Base):
     @property
     def scope(self) -> str:
         """Who the budget limits, in words: ``Team:1``, ``Team:1 user 7 feature images``."""
-        parts = [f"{self.billable_type}:{self.billable_id}"]
-        parts += [f"{name} {value}" for name, value in self.scope_items()]
-        return " ".join(parts)
+        return budget_scope(self.billable, self.user_id, self.feature, self.model)
 
     def scope_items(self) -> list[tuple[str, str]]:
         """The set scope fields among user, feature and model, in that order."""
-        fields = (("user", self.user_id), ("feature", self.feature), ("model", self.model))
-        return [(name, value) for name, value in fields if value is not None]
+        return budget_scope_items(self.user_id, self.feature, self.model)
 
     def __repr__(self) -> str:
         return f"<Budget {self.id} {self.scope} per {self.period}>"

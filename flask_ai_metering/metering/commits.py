@@ -164,17 +164,11 @@ def _write_fast(
         if rt.store.run(functools.partial(quota.mark_approaching, counter_id=hold.counter_id), autocommit=True):
             effects.approaching.append(effects.check)
     checks = _budget_checks(rt, standings)
-    if checks:
-        effects.check = budgets.tightest([effects.check, *(check for _, check in checks)])
-    plan = (policy, hold.counter_id, state, effects.check)
-    plan_due = policy.limited and thresholds.due(
-        rt.settings.alert_thresholds, thresholds.plan_usage(policy, state), state.alert_level
-    )
-    if plan_due or any(_due(rt, standing) for standing, _ in checks):
-        work = functools.partial(
-            thresholds.cross, settings=rt.settings, at=values["occurred_at"], plan=plan, budgets=checks
-        )
+    counted = thresholds.pending(rt.settings, plan=(policy, hold.counter_id, state, effects.check), budgets=checks)
+    if counted:
+        work = functools.partial(thresholds.cross, settings=rt.settings, at=values["occurred_at"], counters=counted)
         effects.crossings = rt.store.run(work)
+    effects.check = _tightest(effects.check, checks)
     return usage_id, effects
 
 
@@ -184,9 +178,11 @@ def _budget_checks(
     return [(s, s.check(warning_threshold=rt.settings.warning_threshold)) for s in standings]
 
 
-def _due(rt: Runtime, standing: budgets.Standing) -> bool:
-    levels = standing.budget.thresholds or rt.settings.alert_thresholds
-    return bool(thresholds.due(levels, standing.used_percentage(), standing.alert_level))
+def _tightest(
+    plan_check: quota.LimitCheck, checks: t.Sequence[tuple[budgets.Standing, quota.LimitCheck]]
+) -> quota.LimitCheck:
+    """The check a caller sees: the plan's, or a budget's closer to its limit."""
+    return budgets.tightest([plan_check, *(check for _, check in checks)]) if checks else plan_check
 
 
 def clamp_counts(tokens: TokenCounts, ceiling: int) -> tuple[TokenCounts, dict[str, int]]:
@@ -352,10 +348,9 @@ def apply_usage_effects(
     if policy.limited and effects.check.approaching and quota.mark_approaching(conn, counter_id=counter_id):
         effects.approaching.append(effects.check)
     checks = _budget_checks(rt, budget_standings)
-    plan = (policy, counter_id, state, effects.check)
-    effects.crossings = thresholds.cross(conn, rt.settings, at, plan=plan, budgets=checks)
-    if checks:
-        effects.check = budgets.tightest([effects.check, *(check for _, check in checks)])
+    counted = thresholds.pending(rt.settings, plan=(policy, counter_id, state, effects.check), budgets=checks)
+    effects.crossings = thresholds.cross(conn, rt.settings, at, counted)
+    effects.check = _tightest(effects.check, checks)
     if overage and rt.settings.overage_behavior == "charge":
         charged = record_overage(conn, policy, state, total_tokens, usage_id, at, rt.settings.currency)
         if charged is not None:

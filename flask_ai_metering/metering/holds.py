@@ -113,15 +113,17 @@ def _hold_portably(
         size = dataclasses.replace(size, enforce=False)
     if not policy.expired:
         counter_id = _hold_on_counter(rt, conn, policy, size, at)
+    matched = (
+        budgets.matching(conn, spec.billable, spec.user_id, spec.feature, spec.model) if policy.has_budgets else []
+    )
     if counter_id is None:
-        return _refusal(rt, conn, policy, size, spec, at)
+        return _refusal(rt, conn, policy, size, matched, at)
     held_budgets: tuple[tuple[int, budgets.Terms], ...] = ()
-    if policy.has_budgets:
-        matched = budgets.matching(conn, spec.billable, spec.user_id, spec.feature, spec.model)
+    if matched:
         ids, refused = budgets.hold(rt.store, conn, matched, size.tokens, size.cost_units, at, rt.settings.timezone)
         if refused is not None:
             conn.rollback()  # every hold this transaction made, the plan's included
-            return _refusal(rt, conn, policy, size, spec, at)
+            return _refusal(rt, conn, policy, size, matched, at)
         held_budgets = tuple(zip(ids, matched, strict=True))
     wallet_id, credit_units = None, 0
     if mode == "credits":
@@ -189,11 +191,15 @@ def _hold_on_counter(rt: Runtime, conn: sa.Connection, policy: Policy, size: Hol
 
 
 def _refusal(
-    rt: Runtime, conn: sa.Connection, policy: Policy, size: HoldSize, spec: CallSpec, at: dt.datetime
+    rt: Runtime,
+    conn: sa.Connection,
+    policy: Policy,
+    size: HoldSize,
+    matched: t.Sequence[budgets.Terms],
+    at: dt.datetime,
 ) -> AiLimitExceeded:
-    """The refusal to explain: the narrowest budget that refuses the call, else the plan."""
-    if policy.has_budgets:
-        matched = budgets.matching(conn, spec.billable, spec.user_id, spec.feature, spec.model)
+    """The refusal to explain: the narrowest of the call's budgets that refuses it, else the plan."""
+    if matched:
         refused = budgets.refusal(
             conn, matched, size.tokens, size.cost_units, at, rt.settings.timezone, rt.settings.warning_threshold
         )

@@ -32,6 +32,7 @@ import sqlalchemy as sa
 
 from ..models import Reservation
 from ..models import Usage
+from ..models import budget_scope
 from ..models import table
 from ..quota.budgets import budget_counters
 from ..quota.budgets import budgets
@@ -180,14 +181,10 @@ def budget_counter_drift(conn: sa.Connection, since: dt.datetime | None) -> Drif
 
 def describe(row: t.Any, diff: dict[str, tuple[int, int]]) -> str:
     """One ``reconcile`` line for a drifting budget counter."""
-    scope = [f"{row.billable_type}:{row.billable_id}"]
-    scope += [f"{name} {getattr(row, column)}" for name, column in _SCOPE if getattr(row, column) is not None]
+    scope = budget_scope((row.billable_type, row.billable_id), row.user_id, row.feature, row.model)
     parts = ", ".join(f"{c} {have} != ledger {want}" for c, (have, want) in diff.items())
     when = f"{row.period_start:%Y-%m-%d %H:%M}"
-    return f"budget counter {row.id} (budget {row.budget_id}, {' '.join(scope)}, per {row.period} from {when}): {parts}"
-
-
-_SCOPE = (("user", "user_id"), ("feature", "feature"), ("model", "model"))
+    return f"budget counter {row.id} (budget {row.budget_id}, {scope}, per {row.period} from {when}): {parts}"
 
 
 def fix(conn: sa.Connection, row: t.Any, diff: dict[str, tuple[int, int]]) -> None:

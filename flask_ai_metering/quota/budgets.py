@@ -29,6 +29,8 @@ from ..errors import InvalidUsage
 from ..models import Budget
 from ..models import BudgetCounter
 from ..models import Reservation
+from ..models import budget_scope
+from ..models import budget_scope_items
 from ..models import table
 from ..models import utcnow
 from ..money import from_units
@@ -74,13 +76,10 @@ class Terms:
 
     @property
     def scope(self) -> str:
-        parts = [f"{self.billable[0]}:{self.billable[1]}"]
-        parts += [f"{name} {value}" for name, value in self.scope_items()]
-        return " ".join(parts)
+        return budget_scope(self.billable, self.user_id, self.feature, self.model)
 
     def scope_items(self) -> list[tuple[str, str]]:
-        fields = (("user", self.user_id), ("feature", self.feature), ("model", self.model))
-        return [(name, value) for name, value in fields if value is not None]
+        return budget_scope_items(self.user_id, self.feature, self.model)
 
     def narrowness(self) -> tuple[int, int]:
         """Sorts narrower budgets last: more scope fields set, then a shorter period."""
@@ -221,16 +220,6 @@ def matching_params(
 
 
 _MATCHING = sa.select(budgets).where(matching_clause()).order_by(budgets.c.id)
-_ANY = sa.select(budgets.c.id).where(
-    budgets.c.billable_type == sa.bindparam("k_type"),
-    budgets.c.billable_id == sa.bindparam("k_id"),
-    budgets.c.removed_at.is_(None),
-)
-
-
-def has_budgets(conn: sa.Connection, billable: Billable) -> bool:
-    """Whether the billable has any live budget (most have none: their calls skip the rest)."""
-    return conn.execute(_ANY.limit(1), {"k_type": billable[0], "k_id": billable[1]}).first() is not None
 
 
 def matching(

@@ -36,6 +36,7 @@ from ..models import Usage as UsageRow
 from ..models import table
 from . import budgets
 from . import engine as quota
+from .policy import HAS_BUDGETS
 from .policy import POLICY_QUERY
 from .policy import TERMS
 from .policy import Policy
@@ -79,15 +80,6 @@ class HoldRequest:
 
 
 _HOLD_COLUMNS = ("tokens", "cost_units", "idempotency_key", "idempotency_scope", "expires_at", "created_at")
-
-
-def _no_budgets() -> sa.ColumnElement[bool]:
-    """The billable has no live budget: the plain statements' condition (a budgeted call holds more)."""
-    b = budgets.budgets.alias("b")
-    live = sa.select(b.c.id).where(
-        b.c.billable_type == sa.bindparam("k_type"), b.c.billable_id == sa.bindparam("k_id"), b.c.removed_at.is_(None)
-    )
-    return ~sa.exists(live)
 
 
 def _pinned_conditions(pol: sa.CTE, c: sa.Alias, mode_from_plan: bool, feature: bool) -> list[sa.ColumnElement[bool]]:
@@ -152,7 +144,7 @@ def _pinned_statement(enforce: bool, zero_tokens: bool, mode_from_plan: bool, fe
         token_limit, cost_limit = pol.c.token_limit, pol.c.cost_limit
         conditions.append(sa.or_(token_limit.is_(None), sa.and_(*quota.admits(token_limit, None, zero_tokens, c))))
         conditions.append(sa.or_(cost_limit.is_(None), sa.and_(*quota.admits(None, cost_limit, False, c))))
-    conditions.append(_no_budgets())
+    conditions.append(~HAS_BUDGETS)  # a billable with budgets takes _budgeted_statement
     claim = sa.update(c).where(*conditions).values(quota.hold_values(c)).returning(c.c.id).cte("claimed")
     select = sa.select(claim.c.id, *(_param(reservations.c[name], _R[name]) for name in _RESERVATION_COLUMNS))
     held = (
@@ -218,7 +210,7 @@ def _pinned_many_statement(enforce: bool, mode_from_plan: bool, feature: bool) -
         conditions.append(
             sa.or_(cost_limit.is_(None), sa.and_(held_cost + cost <= cost_limit, held_cost + cost - most < cost_limit))
         )
-    conditions.append(_no_budgets())
+    conditions.append(~HAS_BUDGETS)  # a billable with budgets takes _budgeted_statement
     claim = sa.update(c).where(*conditions).values(quota.hold_values(c)).returning(c.c.id).cte("claimed")
     arrays = {name: reservations.c[name].type for name in _HOLD_COLUMNS}
     requested = (

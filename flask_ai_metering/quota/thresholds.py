@@ -94,49 +94,67 @@ def raise_level(conn: sa.Connection, kind: str, counter_id: int, level: int) -> 
     return int(old)
 
 
-def cross(
-    conn: sa.Connection,
+@dataclasses.dataclass(frozen=True)
+class _Due:
+    """A counter whose committed usage reached thresholds above the level it announced."""
+
+    kind: str
+    counter_id: int
+    levels: tuple[int, ...]
+    usage: float
+    billable: Billable
+    budget: int | None
+    plan: str | None
+    check: LimitCheck
+
+
+def pending(
     settings: Settings,
-    at: dt.datetime,
     *,
     plan: tuple[Policy, int, CounterState, LimitCheck] | None = None,
     budgets: t.Sequence[tuple[Standing, LimitCheck]] = (),
-) -> list[Crossing]:
-    """Announce, in this transaction, the thresholds these counters' committed usage crossed.
+) -> list[_Due]:
+    """The counters with thresholds to announce, judged on the amounts a commit returned (no I/O).
 
     ``plan`` is the policy, counter id, new state and check of the plan's counter; ``budgets``
-    the budget counters' standings and checks. Writes the alerts to the outbox.
+    the budget counters' standings and checks.
     """
-    crossings: list[Crossing] = []
+    found = []
     if plan is not None:
         policy, counter_id, state, check = plan
         usage = plan_usage(policy, state)
-        wanted = due(settings.alert_thresholds, usage, state.alert_level) if policy.limited else []
-        if wanted:
-            old = raise_level(conn, "plan", counter_id, wanted[-1])
-            for threshold in [] if old is None else due(settings.alert_thresholds, usage, old):
-                crossings.append(
-                    Crossing(
-                        policy.billable,
-                        None,
-                        policy.plan_slug,
-                        threshold,
-                        usage,
-                        f"plan-{counter_id}-{threshold}",
-                        check,
-                    )
+        if policy.limited and due(settings.alert_thresholds, usage, state.alert_level):
+            found.append(
+                _Due(
+                    "plan", counter_id, settings.alert_thresholds, usage, policy.billable, None, policy.plan_slug, check
                 )
+            )
     for standing, check in budgets:
-        thresholds = standing.budget.thresholds or settings.alert_thresholds
+        levels = standing.budget.thresholds or settings.alert_thresholds
         usage = standing.used_percentage()
-        wanted = due(thresholds, usage, standing.alert_level)
-        if not wanted:
-            continue
-        old = raise_level(conn, "budget", standing.counter_id, wanted[-1])
-        for threshold in [] if old is None else due(thresholds, usage, old):
-            event_id = f"budget-{standing.counter_id}-{threshold}"
+        if due(levels, usage, standing.alert_level):
+            budget = standing.budget
+            found.append(_Due("budget", standing.counter_id, levels, usage, budget.billable, budget.id, None, check))
+    return found
+
+
+def cross(conn: sa.Connection, settings: Settings, at: dt.datetime, counters: t.Sequence[_Due]) -> list[Crossing]:
+    """Announce, in this transaction, the thresholds of :func:`pending` counters not announced yet.
+
+    Each counter's level is raised under its row lock, so only the thresholds above the level
+    it had then are announced (another commit may have announced some meanwhile). Writes the
+    alerts to the outbox.
+    """
+    crossings = []
+    for counter in counters:
+        highest = due(counter.levels, counter.usage, 0)[-1]  # what the usage reached, not every level
+        old = raise_level(conn, counter.kind, counter.counter_id, highest)
+        for threshold in [] if old is None else due(counter.levels, counter.usage, old):
+            event_id = f"{counter.kind}-{counter.counter_id}-{threshold}"
             crossings.append(
-                Crossing(standing.budget.billable, standing.budget.id, None, threshold, usage, event_id, check)
+                Crossing(
+                    counter.billable, counter.budget, counter.plan, threshold, counter.usage, event_id, counter.check
+                )
             )
     return [_queued(conn, settings, crossing, at) for crossing in crossings]
 
