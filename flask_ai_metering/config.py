@@ -60,6 +60,9 @@ class ConfigVars:
     DB_CONNECTION = "AI_METERING_DB_CONNECTION"
     #: Record usage rows through a Celery task instead of in the request.
     QUEUE_RECORDING = "AI_METERING_QUEUE_RECORDING"
+    #: On PostgreSQL, make a hold's commit wait for the WAL flush like every other write (see the
+    #: README's "Performance": by default a hold lost in a database crash only frees quota early).
+    DURABLE_HOLDS = "AI_METERING_DURABLE_HOLDS"
     #: Rows per transaction in batch CLI work (cleanup, forget, anonymize) and when writing queued rows.
     BATCH_SIZE = "AI_METERING_BATCH_SIZE"
     #: Register the dashboard blueprint.
@@ -160,6 +163,7 @@ DEFAULTS: dict[str, t.Any] = {
     ConfigVars.PRUNE_AFTER_DAYS: 365,
     ConfigVars.DB_CONNECTION: None,
     ConfigVars.QUEUE_RECORDING: False,
+    ConfigVars.DURABLE_HOLDS: False,
     ConfigVars.BATCH_SIZE: 100,
     ConfigVars.DASHBOARD_ENABLED: True,
     ConfigVars.DASHBOARD_PREFIX: "/ai-metering",
@@ -327,6 +331,7 @@ class Settings:
     alert_delivery: str = "thread"
     alert_max_attempts: int = 12
     alert_webhook_timeout: int = 5
+    durable_holds: bool = False
 
     def missing_default_plan(self) -> ConfigurationError:
         """The error of a default plan that does not exist (found at first use), naming the key."""
@@ -409,6 +414,7 @@ class Settings:
             prune_after_days=config[ConfigVars.PRUNE_AFTER_DAYS],
             bind_key=config[ConfigVars.DB_CONNECTION] or None,
             queue_recording=bool(config[ConfigVars.QUEUE_RECORDING]),
+            durable_holds=bool(config[ConfigVars.DURABLE_HOLDS]),
             batch_size=config[ConfigVars.BATCH_SIZE],
             dashboard_enabled=bool(config[ConfigVars.DASHBOARD_ENABLED]),
             dashboard_prefix="/" + prefix.strip("/"),

@@ -13,13 +13,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-import threading
 import time
 import typing as t
-import weakref
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
+
+from .writer_lock import writer_lock
 
 T = t.TypeVar("T")
 
@@ -64,29 +64,6 @@ def _looks_unique(error: sa_exc.IntegrityError) -> bool:
     return "unique" in str(orig).lower()
 
 
-#: One lock per SQLite engine: its write transactions in one process, one at a time.
-_WRITERS: weakref.WeakKeyDictionary[sa.Engine, threading.RLock] = weakref.WeakKeyDictionary()
-_WRITERS_GUARD = threading.Lock()
-
-
-def _sqlite_writer(engine: sa.Engine) -> threading.RLock:
-    """The lock a thread holds around its metering write transaction on ``engine`` (SQLite).
-
-    SQLite admits one writer at a time. A thread that finds the write lock taken
-    waits in SQLite's busy handler, which sleeps 1, 2, 5, 10 ms… between tries,
-    however soon the lock is free: on one busy billable most of a call's time was
-    spent asleep there. Threads of one process queue here instead and start the
-    moment the writer before them commits; other processes (and the app's own
-    writes) still meet SQLite's busy handler. Re-entrant, so a nested write in one
-    thread behaves as before (SQLite's own lock then decides).
-    """
-    lock = _WRITERS.get(engine)
-    if lock is None:
-        with _WRITERS_GUARD:
-            lock = _WRITERS.setdefault(engine, threading.RLock())
-    return lock
-
-
 class Transactions:
     """Metering's own short transactions on the app's engine, with their discipline.
 
@@ -109,11 +86,11 @@ class Transactions:
         is a single statement per effect (the PostgreSQL one-statement phases), where
         BEGIN and COMMIT would be two wasted round trips.
 
-        On SQLite the threads of one process write one at a time (see
-        :func:`_sqlite_writer`), so they queue on a lock instead of in SQLite's busy handler.
+        On SQLite metering's writers, in this process and in others, write one at a
+        time (see :mod:`.writer_lock`): they queue on a lock instead of in SQLite's busy handler.
         """
         if self.is_sqlite and write and not autocommit:
-            with _sqlite_writer(self.engine):
+            with writer_lock(self.engine):
                 yield from self._transaction(write, autocommit)
         else:
             yield from self._transaction(write, autocommit)

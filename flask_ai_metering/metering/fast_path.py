@@ -193,7 +193,9 @@ def choose_fast_path(store: Transactions) -> FastPath:
 
 def _request(rt: Runtime, spec: CallSpec, size: HoldSize, at: dt.datetime) -> postgres.HoldRequest:
     expires_at = at + dt.timedelta(seconds=rt.settings.reservation_ttl)
-    return postgres.HoldRequest(size.tokens, size.cost_units, spec.idempotency_key, spec.scope, expires_at, at)
+    return postgres.HoldRequest(
+        size.tokens, size.cost_units, spec.idempotency_key, spec.scope, expires_at, at, rt.settings.durable_holds
+    )
 
 
 def _pinned_hold(row: t.Any, policy: Policy, size: HoldSize) -> Hold:
