@@ -201,8 +201,14 @@ def reserve_pinned(
         "n": request.tokens,
         "c": request.cost_units,
     }
-    statement = _pinned_statement(enforce, request.tokens == 0, mode_from_plan, feature is not None)
-    return conn.execute(statement, params).first()
+    statement = _pinned_raw(enforce, request.tokens == 0, mode_from_plan, feature is not None)
+    rows = statement.execute(conn, params)
+    return rows[0] if rows else None
+
+
+@functools.cache
+def _pinned_raw(enforce: bool, zero_tokens: bool, mode_from_plan: bool, feature: bool) -> DollarStatement:
+    return DollarStatement(_pinned_statement(enforce, zero_tokens, mode_from_plan, feature))
 
 
 @functools.cache
@@ -392,8 +398,13 @@ def commit(conn: sa.Connection, true_up: TrueUp, values: dict[str, t.Any]) -> tu
     (the sweeper did), but the usage is still added and recorded.
     """
     params = {**true_up.params(), **{"u_" + name: value for name, value in values.items()}}
-    row = conn.execute(_commit_statement(), params).one()
-    return int(row[-1]), quota.CounterState.of(row[:5])
+    (row,) = _commit_raw().execute(conn, params)
+    return int(row.id), quota.CounterState.of([getattr(row, c.name) for c in quota.USED_COLUMNS])
+
+
+@functools.cache
+def _commit_raw() -> DollarStatement:
+    return DollarStatement(_commit_statement())
 
 
 _LEDGER_COLUMNS = [c for c in usage_table.c if c.name != "id"]

@@ -13,6 +13,7 @@ period, a plan change), the right row is read by its key in a second statement.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import datetime as dt
 import typing as t
 import weakref
@@ -22,6 +23,7 @@ import sqlalchemy as sa
 from ..models import utcnow
 from . import engine
 from .policy import POLICY_QUERY
+from .postgres import DollarStatement
 from .policy import RecentPolicies
 from .policy import policy_from_row
 from .policy import policy_params
@@ -40,6 +42,15 @@ _STANDING = sa.select(
     _COUNTER.c.id.label("counter_id"),
     *(c.label("counter_" + c.name) for c in (_COUNTER.c[col.name] for col in engine.USED_COLUMNS)),
 ).select_from(_POLICY.outerjoin(_COUNTER, engine.key_clause(_COUNTER)))
+
+_COUNTER_NAMES = tuple("counter_" + c.name for c in engine.USED_COLUMNS)
+
+
+@functools.cache
+def _standing() -> DollarStatement:
+    """:data:`_STANDING` as the guard sends it: on every guarded request, past SQLAlchemy's execution."""
+    return DollarStatement(_STANDING)
+
 
 #: Per engine, each billable's last policy read here: the counter key the next check joins.
 _recent: weakref.WeakKeyDictionary[sa.Engine, RecentPolicies] = weakref.WeakKeyDictionary()
@@ -61,11 +72,11 @@ def standing(
             _, state = engine.read_counter(conn, policy)
         else:
             key = engine.key_params(hint)
-            row = conn.execute(_STANDING, {**policy_params(billable, at, rt.settings.default_plan), **key}).one()
+            (row,) = _standing().execute(conn, {**policy_params(billable, at, rt.settings.default_plan), **key})
             policy = policy_from_row(row, billable, at, rt.settings)
             if engine.key_params(policy) == key:
                 state = (
-                    engine.CounterState.of(row[-len(engine.USED_COLUMNS) :])
+                    engine.CounterState.of([getattr(row, name) for name in _COUNTER_NAMES])
                     if row.counter_id is not None
                     else engine.CounterState()
                 )
