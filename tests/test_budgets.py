@@ -374,31 +374,3 @@ def test_the_budgeted_commit_fits_psycopgs_statement_cache() -> None:
     text = postgres._commit_budgeted_statement().compile(dialect=dialect_module.dialect()).string
     assert len(text) <= _queries.MAX_CACHED_STATEMENT_LENGTH
     assert len(set(re.findall(r"%\((\w+)\)s", text))) <= _queries.MAX_CACHED_STATEMENT_PARAMS
-
-
-@pytest.mark.parametrize("backend", ["postgresql"])
-def test_a_precompiled_statement_converts_like_sqlalchemy_and_raises_its_errors(db, backend):
-    """The budgeted hold's raw path: SQLAlchemy's bind and result conversions, SQLAlchemy's exceptions."""
-    from sqlalchemy import exc as sa_exc
-
-    from flask_ai_metering.models import UTCDateTime
-    from flask_ai_metering.money import MoneyType
-    from flask_ai_metering.quota.postgres import DollarStatement
-
-    when = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.timezone(dt.timedelta(hours=2)))
-    statement = sa.select(
-        sa.literal_column("1500000000000", MoneyType()).label("amount"),
-        sa.bindparam("when", type_=UTCDateTime()).label("at"),
-        sa.bindparam("name", type_=sa.String).label("name"),
-    )
-    with db.engine.connect() as conn:
-        [row] = DollarStatement(statement).execute(conn, {"when": when, "name": "x"})
-        assert (row.amount, row.name) == (Decimal("1.5"), "x")
-        # Bound as naive UTC (as UTCDateTime stores it) and read back as an aware UTC time.
-        assert row.at == dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.timezone.utc) == when
-        conn.rollback()
-        with pytest.raises(sa_exc.DBAPIError) as failed:
-            DollarStatement(sa.select(sa.literal(1) / sa.bindparam("zero", type_=sa.Integer))).execute(
-                conn, {"zero": 0}
-            )
-        assert failed.value.orig.sqlstate == "22012"

@@ -27,6 +27,7 @@ from ..models import Counter
 from ..models import Reservation
 from ..models import table
 from ..money import from_units
+from ..prepared import Prepared
 from .policy import Billable
 from .policy import Policy
 
@@ -298,8 +299,8 @@ def reserve_update(tokens_limited: bool, cost_limited: bool, zero_tokens: bool) 
 
 
 @functools.cache
-def _reserve_returning(tokens_limited: bool, cost_limited: bool, zero_tokens: bool) -> t.Any:
-    return reserve_update(tokens_limited, cost_limited, zero_tokens).returning(counters.c.id)
+def _reserve_returning(tokens_limited: bool, cost_limited: bool, zero_tokens: bool) -> Prepared:
+    return Prepared(reserve_update(tokens_limited, cost_limited, zero_tokens).returning(counters.c.id))
 
 
 def reserve_params(
@@ -329,14 +330,35 @@ def try_reserve(
     cost_limited = enforce and policy.cost_limit_units is not None
     params = reserve_params(policy, tokens, cost_units, tokens_limited, cost_limited)
     if store.engine.dialect.update_returning:
-        row = conn.execute(_reserve_returning(tokens_limited, cost_limited, tokens == 0), params).first()
-        return None if row is None else int(row[0])
+        rows = _reserve_returning(tokens_limited, cost_limited, tokens == 0).execute(conn, params)
+        return int(rows[0][0]) if rows else None
     if conn.execute(reserve_update(tokens_limited, cost_limited, tokens == 0), params).rowcount != 1:
         return None
     return int(conn.execute(_COUNTER_ID, key_params(policy)).scalar_one())
 
 
 _INSERT_RESERVATION = sa.insert(reservations)
+_RESERVATION_VALUES = (
+    "counter_id",
+    "billable_type",
+    "billable_id",
+    "idempotency_key",
+    "idempotency_scope",
+    "status",
+    "tokens",
+    "cost_units",
+    "credit_units",
+    "wallet_id",
+    "expires_at",
+    "created_at",
+    "budget_counter_ids",
+)
+#: Every column given: nothing is left to a Python-side default, so the statement is prepared whole.
+_INSERT_RESERVATION_RETURNING = Prepared(
+    sa.insert(reservations)
+    .values({name: sa.bindparam(name, type_=reservations.c[name].type) for name in _RESERVATION_VALUES})
+    .returning(reservations.c.id)
+)
 
 
 def add_reservation(
@@ -355,24 +377,24 @@ def add_reservation(
     budget_counter_ids: list[int] | None = None,
 ) -> int:
     """Write the reservation row; its unique key is the idempotency claim."""
-    result = conn.execute(
-        _INSERT_RESERVATION,
-        {
-            "counter_id": counter_id,
-            "billable_type": billable[0],
-            "billable_id": billable[1],
-            "idempotency_key": idempotency_key,
-            "idempotency_scope": scope,
-            "status": "pending",
-            "tokens": tokens,
-            "cost_units": cost_units,
-            "credit_units": credit_units,
-            "wallet_id": wallet_id,
-            "expires_at": expires_at,
-            "created_at": now,
-            "budget_counter_ids": budget_counter_ids or None,
-        },
-    )
+    values = {
+        "counter_id": counter_id,
+        "billable_type": billable[0],
+        "billable_id": billable[1],
+        "idempotency_key": idempotency_key,
+        "idempotency_scope": scope,
+        "status": "pending",
+        "tokens": tokens,
+        "cost_units": cost_units,
+        "credit_units": credit_units,
+        "wallet_id": wallet_id,
+        "expires_at": expires_at,
+        "created_at": now,
+        "budget_counter_ids": budget_counter_ids or None,
+    }
+    if conn.dialect.insert_returning:
+        return int(_INSERT_RESERVATION_RETURNING.execute(conn, values)[0][0])
+    result = conn.execute(_INSERT_RESERVATION, values)
     return int(result.inserted_primary_key[0])  # type: ignore[index]
 
 
@@ -410,6 +432,8 @@ _HOLD = sa.select(
     reservations.c.wallet_id,
     reservations.c.budget_counter_ids,
 ).where(reservations.c.id == sa.bindparam("rid"))
+_SETTLE_PREPARED = {keep_key: Prepared(statement) for keep_key, statement in _SETTLE.items()}
+_HOLD_PREPARED = Prepared(_HOLD)
 
 
 def settle_reservation(
@@ -420,12 +444,12 @@ def settle_reservation(
     False means another actor (the sweeper, a racing commit) settled it first.
     """
     params = {"rid": reservation_id, "status": status, "at": now}
-    return bool(conn.execute(_SETTLE[keep_key], params).rowcount == 1)
+    return _SETTLE_PREPARED[keep_key].rowcount(conn, params) == 1
 
 
 def held_by(conn: sa.Connection, reservation_id: int) -> Settled:
     """What a reservation holds, as stored."""
-    row = conn.execute(_HOLD, {"rid": reservation_id}).one()
+    (row,) = _HOLD_PREPARED.execute(conn, {"rid": reservation_id})
     return Settled(int(row[0]), int(row[1]), int(row[2]), int(row[3]), row[4], row[5])
 
 
@@ -440,7 +464,7 @@ _APPLY = (
         calls=counters.c.calls + sa.bindparam("calls", type_=sa.BigInteger),
     )
 )
-_APPLY_RETURNING = _APPLY.returning(*_USED)
+_APPLY_RETURNING = Prepared(_APPLY.returning(*_USED))
 _AMOUNTS = sa.select(*_USED).where(counters.c.id == sa.bindparam("cid"))
 
 
@@ -465,7 +489,8 @@ def apply_to_counter(
         "calls": calls,
     }
     if store.engine.dialect.update_returning:
-        return CounterState.of(conn.execute(_APPLY_RETURNING, params).one())
+        (row,) = _APPLY_RETURNING.execute(conn, params)
+        return CounterState.of(row)
     conn.execute(_APPLY, params)
     return CounterState.of(conn.execute(_AMOUNTS, {"cid": counter_id}).one())
 

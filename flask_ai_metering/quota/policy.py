@@ -19,6 +19,7 @@ from ..models import Plan
 from ..models import Subscription
 from ..models import UsageLimitOverride
 from ..models import table
+from ..prepared import Prepared
 from .periods import Period
 from .periods import period_for
 
@@ -144,7 +145,7 @@ HAS_BUDGETS = sa.exists(
         _budgets.c.billable_type == _B_TYPE, _budgets.c.billable_id == _B_ID, _budgets.c.removed_at.is_(None)
     )
 )
-_RESOLVE_QUERY = POLICY_QUERY.add_columns(HAS_BUDGETS.label("has_budgets"))
+_RESOLVE_QUERY = Prepared(POLICY_QUERY.add_columns(HAS_BUDGETS.label("has_budgets")))
 
 
 def policy_params(billable: Billable, now: dt.datetime, default_plan: str | None) -> dict[str, t.Any]:
@@ -158,7 +159,8 @@ def resolve_policy(conn: sa.Connection, billable: Billable, now: dt.datetime, se
         (checked here, at first use, since it needs the database).
     """
     params = policy_params(billable, now, settings.default_plan)
-    return policy_from_row(conn.execute(_RESOLVE_QUERY, params).one(), billable, now, settings)
+    (row,) = _RESOLVE_QUERY.execute(conn, params)
+    return policy_from_row(row, billable, now, settings)
 
 
 #: The columns of :data:`POLICY_QUERY` that may change while a billable stays on the

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
-import types
 import typing as t
 
 import sqlalchemy as sa
@@ -30,10 +29,10 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
 
 from ..models import Usage as UsageRow
 from ..models import table
+from ..prepared import Prepared
 from . import budgets
 from . import engine as quota
 from .policy import HAS_BUDGETS
@@ -207,8 +206,8 @@ def reserve_pinned(
 
 
 @functools.cache
-def _pinned_raw(enforce: bool, zero_tokens: bool, mode_from_plan: bool, feature: bool) -> DollarStatement:
-    return DollarStatement(_pinned_statement(enforce, zero_tokens, mode_from_plan, feature))
+def _pinned_raw(enforce: bool, zero_tokens: bool, mode_from_plan: bool, feature: bool) -> Prepared:
+    return Prepared(_pinned_statement(enforce, zero_tokens, mode_from_plan, feature))
 
 
 @functools.cache
@@ -403,8 +402,8 @@ def commit(conn: sa.Connection, true_up: TrueUp, values: dict[str, t.Any]) -> tu
 
 
 @functools.cache
-def _commit_raw() -> DollarStatement:
-    return DollarStatement(_commit_statement())
+def _commit_raw() -> Prepared:
+    return Prepared(_commit_statement())
 
 
 _LEDGER_COLUMNS = [c for c in usage_table.c if c.name != "id"]
@@ -675,64 +674,8 @@ def reserve_budgeted(
 
 
 @functools.cache
-def _budgeted_raw(enforce: bool, zero_tokens: bool, mode_from_plan: bool, feature: bool) -> DollarStatement:
-    return DollarStatement(_budgeted_statement(enforce, zero_tokens, mode_from_plan, feature))
-
-
-class DollarStatement:
-    """A long statement compiled once to ``$n`` placeholders and sent through psycopg's ``RawCursor``.
-
-    psycopg rewrites ``%(name)s`` placeholders on every execution of a statement over
-    4 KiB (``MAX_CACHED_STATEMENT_LENGTH``). The budgeted hold is about 7 KiB and runs on
-    every call of a billable with budgets, where that rewrite cost about 0.4 ms, a fifth of
-    the whole call. Compiled here once, the text is sent as it is (and psycopg prepares it
-    like any statement it sees again). Parameters go through the same SQLAlchemy type
-    processors as ``conn.execute`` would apply, and so do the values of the columns whose type
-    converts them (money, times); a driver error is raised as SQLAlchemy's.
-    With another driver than psycopg 3 the statement simply runs through ``conn.execute``.
-    It is not seen by SQLAlchemy's cursor events (``before_cursor_execute``), which tracing
-    of SQLAlchemy statements listens to: that one statement per budgeted call goes untraced.
-    """
-
-    def __init__(self, statement: t.Any) -> None:
-        self.statement = statement
-        dialect = _DOLLAR_DIALECT
-        self.compiled = statement.compile(dialect=dialect)
-        self.text: str = self.compiled.string
-        self.names: tuple[str, ...] = tuple(self.compiled.positiontup or ())
-        self.processors = {name: self.compiled.binds[name].type.bind_processor(dialect) for name in set(self.names)}
-        #: The selected columns' own conversions (``TypeDecorator``), by position (None: the driver's value).
-        self.results = [c.type if isinstance(c.type, sa.TypeDecorator) else None for c in statement.selected_columns]
-
-    def execute(self, conn: sa.Connection, params: dict[str, t.Any]) -> list[t.Any]:
-        """Run with ``params`` (by name, as for ``conn.execute``); the rows, as named tuples."""
-        if conn.dialect.driver != "psycopg":
-            return list(conn.execute(self.statement, params).all())
-        import psycopg  # the ``postgres`` extra: present whenever the app runs on psycopg
-
-        values = self.compiled.construct_params(params)
-        args = []
-        for name in self.names:
-            value, process = values[name], self.processors[name]
-            args.append(value if process is None else process(value))
-        driver = t.cast(psycopg.Connection[t.Any], conn.connection.driver_connection)
-        try:
-            with psycopg.RawCursor(driver) as cursor:
-                cursor.execute(self.text, args)
-                names = [column.name for column in cursor.description or ()]
-                fetched = cursor.fetchall()
-        except psycopg.Error as error:
-            raise sa_exc.DBAPIError.instance(self.text, args, error, psycopg.Error) from error
-        return [types.SimpleNamespace(**dict(zip(names, self._converted(row), strict=True))) for row in fetched]
-
-    def _converted(self, row: t.Sequence[t.Any]) -> list[t.Any]:
-        return [
-            value if kind is None else kind.process_result_value(value, _DOLLAR_DIALECT)
-            for value, kind in zip(row, self.results, strict=True)
-        ]
-
-
-_DOLLAR_DIALECT = psycopg_dialect.dialect(paramstyle="numeric_dollar")  # type: ignore[no-untyped-call]
+def _budgeted_raw(enforce: bool, zero_tokens: bool, mode_from_plan: bool, feature: bool) -> Prepared:
+    return Prepared(_budgeted_statement(enforce, zero_tokens, mode_from_plan, feature))
 
 
 #: A budget refused the hold the plan's counter took (the guard's division by zero), or

@@ -13,17 +13,17 @@ period, a plan change), the right row is read by its key in a second statement.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import datetime as dt
+import functools
 import typing as t
 import weakref
 
 import sqlalchemy as sa
 
 from ..models import utcnow
+from ..prepared import Prepared
 from . import engine
 from .policy import POLICY_QUERY
-from .postgres import DollarStatement
 from .policy import RecentPolicies
 from .policy import policy_from_row
 from .policy import policy_params
@@ -47,9 +47,9 @@ _COUNTER_NAMES = tuple("counter_" + c.name for c in engine.USED_COLUMNS)
 
 
 @functools.cache
-def _standing() -> DollarStatement:
+def _standing() -> Prepared:
     """:data:`_STANDING` as the guard sends it: on every guarded request, past SQLAlchemy's execution."""
-    return DollarStatement(_STANDING)
+    return Prepared(_STANDING)
 
 
 #: Per engine, each billable's last policy read here: the counter key the next check joins.
