@@ -25,6 +25,7 @@ counting statements), the statement goes through ``conn.execute`` so they see it
 from __future__ import annotations
 
 import collections
+import functools
 import typing as t
 
 import sqlalchemy as sa
@@ -61,11 +62,11 @@ class _Compiled:
             for name, process in zip(self.names, self.processors, strict=True)
         ]
 
-    def rows(self, fetched: list[t.Any], description: t.Any) -> list[t.Any]:
+    def rows(self, fetched: list[t.Any], type_codes: t.Callable[[], t.Sequence[t.Any]]) -> list[t.Any]:
         if self.results is None:
             self.results = [
-                type_._cached_result_processor(self.dialect, column[1])
-                for type_, column in zip(self.types, description or (), strict=True)
+                type_._cached_result_processor(self.dialect, code)
+                for type_, code in zip(self.types, type_codes(), strict=True)
             ]
         make, results = self.row._make, self.results
         if not any(results):
@@ -106,6 +107,10 @@ class Prepared:
             result = conn.execute(self.statement, params)
             return (list(result.all()) if result.returns_rows else []), result.rowcount
         args = compiled.args(params)
+        if not conn.in_transaction():
+            # What ``conn.execute`` would do (autobegin): without it ``conn.commit()`` would not
+            # reach the driver, and the pool would roll our writes back.
+            conn.begin()
         dbapi_connection = conn.connection.driver_connection
         try:
             if driver == "psycopg":
@@ -113,13 +118,22 @@ class Prepared:
 
                 with psycopg.RawCursor(dbapi_connection) as cursor:
                     cursor.execute(compiled.text, args)
-                    fetched = cursor.fetchall() if cursor.description else []
-                    return compiled.rows(fetched, cursor.description), cursor.rowcount
+                    # The result's own column count and types: psycopg's ``description`` builds
+                    # a Column object per column on every access.
+                    result = cursor.pgresult
+                    if result is None or not result.nfields:
+                        return [], cursor.rowcount
+                    fetched = cursor.fetchall()
+                    codes = functools.partial(_type_codes, result)
+                    return compiled.rows(fetched, codes), cursor.rowcount
             cursor = dbapi_connection.cursor()  # type: ignore[union-attr]
             try:
                 cursor.execute(compiled.text, args)
-                fetched = cursor.fetchall() if cursor.description else []
-                return compiled.rows(fetched, cursor.description), cursor.rowcount
+                description = cursor.description
+                if not description:
+                    return [], cursor.rowcount
+                fetched = cursor.fetchall()
+                return compiled.rows(fetched, lambda: [column[1] for column in description]), cursor.rowcount
             finally:
                 cursor.close()
         except conn.dialect.loaded_dbapi.Error as error:
@@ -128,6 +142,10 @@ class Prepared:
             raise sa_exc.DBAPIError.instance(
                 compiled.text, args, error, conn.dialect.loaded_dbapi.Error, dialect=conn.dialect
             ) from error
+
+
+def _type_codes(result: t.Any) -> list[int]:
+    return [result.ftype(i) for i in range(result.nfields)]
 
 
 def _traced(engine: sa.Engine) -> bool:
