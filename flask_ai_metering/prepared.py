@@ -96,16 +96,14 @@ class Prepared:
         driver = conn.dialect.driver
         engine = conn.engine
         if driver not in ("psycopg", "pysqlite") or _traced(engine):
-            result = conn.execute(self.statement, params)
-            return (list(result.all()) if result.returns_rows else []), result.rowcount
+            return _through_sqlalchemy(conn, self.statement, params)
         compiled = self._compiled.get(driver)
         if compiled is None:
             compiled = self._compiled[driver] = _Compiled(
                 self.statement, _DOLLAR if driver == "psycopg" else conn.dialect
             )
         if compiled.needs_defaults:
-            result = conn.execute(self.statement, params)
-            return (list(result.all()) if result.returns_rows else []), result.rowcount
+            return _through_sqlalchemy(conn, self.statement, params)
         args = compiled.args(params)
         if not conn.in_transaction():
             # What ``conn.execute`` would do (autobegin): without it ``conn.commit()`` would not
@@ -142,6 +140,16 @@ class Prepared:
             raise sa_exc.DBAPIError.instance(
                 compiled.text, args, error, conn.dialect.loaded_dbapi.Error, dialect=conn.dialect
             ) from error
+
+
+def _through_sqlalchemy(
+    conn: sa.Connection, statement: t.Any, params: t.Mapping[str, t.Any]
+) -> tuple[list[t.Any], int]:
+    result = conn.execute(statement, params)
+    if not isinstance(result, sa.CursorResult):  # a result someone wrapped (a test's replay)
+        rows = list(result.all())
+        return rows, len(rows)
+    return (list(result.all()) if result.returns_rows else []), result.rowcount
 
 
 def _type_codes(result: t.Any) -> list[int]:

@@ -19,6 +19,7 @@ import typing as t
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
+from .prepared import Prepared
 from .writer_lock import writer_lock
 
 T = t.TypeVar("T")
@@ -64,6 +65,9 @@ def _looks_unique(error: sa_exc.IntegrityError) -> bool:
     return "unique" in str(orig).lower()
 
 
+_BEGIN_IMMEDIATE = Prepared(sa.text("BEGIN IMMEDIATE"))
+
+
 class Transactions:
     """Metering's own short transactions on the app's engine, with their discipline.
 
@@ -103,7 +107,7 @@ class Transactions:
             if self.is_sqlite and write:
                 raw = conn.connection.dbapi_connection
                 if raw is not None and not getattr(raw, "in_transaction", False):
-                    conn.exec_driver_sql("BEGIN IMMEDIATE")
+                    _BEGIN_IMMEDIATE.execute(conn, {})
             elif self.is_mysql:
                 # Quota transactions read only rows they lock; READ COMMITTED avoids
                 # gap locks and stale snapshots under REPEATABLE READ.
