@@ -87,18 +87,23 @@ class WriterLock:
 
 
 _LOCKS: weakref.WeakKeyDictionary[sa.Engine, WriterLock] = weakref.WeakKeyDictionary()
+#: One lock per database file in this process, whichever engines reach it: a ``flock`` taken
+#: through a second descriptor of the same file would wait for the first, even in one thread.
+_BY_PATH: dict[str, WriterLock] = {}
 _GUARD = threading.Lock()
 
 
 def writer_lock(engine: sa.Engine) -> WriterLock:
-    """The lock metering's write transactions on the SQLite ``engine`` hold (one per engine)."""
+    """The lock metering's write transactions on the SQLite ``engine`` hold."""
     lock = _LOCKS.get(engine)
     if lock is not None:
         return lock
+    path = _lock_path(engine)
     with _GUARD:
         lock = _LOCKS.get(engine)
         if lock is None:
-            lock = _LOCKS[engine] = WriterLock(_lock_path(engine))
+            lock = WriterLock(path) if path is None else _BY_PATH.setdefault(path, WriterLock(path))
+            _LOCKS[engine] = lock
     return lock
 
 
