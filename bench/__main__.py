@@ -13,6 +13,8 @@ reachable), ``BENCH_QUICK=1`` (shorter runs), ``BENCH_DASHBOARD_ROWS`` (default
 ``BENCH_DASHBOARD_WIDE_ROWS`` / ``_MODELS`` (the wide ledger, default 600,000 rows over
 20,000 model names).
 
+``python -m bench calls`` runs the in-process ones alone: ``meter.call``'s overhead against
+the two-transaction floor, and reserve+commit throughput against the plain cycle;
 ``python -m bench http`` runs the HTTP bench alone (gunicorn + wrk);
 ``python -m bench http-soak`` runs the worker RSS soak alone;
 ``python -m bench budgets`` runs only the cost of each matching budget per call;
@@ -55,8 +57,8 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, _interrupted)
     quick = os.environ.get("BENCH_QUICK") == "1"
     only = argv[0] if argv else None
-    if only not in (None, "http", "http-soak", "dashboard-wide", "budgets"):
-        print("usage: python -m bench [http | http-soak | dashboard-wide | budgets]", file=sys.stderr)
+    if only not in (None, "calls", "http", "http-soak", "dashboard-wide", "budgets"):
+        print("usage: python -m bench [calls | http | http-soak | dashboard-wide | budgets]", file=sys.stderr)
         return 2
     # The HTTP bench's own check: it does not import bench.common.
     from bench.common import postgres_available
@@ -73,7 +75,7 @@ def main(argv: list[str]) -> int:
 
         print("budgets on the hot path…", file=sys.stderr)
         rows += budgets.run(backends, calls=500 if quick else 1500)
-    if only is None:
+    if only in (None, "calls"):
         from bench import overhead
         from bench import quota
 
@@ -113,7 +115,7 @@ def _optional_benches(
         return [("HTTP under gunicorn + wrk", lambda: http.run(backends))]
     if only == "http-soak":
         return [("HTTP soak, worker RSS", lambda: http.soak(backends))]
-    if only == "budgets":
+    if only in ("budgets", "calls"):
         return []
     from bench import dashboard
 

@@ -105,11 +105,12 @@ class Prepared:
         if compiled.needs_defaults:
             return _through_sqlalchemy(conn, self.statement, params)
         args = compiled.args(params)
-        if not conn.in_transaction():
-            # What ``conn.execute`` would do (autobegin): without it ``conn.commit()`` would not
-            # reach the driver, and the pool would roll our writes back.
-            conn.begin()
         dbapi_connection = conn.connection.driver_connection
+        if not conn.in_transaction() and not (driver == "psycopg" and dbapi_connection.autocommit):  # type: ignore[union-attr]
+            # What ``conn.execute`` would do (autobegin): without it ``conn.commit()`` would not
+            # reach the driver, and the pool would roll our writes back. (psycopg in autocommit,
+            # as metering's one-statement phases run, has nothing to commit.)
+            conn.begin()
         try:
             if driver == "psycopg":
                 import psycopg
