@@ -46,3 +46,48 @@ def test_the_hold_statement_sets_its_own_commit(make_app, backend, monkeypatch, 
         with db.engine.connect() as conn:
             assert conn.execute(sa.text("SHOW synchronous_commit")).scalar() == "on"
             conn.rollback()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_a_hold_lost_in_a_crash_only_frees_its_quota_early(make_app, backend):
+    """What a crash can undo of an asynchronous hold: its reservation row and the quota it held.
+
+    The call's commit then finds no hold to settle and records the usage all the same, without
+    the idempotency key (a retry may hold it now), as for a commit the sweeper beat.
+    """
+    from flask_ai_metering.models import Counter
+    from flask_ai_metering.models import Reservation
+    from flask_ai_metering.models import Usage
+
+    app, db, meter = make_app()
+    with app.app_context():
+        add_plan(db, slug="basic", token_limit=10_000)
+        meter.subscribe(TEAM, "basic")
+        _metered(meter)  # the period's counter exists: the next hold is the one-statement one
+
+        def crashed_away() -> None:
+            # Undo the hold's transaction, as a crash before its WAL reached the disk would.
+            with db.engine.begin() as conn:
+                held = conn.execute(
+                    sa.select(Reservation.id, Reservation.counter_id).where(Reservation.status == "pending")
+                ).one()
+                conn.execute(sa.delete(Reservation).where(Reservation.id == held.id))
+                conn.execute(
+                    sa.update(Counter)
+                    .where(Counter.id == held.counter_id)
+                    .values(reserved_tokens=Counter.reserved_tokens - 100)
+                )
+
+        meter.call(
+            crashed_away,
+            billable=TEAM,
+            provider="manual",
+            max_tokens=100,
+            usage={"output_tokens": 7},
+            idempotency_key="k-1",
+        )
+        counter = db.session.scalars(sa.select(Counter)).one()
+        assert (counter.used_tokens, counter.reserved_tokens) == (5 + 7, 0)
+        row = db.session.scalars(sa.select(Usage).order_by(Usage.id.desc())).first()
+        assert row.total_tokens == 7
+        assert row.idempotency_key is None
