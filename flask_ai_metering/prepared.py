@@ -51,7 +51,7 @@ class _Compiled:
         self.processors = [binds[name].type._cached_bind_processor(dialect) for name in self.names]
         columns = self.compiled._result_columns
         self.types = [column[3] for column in columns]
-        self.row = collections.namedtuple("Row", [column[0] for column in columns], rename=True)  # type: ignore[misc]
+        self.row: t.Any = collections.namedtuple("Row", [column[0] for column in columns], rename=True)  # type: ignore[misc]
         #: The result processors, from the first execution's column type codes (as SQLAlchemy does).
         self.results: list[t.Any] | None = None
 
@@ -115,7 +115,7 @@ class Prepared:
             if driver == "psycopg":
                 import psycopg
 
-                with psycopg.RawCursor(dbapi_connection) as cursor:
+                with psycopg.RawCursor(t.cast(psycopg.Connection[t.Any], dbapi_connection)) as cursor:
                     cursor.execute(compiled.text, args)
                     # The result's own column count and types: psycopg's ``description`` builds
                     # a Column object per column on every access.
