@@ -52,8 +52,9 @@ def test_the_hold_statement_sets_its_own_commit(make_app, backend, monkeypatch, 
 def test_a_hold_lost_in_a_crash_only_frees_its_quota_early(make_app, backend):
     """What a crash can undo of an asynchronous hold: its reservation row and the quota it held.
 
-    The call's commit then finds no hold to settle and records the usage all the same, without
-    the idempotency key (a retry may hold it now), as for a commit the sweeper beat.
+    The call's commit then finds no hold to settle and records the usage all the same, the
+    idempotency key moved to the row's meta (a retry may hold it now), as for a commit the
+    sweeper beat.
     """
     from flask_ai_metering.models import Counter
     from flask_ai_metering.models import Reservation
@@ -90,4 +91,4 @@ def test_a_hold_lost_in_a_crash_only_frees_its_quota_early(make_app, backend):
         assert (counter.used_tokens, counter.reserved_tokens) == (5 + 7, 0)
         row = db.session.scalars(sa.select(Usage).order_by(Usage.id.desc())).first()
         assert row.total_tokens == 7
-        assert row.idempotency_key is None
+        assert row.idempotency_key is None and row.meta["released_idempotency_key"] == "k-1"

@@ -94,10 +94,10 @@ def test_concurrent_commits_on_one_counter_share_statements_and_each_gets_its_ow
     assert reconcile(meter.runtime()) == []
 
 
-def _pending_commit(meter: t.Any, tokens: int) -> group_commit._Commit:
+def _pending_commit(meter: t.Any, tokens: int, key: str | None = None) -> group_commit._Commit:
     """A reserved call and the commit it would write, built as the pipeline builds it."""
     rt = meter.runtime()
-    spec = CallSpec(billable=TEAM, provider="manual", max_tokens=100)
+    spec = CallSpec(billable=TEAM, provider="manual", max_tokens=100, idempotency_key=key)
     hold = holds.reserve(rt, spec)
     assert isinstance(hold, Hold)
     at = utcnow()
@@ -126,7 +126,7 @@ def test_a_refused_group_writes_each_commit_alone(pg_app):
 
 def test_a_group_mixing_won_and_expired_holds_returns_each_hold_once(pg_app):
     app, db, meter = pg_app
-    first, second = _pending_commit(meter, 30), _pending_commit(meter, 40)
+    first, second = _pending_commit(meter, 30, key="k-first"), _pending_commit(meter, 40)
     later = utcnow().replace(year=utcnow().year + 1)
     # The sweeper expires both (returning both holds), then one more hold is taken.
     assert meter.expire_reservations(now=later) == 2
@@ -138,6 +138,9 @@ def test_a_group_mixing_won_and_expired_holds_returns_each_hold_once(pg_app):
     assert len(set(usage_ids.values())) == 3
     assert (state.used_tokens, state.reserved_tokens) == (120, 0)
     assert reconcile(meter.runtime()) == []
+    # The expired hold's key was freed for a retry: its row keeps it in meta, as the portable path does.
+    row = db.session.get(Usage, usage_ids[first.true_up.reservation_id])
+    assert row.idempotency_key is None and row.meta["released_idempotency_key"] == "k-first"
 
 
 def _requests(*sizes: tuple[int, int]) -> list[postgres.HoldRequest]:

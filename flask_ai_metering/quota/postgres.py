@@ -377,10 +377,28 @@ def _commit_parts() -> tuple[sa.Exists, sa.CTE, sa.CTE]:
     won = sa.exists(sa.select(settled.c.id))
     counter = _true_up(won)
     values: dict[str, t.Any] = {c.name: _param(c, "u_" + c.name) for c in usage_table.c if c.name != "id"}
-    # A commit that lost to the sweeper lost its key too (a retry may hold it now).
-    values["idempotency_key"] = sa.case((won, values["idempotency_key"]), else_=sa.null())
+    values.update(_released_key(won, values["idempotency_key"], values["meta"]))
     ledger = sa.insert(usage_table).values(values).returning(usage_table.c.id).cte("recorded")
     return won, counter, ledger
+
+
+def _released_key(
+    won: sa.ColumnElement[bool], key: sa.ColumnElement[t.Any], meta: sa.ColumnElement[t.Any]
+) -> dict[str, sa.ColumnElement[t.Any]]:
+    """The ledger row's key and meta: a commit that lost its hold lost its key too.
+
+    The sweeper expired the hold first (or a database crash undid it): a retry may hold the
+    key now, so the row is recorded without it, the key kept in ``meta`` for the audit, as
+    :func:`~flask_ai_metering.metering.ledger.released_key` does on the portable path.
+    """
+    kept = sa.or_(won, key.is_(None))
+    empty = sa.cast(sa.literal_column("'{}'"), JSONB)
+    note = sa.func.jsonb_build_object(sa.literal_column("'released_idempotency_key'"), key)
+    noted = sa.cast(sa.func.coalesce(sa.cast(meta, JSONB), empty).op("||")(note), usage_table.c.meta.type)
+    return {
+        "idempotency_key": sa.case((won, key), else_=sa.null()),
+        "meta": sa.case((kept, meta), else_=noted),
+    }
 
 
 @functools.lru_cache(maxsize=1)
@@ -447,10 +465,8 @@ def _commit_many_statement() -> t.Any:
         .returning(*quota.USED_COLUMNS)
         .cte("counted")
     )
-    values: list[sa.ColumnElement[t.Any]] = [rows.c[c.name] for c in _LEDGER_COLUMNS]
-    for i, column in enumerate(_LEDGER_COLUMNS):
-        if column is usage_table.c.idempotency_key:
-            values[i] = sa.case((won, values[i]), else_=sa.null())  # as in _commit_statement
+    released = _released_key(won, rows.c.idempotency_key, rows.c.meta)
+    values: list[sa.ColumnElement[t.Any]] = [released.get(c.name, rows.c[c.name]) for c in _LEDGER_COLUMNS]
     ledger = (
         sa.insert(usage_table)
         .from_select([c.name for c in _LEDGER_COLUMNS], sa.select(*values))
