@@ -338,8 +338,8 @@ def try_reserve(
 
 
 _INSERT_RESERVATION = sa.insert(reservations)
-_RESERVATION_VALUES = (
-    "counter_id",
+#: What every hold writes into its reservation row (PostgreSQL's one-statement hold binds these).
+RESERVATION_COLUMNS = (
     "billable_type",
     "billable_id",
     "idempotency_key",
@@ -348,11 +348,10 @@ _RESERVATION_VALUES = (
     "tokens",
     "cost_units",
     "credit_units",
-    "wallet_id",
     "expires_at",
     "created_at",
-    "budget_counter_ids",
 )
+_RESERVATION_VALUES = ("counter_id", *RESERVATION_COLUMNS, "wallet_id", "budget_counter_ids")
 #: Every column given: nothing is left to a Python-side default, so the statement is prepared whole.
 _INSERT_RESERVATION_RETURNING = Prepared(
     sa.insert(reservations)

@@ -45,18 +45,7 @@ counters = quota.counters
 reservations = quota.reservations
 usage_table = table(UsageRow)
 
-_RESERVATION_COLUMNS = (
-    "billable_type",
-    "billable_id",
-    "idempotency_key",
-    "idempotency_scope",
-    "status",
-    "tokens",
-    "cost_units",
-    "credit_units",
-    "expires_at",
-    "created_at",
-)
+_RESERVATION_COLUMNS = quota.RESERVATION_COLUMNS
 #: The reservation columns' bind parameters: short names keep the one-statement reserve under
 #: psycopg's 4 KiB statement cache limit.
 _R = {name: f"r{i}" for i, name in enumerate(_RESERVATION_COLUMNS)}
