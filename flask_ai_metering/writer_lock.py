@@ -50,14 +50,14 @@ class WriterLock:
         #: The process that opened ``_fd``: a forked child (gunicorn's workers) opens its own,
         #: since an inherited descriptor would share the parent's lock instead of waiting for it.
         self._pid = 0
+        #: This process holds the file lock (set and read by the owning thread only).
+        self._locked = False
 
     def __enter__(self) -> WriterLock:
         self._threads.acquire()
         if self._depth == 0 and self.path is not None:
             try:
-                fd = self._descriptor()
-                if fd is not None:
-                    fcntl.flock(fd, fcntl.LOCK_EX)
+                self._locked = self._flock()
             except BaseException:
                 self._threads.release()
                 raise
@@ -67,10 +67,24 @@ class WriterLock:
     def __exit__(self, *exc: object) -> None:
         self._depth -= 1
         try:
-            if self._depth == 0 and self._fd is not None and self._pid == os.getpid():
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            if self._depth == 0 and self._locked:
+                self._locked = False
+                fcntl.flock(t.cast(int, self._fd), fcntl.LOCK_UN)
         finally:
             self._threads.release()
+
+    def _flock(self) -> bool:
+        """Take the file lock; False (and the thread lock alone from now on) where it cannot be had."""
+        fd = self._descriptor()
+        if fd is None:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as error:  # e.g. ENOLCK on a file system without flock
+            log.warning("cannot lock %s (%s): writers of other processes wait in SQLite", self.path, error)
+            self.path = None
+            return False
+        return True
 
     def _descriptor(self) -> int | None:
         if self._fd is not None and self._pid == os.getpid():

@@ -118,3 +118,23 @@ def test_a_forked_worker_waits_for_its_parent(tmp_path):
         os.waitpid(pid, 0)
         for fd in (go_read, go_write, in_read, in_write):
             os.close(fd)
+
+
+def test_a_file_system_without_flock_falls_back_to_the_thread_lock(tmp_path, monkeypatch, caplog):
+    """``flock`` refused (ENOLCK on some network file systems): metering goes on, said once in the log."""
+    import errno
+
+    from flask_ai_metering import writer_lock as module
+
+    def refuse(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(module.fcntl, "flock", refuse)
+    lock = WriterLock(str(tmp_path / "db.sqlite") + SUFFIX)
+    with caplog.at_level("WARNING", logger="flask_ai_metering"):
+        with lock:
+            pass
+        with lock:
+            pass
+    assert lock.path is None
+    assert len([r for r in caplog.records if "cannot lock" in r.message]) == 1
