@@ -36,6 +36,7 @@ from ..models import utcnow
 from ..money import from_units
 from ..money import parse_money
 from ..money import to_units
+from ..prepared import Prepared
 from .engine import LimitCheck
 from .engine import percent
 from .periods import Period
@@ -219,14 +220,14 @@ def matching_params(
     return {"k_type": billable[0], "k_id": billable[1], "b_user": user_id, "b_feature": feature, "b_model": model}
 
 
-_MATCHING = sa.select(budgets).where(matching_clause()).order_by(budgets.c.id)
+_MATCHING = Prepared(sa.select(budgets).where(matching_clause()).order_by(budgets.c.id))
 
 
 def matching(
     conn: sa.Connection, billable: Billable, user_id: str | None, feature: str | None, model: str | None
 ) -> list[Terms]:
     """The live budgets a call holds on, in id order (the order every hold locks them in)."""
-    return [Terms.of(row) for row in conn.execute(_MATCHING, matching_params(billable, user_id, feature, model))]
+    return [Terms.of(row) for row in _MATCHING.execute(conn, matching_params(billable, user_id, feature, model))]
 
 
 class TermsCache:
@@ -283,6 +284,11 @@ def hold_values(c: sa.FromClause = budget_counters) -> dict[str, sa.ColumnElemen
 
 
 @functools.cache
+def _hold_returning(zero_tokens: bool) -> Prepared:
+    return Prepared(_hold_statement(zero_tokens, True))
+
+
+@functools.cache
 def _hold_statement(zero_tokens: bool, returning: bool) -> t.Any:
     statement = (
         sa.update(budget_counters)
@@ -307,8 +313,8 @@ def _try_hold(
 ) -> int | None:
     params = {"bid": budget_id, "start": start, "n": tokens, "c": cost}
     if store.engine.dialect.update_returning:
-        row = conn.execute(_hold_statement(tokens == 0, True), params).first()
-        return None if row is None else int(row[0])
+        rows = _hold_returning(tokens == 0).execute(conn, params)
+        return int(rows[0][0]) if rows else None
     if conn.execute(_hold_statement(tokens == 0, False), params).rowcount != 1:
         return None
     return int(conn.execute(_COUNTER_ID, params).scalar_one())

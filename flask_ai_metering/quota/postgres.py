@@ -733,8 +733,13 @@ def commit_budgeted(
         **{"u_" + name: value for name, value in values.items()},
         "bids": [counter_id for counter_id, _ in held],
     }
-    row = conn.execute(_commit_budgeted_statement(), params).one()
+    (row,) = _commit_budgeted_raw().execute(conn, params)
     terms = dict(held)
     states = [[state[name] for name in budgets.COUNTER_COLUMNS] for state in row.budget_counters or []]
     standings = [budgets.standing_of(state, terms[int(state[0])]) for state in states]
     return int(row.id), quota.CounterState.of(row[:5]), standings
+
+
+@functools.cache
+def _commit_budgeted_raw() -> Prepared:
+    return Prepared(_commit_budgeted_statement())
