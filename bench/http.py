@@ -14,7 +14,10 @@ same run, each of these is served by its own gunicorn (``bench/http_app.py``):
   ``AiMetering`` has ``instrument`` (skipped, and said so, until then).
 
 Each figure is the best of ``BENCH_HTTP_ROUNDS`` wrk runs of
-``BENCH_HTTP_SECONDS`` after a one-second warm-up. ``BENCH_HTTP_MODES`` (``sync``,
+``BENCH_HTTP_SECONDS`` after a one-second warm-up. Beside req/s each row gives the CPU time per
+request, over all rounds, of the gunicorn workers (``worker_cpu_ms``) and of the store the
+route talks to (``store_cpu_ms``: redis-server for Flask-Limiter on Redis, the bench
+database's PostgreSQL backends; SQLite runs inside the workers). ``BENCH_HTTP_MODES`` (``sync``,
 ``threads``) and ``BENCH_HTTP_ROUTES`` (e.g. ``quota,metered``) narrow a run. p50/p99 are wrk's latency
 percentiles. The soak (``python -m bench http-soak``, or ``BENCH_HTTP_SOAK=1``
 with ``python -m bench http``) sends ``BENCH_HTTP_SOAK_REQUESTS`` (100,000) to
@@ -252,12 +255,64 @@ def wrk(port: int, seconds: float) -> dict[str, t.Any]:
     }
 
 
-def measure(port: int, seconds: float, rounds: int) -> dict[str, t.Any]:
-    """Best of ``rounds`` wrk runs (by req/s) after a one-second warm-up."""
+def measure(
+    port: int, seconds: float, rounds: int, workers: t.Sequence[int] = (), store: t.Callable[[], list[int]] = list
+) -> dict[str, t.Any]:
+    """Best of ``rounds`` wrk runs (by req/s) after a one-second warm-up.
+
+    Also the CPU time per request, over all rounds, of the gunicorn ``workers`` and of the
+    ``store``'s processes (Redis, or the bench database's PostgreSQL backends): on 2 shared
+    cores a route is as fast as its total CPU per request, and this says where it goes.
+    """
     wrk(port, 1)
+    store_pids = store()
+    worker_cpu, store_cpu = cpu_seconds(workers), cpu_seconds(store_pids)
     runs = [wrk(port, seconds) for _ in range(rounds)]
+    requests = sum(r["requests"] for r in runs) or 1
     best = max(runs, key=lambda r: r["req_per_s"])
-    return {**best, "errors": sum(r["errors"] for r in runs)}
+    return {
+        **best,
+        "errors": sum(r["errors"] for r in runs),
+        "worker_cpu_ms": (cpu_seconds(workers) - worker_cpu) / requests * 1000,
+        "store_cpu_ms": (cpu_seconds(store_pids) - store_cpu) / requests * 1000 if store_pids else None,
+    }
+
+
+def cpu_seconds(pids: t.Iterable[int]) -> float:
+    """User + system CPU seconds the processes have used (those that still run)."""
+    ticks = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def redis_pids() -> list[int]:
+    """The local redis-server processes (the Flask-Limiter baseline's store)."""
+    pids = []
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        with contextlib.suppress(OSError):
+            if comm.read_text().strip() == "redis-server":
+                pids.append(int(comm.parent.name))
+    return pids
+
+
+def postgres_backends(url: str) -> t.Callable[[], list[int]]:
+    """The PostgreSQL backends serving the bench database (read after the warm-up, when the pools are full)."""
+
+    def pids() -> list[int]:
+        engine = sa.create_engine(url)
+        try:
+            with engine.connect() as conn:
+                query = (
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+                return [int(pid) for pid in conn.exec_driver_sql(query).scalars()]
+        finally:
+            engine.dispose()
+
+    return pids
 
 
 # -- the benches -------------------------------------------------------------------------------
@@ -322,8 +377,15 @@ def run(backends: list[str], seconds: float | None = None, rounds: int | None = 
             ]
             for backend, route, env in plan:
                 print(f"  http {label}: {route} {backend}", file=sys.stderr)
-                with gunicorn(route, extra, threads, env) as (port, _):
-                    result = measure(port, seconds, rounds)
+                store = (
+                    postgres_backends(urls[backend])
+                    if backend == "postgresql"
+                    else redis_pids
+                    if route == "limiter-redis"
+                    else list
+                )
+                with gunicorn(route, extra, threads, env) as (port, master):
+                    result = measure(port, seconds, rounds, worker_pids(master), store)
                 group.append(
                     {
                         "bench": bench,
@@ -333,6 +395,8 @@ def run(backends: list[str], seconds: float | None = None, rounds: int | None = 
                         "p50_ms": round(result["p50_ms"], 2),
                         "p99_ms": round(result["p99_ms"], 2),
                         "errors": result["errors"],
+                        "worker_cpu_ms": round(result["worker_cpu_ms"], 3),
+                        "store_cpu_ms": "" if result["store_cpu_ms"] is None else round(result["store_cpu_ms"], 3),
                     }
                 )
             base = next((r["req_per_s"] for r in group if r["route"] == BASELINE), None)
