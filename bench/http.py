@@ -298,6 +298,13 @@ def redis_pids() -> list[int]:
     return pids
 
 
+def _store(backend: str, route: str, urls: dict[str, str]) -> t.Callable[[], list[int]]:
+    """The processes of the store a route talks to, whose CPU the row reports (none for SQLite)."""
+    if backend == "postgresql":
+        return postgres_backends(urls[backend])
+    return redis_pids if route == "limiter-redis" else list
+
+
 def postgres_backends(url: str) -> t.Callable[[], list[int]]:
     """The PostgreSQL backends serving the bench database (read after the warm-up, when the pools are full)."""
 
@@ -377,13 +384,7 @@ def run(backends: list[str], seconds: float | None = None, rounds: int | None = 
             ]
             for backend, route, env in plan:
                 print(f"  http {label}: {route} {backend}", file=sys.stderr)
-                store = (
-                    postgres_backends(urls[backend])
-                    if backend == "postgresql"
-                    else redis_pids
-                    if route == "limiter-redis"
-                    else list
-                )
+                store = _store(backend, route, urls)
                 with gunicorn(route, extra, threads, env) as (port, master):
                     result = measure(port, seconds, rounds, worker_pids(master), store)
                 group.append(

@@ -94,8 +94,7 @@ class Prepared:
 
     def _run(self, conn: sa.Connection, params: t.Mapping[str, t.Any]) -> tuple[list[t.Any], int]:
         driver = conn.dialect.driver
-        engine = conn.engine
-        if driver not in ("psycopg", "pysqlite") or _traced(engine):
+        if driver not in ("psycopg", "pysqlite") or _traced(conn.engine):
             return _through_sqlalchemy(conn, self.statement, params)
         compiled = self._compiled.get(driver)
         if compiled is None:
@@ -143,14 +142,35 @@ class Prepared:
             ) from error
 
 
+class PreparedInsert:
+    """An ``INSERT`` of one row that names every column it writes, returning the row's id.
+
+    Every column is bound, so no Python-side default is left for SQLAlchemy to fill in and
+    the statement is prepared whole; where the dialect has no ``INSERT … RETURNING``
+    (MySQL), ``conn.execute`` reads the id back as usual.
+    """
+
+    def __init__(self, table: sa.Table, columns: t.Iterable[str]) -> None:
+        self.plain = sa.insert(table)
+        values = {name: sa.bindparam(name, type_=table.c[name].type) for name in columns}
+        self.returning = Prepared(sa.insert(table).values(values).returning(*table.primary_key.columns))
+
+    def id(self, conn: sa.Connection, values: t.Mapping[str, t.Any]) -> int:
+        """Insert ``values`` (every column named) and return the new row's primary key."""
+        if conn.dialect.insert_returning:
+            return int(self.returning.execute(conn, values)[0][0])
+        result = conn.execute(self.plain, values)
+        return int(result.inserted_primary_key[0])  # type: ignore[index]
+
+
 def _through_sqlalchemy(
     conn: sa.Connection, statement: t.Any, params: t.Mapping[str, t.Any]
 ) -> tuple[list[t.Any], int]:
     result = conn.execute(statement, params)
-    if not isinstance(result, sa.CursorResult):  # a result someone wrapped (a test's replay)
-        rows = list(result.all())
-        return rows, len(rows)
-    return (list(result.all()) if result.returns_rows else []), result.rowcount
+    if isinstance(result, sa.CursorResult) and not result.returns_rows:
+        return [], result.rowcount
+    rows = list(result.all())
+    return rows, len(rows)
 
 
 def _type_codes(result: t.Any) -> list[int]:

@@ -371,6 +371,6 @@ def test_the_budgeted_commit_fits_psycopgs_statement_cache() -> None:
 
     from flask_ai_metering.quota import postgres
 
-    text = postgres._commit_budgeted_statement().compile(dialect=dialect_module.dialect()).string
+    text = postgres._commit_budgeted_statement().statement.compile(dialect=dialect_module.dialect()).string
     assert len(text) <= _queries.MAX_CACHED_STATEMENT_LENGTH
     assert len(set(re.findall(r"%\((\w+)\)s", text))) <= _queries.MAX_CACHED_STATEMENT_PARAMS

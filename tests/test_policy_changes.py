@@ -212,8 +212,8 @@ def test_the_one_statement_phases_fit_psycopgs_statement_cache(backend: str) -> 
     from flask_ai_metering.quota import postgres
 
     dialect = dialect_module.dialect()
-    shapes = [postgres._pinned_statement(*flags) for flags in itertools.product([True, False], repeat=4)]
-    shapes += [postgres._commit_statement(), postgres._queued_statement()]
+    shapes = [postgres._pinned_statement(*flags).statement for flags in itertools.product([True, False], repeat=4)]
+    shapes += [postgres._commit_statement().statement, postgres._queued_statement()]
     for statement in shapes:
         compiled = statement.compile(dialect=dialect)
         assert len(compiled.string) <= _queries.MAX_CACHED_STATEMENT_LENGTH

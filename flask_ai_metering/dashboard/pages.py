@@ -154,7 +154,7 @@ def summarize(
             cached_limit=cached,
         )
         out.by_day = one.by_day
-        out.totals = _sum(out.by_day.values())
+        out.totals = Totals.sum(out.by_day.values())
         for name in keys:
             setattr(out, f"by_{name}", Ranking(one.rankings[name], out.totals))
         out.top_billables = one.billables
@@ -166,7 +166,7 @@ def summarize(
         out.billable_days = one.billable_days
     else:
         out.by_day = {day: totals for (day, _), totals in queries.daily(conn, f, use_rollups=use_rollups).items()}
-        out.totals = _sum(out.by_day.values())
+        out.totals = Totals.sum(out.by_day.values())
         for name in keys:
             top = queries.ranking(conn, f, name, use_rollups=use_rollups, limit=TOP_N + 1)
             setattr(out, f"by_{name}", Ranking(top, out.totals))
@@ -181,13 +181,6 @@ def summarize(
     elif names:
         cells = queries.daily(conn, f, use_rollups=use_rollups, key=group, names=names)
         out.by_day_group = {key: totals.cost_units for key, totals in cells.items()}
-    return out
-
-
-def _sum(parts: t.Iterable[Totals]) -> Totals:
-    out = Totals()
-    for part in parts:
-        out.add(part)
     return out
 
 

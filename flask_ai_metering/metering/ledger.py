@@ -20,7 +20,7 @@ from ..models import Reservation
 from ..models import Usage as UsageRow
 from ..models import table
 from ..models import utcnow
-from ..prepared import Prepared
+from ..prepared import PreparedInsert
 from .spec import Replay
 from .usage import PricedUsage
 
@@ -37,13 +37,8 @@ reservations = table(Reservation)
 _MONEY_FIELDS = ("input_cost", "output_cost", "total_cost")
 #: The longest model name the ledger stores.
 _MODEL_LENGTH: int = getattr(usage_table.c.model.type, "length", None) or 150
-_INSERT_USAGE = sa.insert(usage_table)
-#: Every column bound (:func:`usage_values` gives them all), so no Python-side default is left out.
-_INSERT_USAGE_RETURNING = Prepared(
-    sa.insert(usage_table)
-    .values({c.name: sa.bindparam(c.name, type_=c.type) for c in usage_table.c if c.name != "id"})
-    .returning(usage_table.c.id)
-)
+#: :func:`usage_values` gives every column.
+_INSERT_USAGE = PreparedInsert(usage_table, [c.name for c in usage_table.c if c.name != "id"])
 
 
 def usage_values(
@@ -98,11 +93,7 @@ def normalised_model(model: str | None) -> str | None:
 
 def insert_usage(conn: sa.Connection, values: dict[str, t.Any]) -> int:
     """Write one ledger row; return its id."""
-    row = {**values, "created_at": utcnow()}
-    if conn.dialect.insert_returning:
-        return int(_INSERT_USAGE_RETURNING.execute(conn, row)[0][0])
-    result = conn.execute(_INSERT_USAGE, row)
-    return int(result.inserted_primary_key[0])  # type: ignore[index]
+    return _INSERT_USAGE.id(conn, {**values, "created_at": utcnow()})
 
 
 def released_key(values: dict[str, t.Any]) -> dict[str, t.Any]:

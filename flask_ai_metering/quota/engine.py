@@ -28,6 +28,7 @@ from ..models import Reservation
 from ..models import table
 from ..money import from_units
 from ..prepared import Prepared
+from ..prepared import PreparedInsert
 from .policy import Billable
 from .policy import Policy
 
@@ -337,7 +338,6 @@ def try_reserve(
     return int(conn.execute(_COUNTER_ID, key_params(policy)).scalar_one())
 
 
-_INSERT_RESERVATION = sa.insert(reservations)
 #: What every hold writes into its reservation row (PostgreSQL's one-statement hold binds these).
 RESERVATION_COLUMNS = (
     "billable_type",
@@ -351,12 +351,8 @@ RESERVATION_COLUMNS = (
     "expires_at",
     "created_at",
 )
-_RESERVATION_VALUES = ("counter_id", *RESERVATION_COLUMNS, "wallet_id", "budget_counter_ids")
-#: Every column given: nothing is left to a Python-side default, so the statement is prepared whole.
-_INSERT_RESERVATION_RETURNING = Prepared(
-    sa.insert(reservations)
-    .values({name: sa.bindparam(name, type_=reservations.c[name].type) for name in _RESERVATION_VALUES})
-    .returning(reservations.c.id)
+_INSERT_RESERVATION = PreparedInsert(
+    reservations, ("counter_id", *RESERVATION_COLUMNS, "wallet_id", "budget_counter_ids")
 )
 
 
@@ -391,10 +387,7 @@ def add_reservation(
         "created_at": now,
         "budget_counter_ids": budget_counter_ids or None,
     }
-    if conn.dialect.insert_returning:
-        return int(_INSERT_RESERVATION_RETURNING.execute(conn, values)[0][0])
-    result = conn.execute(_INSERT_RESERVATION, values)
-    return int(result.inserted_primary_key[0])  # type: ignore[index]
+    return _INSERT_RESERVATION.id(conn, values)
 
 
 @dataclasses.dataclass(frozen=True)

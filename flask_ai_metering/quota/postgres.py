@@ -138,7 +138,7 @@ def _policy_and_counter() -> tuple[sa.CTE, sa.Alias]:
 
 
 @functools.cache
-def _pinned_statement(enforce: bool, zero_tokens: bool, mode_from_plan: bool, feature: bool) -> t.Any:
+def _pinned_statement(enforce: bool, zero_tokens: bool, mode_from_plan: bool, feature: bool) -> Prepared:
     """The policy read and the reservation together, against the counter a recent read selected.
 
     The policy CTE is :data:`~flask_ai_metering.quota.policy.POLICY_QUERY` itself, so the
@@ -163,8 +163,8 @@ def _pinned_statement(enforce: bool, zero_tokens: bool, mode_from_plan: bool, fe
         .cte("held")
     )
     terms = (pol.c[name] for name in TERMS)
-    return sa.select(held.c.reservation_id, held.c.counter_id, *terms, ASYNC_COMMIT).select_from(
-        held.join(pol, sa.true())
+    return Prepared(
+        sa.select(held.c.reservation_id, held.c.counter_id, *terms, ASYNC_COMMIT).select_from(held.join(pol, sa.true()))
     )
 
 
@@ -183,20 +183,10 @@ def reserve_pinned(
     Returns the row (``reservation_id``, ``counter_id`` and the policy's :data:`TERMS`), or
     None when nothing was written: the caller then reads the policy and tries again.
     """
-    params = {
-        **_pinned_params(recent, request.created_at, feature),
-        **_reservation_params(recent.billable, request),
-        "n": request.tokens,
-        "c": request.cost_units,
-    }
-    statement = _pinned_raw(enforce, request.tokens == 0, mode_from_plan, feature is not None)
+    params = _hold_params(recent, request, feature)
+    statement = _pinned_statement(enforce, request.tokens == 0, mode_from_plan, feature is not None)
     rows = statement.execute(conn, params)
     return rows[0] if rows else None
-
-
-@functools.cache
-def _pinned_raw(enforce: bool, zero_tokens: bool, mode_from_plan: bool, feature: bool) -> Prepared:
-    return Prepared(_pinned_statement(enforce, zero_tokens, mode_from_plan, feature))
 
 
 @functools.cache
@@ -300,6 +290,16 @@ def reserve_pinned_many(
     ]
 
 
+def _hold_params(recent: Policy, request: HoldRequest, feature: str | None) -> dict[str, t.Any]:
+    """One call's one-statement hold: the remembered policy's checks, its reservation row, its size."""
+    return {
+        **_pinned_params(recent, request.created_at, feature),
+        **_reservation_params(recent.billable, request),
+        "n": request.tokens,
+        "c": request.cost_units,
+    }
+
+
 def _reservation_params(billable: tuple[str, str], request: HoldRequest) -> dict[str, t.Any]:
     values = {
         "billable_type": billable[0],
@@ -391,10 +391,10 @@ def _released_key(
 
 
 @functools.lru_cache(maxsize=1)
-def _commit_statement() -> t.Any:
+def _commit_statement() -> Prepared:
     _, counter, ledger = _commit_parts()
     # Both CTEs return exactly one row: joining them on TRUE reads both in one result.
-    return sa.select(*counter.c, ledger.c.id).select_from(counter.join(ledger, sa.true()))
+    return Prepared(sa.select(*counter.c, ledger.c.id).select_from(counter.join(ledger, sa.true())))
 
 
 def commit(conn: sa.Connection, true_up: TrueUp, values: dict[str, t.Any]) -> tuple[int, quota.CounterState]:
@@ -404,13 +404,8 @@ def commit(conn: sa.Connection, true_up: TrueUp, values: dict[str, t.Any]) -> tu
     (the sweeper did), but the usage is still added and recorded.
     """
     params = {**true_up.params(), **{"u_" + name: value for name, value in values.items()}}
-    (row,) = _commit_raw().execute(conn, params)
-    return int(row.id), quota.CounterState.of([getattr(row, c.name) for c in quota.USED_COLUMNS])
-
-
-@functools.cache
-def _commit_raw() -> Prepared:
-    return Prepared(_commit_statement())
+    (row,) = _commit_statement().execute(conn, params)
+    return int(row.id), quota.CounterState.of(row[:5])
 
 
 _LEDGER_COLUMNS = [c for c in usage_table.c if c.name != "id"]
@@ -542,7 +537,7 @@ def _fresh_admits(bud: sa.CTE, zero_tokens: bool) -> sa.ColumnElement[bool]:
 
 
 @functools.cache
-def _budgeted_statement(enforce: bool, zero_tokens: bool, mode_from_plan: bool, feature: bool) -> t.Any:
+def _budgeted_statement(enforce: bool, zero_tokens: bool, mode_from_plan: bool, feature: bool) -> Prepared:
     """:func:`_pinned_statement` that also holds on every budget matching the call, all or none.
 
     Each matching budget's counter of its period is created or updated by one
@@ -620,13 +615,15 @@ def _budgeted_statement(enforce: bool, zero_tokens: bool, mode_from_plan: bool, 
     guard = sa.literal(1) / sa.case((whole, 1), else_=0)
     pairs = sa.select(sa.func.json_agg(sa.func.json_build_array(bheld.c.id, bheld.c.budget_id))).scalar_subquery()
     terms = (pol.c[name] for name in TERMS)
-    return sa.select(
-        held.c.reservation_id,
-        held.c.counter_id,
-        pairs.label("budget_counters"),
-        *terms,
-        guard.label("whole"),
-    ).select_from(pol.outerjoin(held, sa.true()))
+    return Prepared(
+        sa.select(
+            held.c.reservation_id,
+            held.c.counter_id,
+            pairs.label("budget_counters"),
+            *terms,
+            guard.label("whole"),
+        ).select_from(pol.outerjoin(held, sa.true()))
+    )
 
 
 #: A new budget counter's columns that start at zero (given, so no Python default is bound as NULL).
@@ -661,14 +658,11 @@ def reserve_budgeted(
     """
     bounds = budgets.period_bounds(request.created_at, timezone)
     params = {
-        **_pinned_params(recent, request.created_at, feature),
-        **_reservation_params(recent.billable, request),
+        **_hold_params(recent, request, feature),
         **budgets.matching_params(recent.billable, user_id, feature, model),
         **{f"p_bounds_{i}": [bounds[name][i] for name in budgets.PERIODS] for i in (0, 1)},
-        "n": request.tokens,
-        "c": request.cost_units,
     }
-    statement = _budgeted_raw(enforce, request.tokens == 0, mode_from_plan, feature is not None)
+    statement = _budgeted_statement(enforce, request.tokens == 0, mode_from_plan, feature is not None)
     try:  # in autocommit: a statement that fails leaves nothing behind
         rows = statement.execute(conn, params)
     except sa_exc.DBAPIError as error:
@@ -678,18 +672,13 @@ def reserve_budgeted(
     return None if not rows or rows[0].reservation_id is None else rows[0]
 
 
-@functools.cache
-def _budgeted_raw(enforce: bool, zero_tokens: bool, mode_from_plan: bool, feature: bool) -> Prepared:
-    return Prepared(_budgeted_statement(enforce, zero_tokens, mode_from_plan, feature))
-
-
 #: A budget refused the hold the plan's counter took (the guard's division by zero), or
 #: PostgreSQL broke a deadlock: the statement wrote nothing, and the portable path decides.
 _NOTHING_WRITTEN = {"22012", "40P01"}
 
 
 @functools.lru_cache(maxsize=1)
-def _commit_budgeted_statement() -> t.Any:
+def _commit_budgeted_statement() -> Prepared:
     """:func:`_commit_statement` that also trues up the budget counters the hold was on.
 
     Their rows come back as one JSON array (``json_agg``), beside the plan counter's amounts.
@@ -716,8 +705,8 @@ def _commit_budgeted_statement() -> t.Any:
         .cte("bu")
     )
     states = sa.select(sa.func.json_agg(sa.literal_column("bu"))).select_from(counted).scalar_subquery()
-    return sa.select(*counter.c, ledger.c.id, states.label("budget_counters")).select_from(
-        counter.join(ledger, sa.true())
+    return Prepared(
+        sa.select(*counter.c, ledger.c.id, states.label("budget_counters")).select_from(counter.join(ledger, sa.true()))
     )
 
 
@@ -733,13 +722,8 @@ def commit_budgeted(
         **{"u_" + name: value for name, value in values.items()},
         "bids": [counter_id for counter_id, _ in held],
     }
-    (row,) = _commit_budgeted_raw().execute(conn, params)
+    (row,) = _commit_budgeted_statement().execute(conn, params)
     terms = dict(held)
     states = [[state[name] for name in budgets.COUNTER_COLUMNS] for state in row.budget_counters or []]
     standings = [budgets.standing_of(state, terms[int(state[0])]) for state in states]
     return int(row.id), quota.CounterState.of(row[:5]), standings
-
-
-@functools.cache
-def _commit_budgeted_raw() -> Prepared:
-    return Prepared(_commit_budgeted_statement())

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import functools
 import typing as t
 import weakref
 
@@ -37,20 +36,13 @@ _COUNTER = sa.alias(engine.counters, "sc")
 _POLICY = POLICY_QUERY.subquery("sp")
 
 #: The policy row and, beside it, the counter the remembered key selects (NULLs when none).
-_STANDING = sa.select(
-    _POLICY,
-    _COUNTER.c.id.label("counter_id"),
-    *(c.label("counter_" + c.name) for c in (_COUNTER.c[col.name] for col in engine.USED_COLUMNS)),
-).select_from(_POLICY.outerjoin(_COUNTER, engine.key_clause(_COUNTER)))
-
-_COUNTER_NAMES = tuple("counter_" + c.name for c in engine.USED_COLUMNS)
-
-
-@functools.cache
-def _standing() -> Prepared:
-    """:data:`_STANDING` as the guard sends it: on every guarded request, past SQLAlchemy's execution."""
-    return Prepared(_STANDING)
-
+_STANDING = Prepared(
+    sa.select(
+        _POLICY,
+        _COUNTER.c.id.label("counter_id"),
+        *(c.label("counter_" + c.name) for c in (_COUNTER.c[col.name] for col in engine.USED_COLUMNS)),
+    ).select_from(_POLICY.outerjoin(_COUNTER, engine.key_clause(_COUNTER)))
+)
 
 #: Per engine, each billable's last policy read here: the counter key the next check joins.
 _recent: weakref.WeakKeyDictionary[sa.Engine, RecentPolicies] = weakref.WeakKeyDictionary()
@@ -72,11 +64,11 @@ def standing(
             _, state = engine.read_counter(conn, policy)
         else:
             key = engine.key_params(hint)
-            (row,) = _standing().execute(conn, {**policy_params(billable, at, rt.settings.default_plan), **key})
+            (row,) = _STANDING.execute(conn, {**policy_params(billable, at, rt.settings.default_plan), **key})
             policy = policy_from_row(row, billable, at, rt.settings)
             if engine.key_params(policy) == key:
                 state = (
-                    engine.CounterState.of([getattr(row, name) for name in _COUNTER_NAMES])
+                    engine.CounterState.of(row[-len(engine.USED_COLUMNS) :])
                     if row.counter_id is not None
                     else engine.CounterState()
                 )

@@ -74,6 +74,14 @@ class Totals:
         self.refunds += other.refunds
         self.refunded_units += other.refunded_units
 
+    @classmethod
+    def sum(cls, parts: t.Iterable[Totals]) -> Totals:
+        """A new ``Totals``: ``parts`` added up."""
+        out = cls()
+        for part in parts:
+            out.add(part)
+        return out
+
     def minus(self, other: Totals) -> Totals:
         """A new ``Totals``: these less ``other`` (what a ranking's tail adds up to)."""
         return Totals(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in dataclasses.fields(self)})
@@ -582,14 +590,7 @@ def grouped(
     if billables:
         top = billable_ranking(conn, f, use_rollups=False, limit=billables)
         out.billable_days = _billable_days(conn, f, top)
-        out.billables = [{"billable": b, "totals": _sum(out.billable_days[b].values())} for b in top]
-    return out
-
-
-def _sum(parts: t.Iterable[Totals]) -> Totals:
-    out = Totals()
-    for part in parts:
-        out.add(part)
+        out.billables = [{"billable": b, "totals": Totals.sum(out.billable_days[b].values())} for b in top]
     return out
 
 
